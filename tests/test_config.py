@@ -1,0 +1,62 @@
+import pytest
+
+from train.config import CONFIG_DIR, ConfigError, load_config
+
+
+def test_defaults_are_the_official_recipe():
+    cfg = load_config()
+    assert cfg.progressive.iters == [92000, 64000, 48000, 36000, 36000, 24000]
+    assert cfg.progressive.patch == [128, 160, 192, 256, 320, 384]
+    assert cfg.progressive.batch == [8, 5, 4, 2, 1, 1]
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == ("adamw", 3e-4, [0.9, 0.999], 1e-4)
+    assert cfg.optim.grad_clip == 0.01 and cfg.train.ema_decay is None and cfg.loss.name == "l1"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.run_name == recipe
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("demo", ["optim.lr=2e-4", "progressive.batch=[2, 2, 2]", "train.ema_decay=0.999", "val.tile=null"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.progressive.batch == [2, 2, 2]
+    assert cfg.train.ema_decay == 0.999 and cfg.val.tile is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.name=adam", "optim.name='adam' is not one of: adamw, sgd"),
+        ("progressive.patch=[30, 48, 64]", "multiples of 8"),
+        ("progressive.batch=[8, 4]", "same, non-zero length"),
+        ("data.noise_sigma_range=[0, 50]", "not both"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("optim=3", "is a section"),
+        ("lr.schedule=step", "lr.schedule"),
+        ("noequals", "section.key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("demo", [override])
+
+
+def test_unknown_recipe_lists_the_recipes():
+    with pytest.raises(ConfigError, match="built-in recipes: .*demo"):
+        load_config("no_such_recipe")
+
+
+def test_schedule_shorter_than_stages_is_rejected():
+    with pytest.raises(ConfigError, match="schedule would run out"):
+        load_config(None, ["lr.periods=[1000, 2000]"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("motion_deblurring", ["optim.lr=1e-4"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg

@@ -1,0 +1,166 @@
+"""The trainer end to end, in subprocesses (as users run it): outputs, resume, signals, DDP, W&B."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, accelerate_cmd, child_env, run
+from model import read_state_dict
+
+TINY = [
+    "model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1",
+    "progressive.iters=[3,3]", "progressive.patch=[16,24]", "progressive.batch=[2,2]",
+    "data.num_workers=0", "data.noise_sigma=25", "train.threads=1", "train.log_every=1",
+    "val.every=3", "val.grid_crop=32", "train.ckpt_every=3", "tracking.wandb=disabled",
+    "lr.schedule=cosine", "optim.lr=1e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A tiny clean-image data set: smooth colour fields with edges, packed with 2 val images."""
+    src = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40] / 40.0
+    for i in range(10):
+        a, b, c = rng.uniform(0, 1, 3)
+        img = np.stack([a * xx + (1 - a) * yy, (b * xx * yy) % 1, (xx > c) * 0.8 + 0.1], -1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(src / f"img{i}.png")
+    out = tmp_path_factory.mktemp("shards")
+    from data_shards.pack import main as pack_main
+
+    assert pack_main([str(src), "--out", str(out), "--overwrite", "--val-fraction", "0.2", "--no-progress"]) == 0
+    return out
+
+
+def train(shards, out, *extra, resume=None, timeout=240):
+    cmd = [sys.executable, "train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
+           f"output_dir={out}", *TINY, *extra]
+    if resume:
+        cmd[2:2] = ["--resume", resume]
+    return run(cmd, timeout=timeout)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = train(shards, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PSNR degraded" in proc.stdout and "weights identical on every process: yes" in proc.stdout
+    recs = records(out)
+    stages = [r for r in recs if r.get("event") == "stage"]
+    assert [(r["stage"], r["patch"], r["batch"]) for r in stages] == [(0, 16, 2), (1, 24, 2)]
+    steps = [r for r in recs if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"l1", "l2", "lr", "grad_norm", "images_per_s", "data_wait_share", "peak_mem_gb_max"} <= r.keys() for r in steps)
+    assert [r["patch"] for r in steps] == [16, 16, 16, 24, 24, 24]
+    vals = [r for r in recs if r.get("event") == "val"]
+    assert len(vals) == 2 and vals[-1]["val/images"] == 2
+    assert (out / "config.yaml").is_file() and list((out / "samples").glob("step_*.png"))
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+    state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["stage"] == 1 and state["data"]["seed"] == 0
+    official = torch.load(out / "export" / "model_official.pth", weights_only=True)
+    assert set(official) == {"params"}
+    exported = read_state_dict(out / "export" / "model.safetensors")
+    for key, value in exported.items():
+        assert torch.equal(official["params"][key], value)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(shards, straight, "data.resume=replay").returncode == 0
+    first = train(shards, split, "data.resume=replay", "train.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train(shards, split, "data.resume=replay", resume="auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 4" in second.stdout
+    a = read_state_dict(straight / "export" / "model.safetensors")
+    b = read_state_dict(split / "export" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lr_a = {r["step"]: r["lr"] for r in records(straight) if "lr" in r}
+    lr_b = {r["step"]: r["lr"] for r in records(split) if "lr" in r}
+    assert lr_a == lr_b
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(shards, tmp_path):
+    out = tmp_path / "run"
+    assert train(shards, out, "train.max_steps=3").returncode == 0
+    proc = train(shards, out, "model.dim=16", resume="auto")
+    assert proc.returncode == 2
+    assert "network's shape changed" in proc.stderr and "model.dim: checkpoint 8 vs now 16" in proc.stderr
+
+
+def test_sigterm_checkpoints_and_resume_continues(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
+           f"output_dir={out}", *TINY, "progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert 2 <= step < 800
+    again = train(shards, out, "progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000",
+                  f"train.max_steps={step + 2}", resume="auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [r["step"] for r in records(out) if "event" not in r]
+    assert steps[-2:] == [step + 1, step + 2]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = train(shards, out, "optim.lr=1e30", "optim.grad_clip=null", "train.max_nonfinite=2",
+                 "progressive.iters=[20,20]", "lr.warmup_iters=0")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr and "last good checkpoint" in proc.stderr
+    steps = [r for r in records(out) if "event" not in r]
+    assert steps[-1]["skipped_steps"] >= 2
+
+
+def test_data_problems_are_reported_before_training(shards, tmp_path):
+    proc = train(shards, tmp_path / "run", "progressive.patch=[16,64]")
+    assert proc.returncode == 2 and "larger than every training image" in proc.stderr
+    proc = train(shards, tmp_path / "run", f"data.train={tmp_path}/missing")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_wandb_offline_run_is_written_and_resumed(shards, tmp_path):
+    out = tmp_path / "run"
+    assert train(shards, out, "tracking.wandb=offline", "train.max_steps=3").returncode == 0
+    run_id = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())["run_id"]
+    proc = train(shards, out, "tracking.wandb=offline", resume="auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) >= 1 and all((r / f"run-{run_id}.wandb").is_file() for r in runs)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = accelerate_cmd(2) + ["train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
+                               f"output_dir={out}", *TINY]
+    proc = run(cmd, timeout=300, ACCELERATE_USE_CPU="1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "weights identical on every process: yes" in proc.stdout
+    assert "running the recipe as written on 2 process(es)" in proc.stdout
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000006").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]

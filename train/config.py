@@ -1,0 +1,335 @@
+"""One typed config for a training run: dataclasses, YAML presets, dotted CLI overrides.
+
+Defaults are the official Restormer recipe (8 GPUs, 300k iterations); `configs/*.yaml` override
+what a task or the demo changes. Everything is validated here, before any process starts work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with what was wrong and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "default"  # a model.PRESETS name; the fields below override it when set
+    dim: int | None = None
+    num_blocks: list[int] | None = None
+    num_refinement_blocks: int | None = None
+    heads: list[int] | None = None
+    ffn_expansion_factor: float | None = None
+    checkpointing: bool = False  # recompute each transformer block in backward: big patches fit
+    channels_last: bool = False
+    compile: bool = False
+    init_weights: str | None = None  # official .pth / safetensors to fine-tune from
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"  # shard folder, index.json, brace pattern or URL; "demo" = built-in data
+    val: str | None = "demo"  # same forms; null disables validation
+    num_workers: int = 2
+    noise_sigma: float | None = None  # fixed Gaussian sigma in 0-255 units, added online
+    noise_sigma_range: list[float] | None = None  # blind denoising: sigma ~ U[lo, hi] per sample
+    noise_clip: bool = False  # the paper does not clip noisy inputs
+    mixup: bool = False
+    augment: bool = True
+    strict: bool = False  # a bad sample raises instead of being skipped and counted
+    # "fresh": a resumed run draws a new stream (seeded with the resume count), starts instantly.
+    # "replay": it fast-forwards the same stream, so resume is bit-exact (costs re-reading data).
+    resume: str = "fresh"
+
+
+@dataclass
+class ProgressiveConfig:
+    """Restormer's progressive learning: stage i runs iters[i] steps at patch[i], batch[i] per GPU."""
+
+    iters: list[int] = field(default_factory=lambda: [92000, 64000, 48000, 36000, 36000, 24000])
+    patch: list[int] = field(default_factory=lambda: [128, 160, 192, 256, 320, 384])
+    batch: list[int] = field(default_factory=lambda: [8, 5, 4, 2, 1, 1])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 0.01  # max gradient norm; null disables clipping
+
+
+@dataclass
+class LRConfig:
+    # restart_cosine: the official schedule, cosine from lr to eta_mins[i] over periods[i]
+    # (eta_mins[0] == lr makes the first period constant). cosine: lr -> eta_min over the run.
+    schedule: str = "restart_cosine"  # restart_cosine | cosine | constant
+    periods: list[int] = field(default_factory=lambda: [92000, 208000])
+    eta_mins: list[float] = field(default_factory=lambda: [3e-4, 1e-6])
+    eta_min: float = 1e-6
+    warmup_iters: int = 0
+
+
+@dataclass
+class LossConfig:
+    name: str = "l1"  # l1 | l2 | charbonnier | psnr
+    charbonnier_eps: float = 1e-3
+
+
+@dataclass
+class ValConfig:
+    every: int = 4000  # steps; validation also runs at the end
+    max_images: int | None = None
+    y_channel: bool = False  # also report PSNR/SSIM on the Y channel (deraining convention)
+    border: int = 0  # pixels cropped from each side before metrics
+    tile: int | None = None  # tiled inference for validation images larger than memory
+    grid_images: int = 4  # crops in the degraded | restored | target sample grid
+    grid_crop: int = 128
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+    project: str = "restormer"
+    entity: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    mixed_precision: str | None = None  # no | bf16 | fp16; null: what `accelerate launch` says
+    grad_accum: int = 1
+    ema_decay: float | None = None  # e.g. 0.999; validation and export then use the EMA weights
+    log_every: int = 100
+    ckpt_every: int = 5000
+    keep_last: int = 3  # the best checkpoint is kept in addition
+    best_metric: str = "psnr"
+    max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
+    threads: int | None = None  # torch intra-op threads on CPU; null keeps torch's default
+    # The recipe's GPU count. On another world size `batch_rule` keeps the global batch
+    # (accumulate), keeps the samples seen (iterations), or changes nothing (none).
+    reference_world_size: int | None = 8
+    batch_rule: str = "accumulate"  # accumulate | iterations | none
+    max_steps: int | None = None  # stop early (smoke tests); the schedule still follows the recipe
+    dist_timeout_s: int = 1800  # a collective waiting longer (a dead rank) fails instead of hanging
+
+
+@dataclass
+class Config:
+    run_name: str = "restormer"
+    output_dir: str | None = None  # default runs/<run_name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- building from YAML + overrides
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{where}: null is not allowed, expected {annotation}")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {annotation} at {where}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    valid = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key '{where}' (from {source}); valid keys here: {', '.join(valid)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}' (from {source}) is a section, give a mapping")
+            _merge(current, value, f"{where}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where} (from {source})"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.exists():
+            return candidate
+    recipes = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file '{name_or_path}' not found; built-in recipes: {recipes}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. optim.lr=2e-4)")
+    dotted, raw = text.split("=", 1)
+    return dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        resolved = resolve_config_path(str(path))
+        try:
+            data = yaml.safe_load(resolved.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{resolved}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{resolved}: the top level must be a mapping of sections")
+        _merge(cfg, data, "", str(resolved))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge(cfg, nested, "", f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _choice(value: str, options: tuple[str, ...], where: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}='{value}' is not one of: {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no processes; data-dependent checks live in train.data."""
+    p = cfg.progressive
+    if not (len(p.iters) == len(p.patch) == len(p.batch)) or not p.iters:
+        raise ConfigError(
+            "progressive.iters, progressive.patch and progressive.batch need the same, non-zero "
+            f"length (got {len(p.iters)}, {len(p.patch)}, {len(p.batch)})"
+        )
+    for i, (iters, patch, batch) in enumerate(zip(p.iters, p.patch, p.batch)):
+        if iters <= 0 or batch <= 0:
+            raise ConfigError(f"progressive stage {i}: iters and batch must be positive")
+        if patch <= 0 or patch % 8:
+            raise ConfigError(
+                f"progressive.patch[{i}]={patch}: Restormer downsamples 3 times, so patch sizes "
+                "must be positive multiples of 8"
+            )
+    _choice(cfg.optim.name, ("adamw", "sgd"), "optim.name")
+    _choice(cfg.lr.schedule, ("restart_cosine", "cosine", "constant"), "lr.schedule")
+    if cfg.lr.schedule == "restart_cosine":
+        if len(cfg.lr.periods) != len(cfg.lr.eta_mins) or not cfg.lr.periods:
+            raise ConfigError("lr.periods and lr.eta_mins need the same, non-zero length")
+        if sum(cfg.lr.periods) < sum(p.iters):
+            raise ConfigError(
+                f"lr.periods sum to {sum(cfg.lr.periods)} but the stages run {sum(p.iters)} "
+                "iterations: the schedule would run out; lengthen the last period"
+            )
+    if cfg.lr.warmup_iters < 0:
+        raise ConfigError("lr.warmup_iters must be >= 0")
+    _choice(cfg.loss.name, ("l1", "l2", "charbonnier", "psnr"), "loss.name")
+    _choice(cfg.tracking.wandb, ("auto", "online", "offline", "disabled"), "tracking.wandb")
+    _choice(cfg.data.resume, ("fresh", "replay"), "data.resume")
+    _choice(cfg.train.batch_rule, ("accumulate", "iterations", "none"), "train.batch_rule")
+    if cfg.train.mixed_precision is not None:
+        _choice(cfg.train.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")
+    if cfg.data.noise_sigma is not None and cfg.data.noise_sigma_range is not None:
+        raise ConfigError("set data.noise_sigma (fixed) or data.noise_sigma_range (blind), not both")
+    if cfg.data.noise_sigma_range is not None:
+        lo_hi = cfg.data.noise_sigma_range
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"data.noise_sigma_range={lo_hi}: give [low, high] with 0 <= low <= high")
+    if cfg.data.noise_sigma is not None and cfg.data.noise_sigma < 0:
+        raise ConfigError("data.noise_sigma must be >= 0")
+    for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1")
+    if cfg.val.every < 1:
+        raise ConfigError("val.every must be >= 1")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError("train.ema_decay must be in (0, 1)")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ConfigError("optim.grad_clip must be positive (or null to disable clipping)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers must be >= 0")
+    if cfg.train.reference_world_size is not None and cfg.train.reference_world_size < 1:
+        raise ConfigError("train.reference_world_size must be >= 1 (or null)")
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")

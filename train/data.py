@@ -1,0 +1,110 @@
+"""Connects the run config to the shard streams of data_shards, and checks the data up front."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_shards.demo import ensure_demo_data
+from data_shards.index import ShardIndex
+from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from train.config import Config, ConfigError
+from train.schedule import StagePlan
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def resolve_sources(cfg: Config) -> tuple[str, str | None]:
+    """Turns `demo` into the built-in data set's folders (packing it on first use)."""
+    train, val = cfg.data.train, cfg.data.val
+    if "demo" in (train, val):
+        demo = ensure_demo_data()
+        train = str(demo.train) if train == "demo" else train
+        val = str(demo.val) if val == "demo" else val
+    return train, val
+
+
+def _local_index(source: str, what: str) -> ShardIndex | None:
+    if source.startswith(_REMOTE_PREFIXES) or "{" in source:
+        return None  # remote or brace pattern: the stream checks it when it opens the shards
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(
+            f"data.{what}: '{source}' does not exist; give a folder made by "
+            "`python -m data_shards.pack ... --out DIR` (its train/ or val/ split), an index.json, "
+            "a brace pattern or a URL"
+        )
+    try:
+        return ShardIndex.load(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.{what}: cannot read the shard index at '{source}': {err}") from err
+
+
+def noise_config(cfg: Config) -> NoiseConfig | None:
+    d = cfg.data
+    if d.noise_sigma is None and d.noise_sigma_range is None:
+        return None
+    sigma_range = tuple(d.noise_sigma_range) if d.noise_sigma_range is not None else None
+    return NoiseConfig(sigma=d.noise_sigma, sigma_range=sigma_range, clip=d.noise_clip)
+
+
+def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None) -> None:
+    """Data-dependent config errors, raised before any training work starts."""
+    index = _local_index(train_source, "train")
+    if val_source is not None:
+        _local_index(val_source, "val")
+    if index is None:
+        return
+    if index.total_samples == 0:
+        raise ConfigError(f"data.train: '{train_source}' holds no samples")
+    clean_only = not index.inputs
+    if clean_only and noise_config(cfg) is None:
+        raise ConfigError(
+            f"data.train: '{train_source}' holds clean images only (no inputs), so the degradation "
+            "must be synthesised: set data.noise_sigma (e.g. 25) or data.noise_sigma_range (e.g. [0, 50])"
+        )
+    largest = max(index.max_size) if index.max_size else None
+    for stage in plan.stages:
+        if largest is not None and stage.patch > largest:
+            raise ConfigError(
+                f"progressive.patch[{stage.index}]={stage.patch} is larger than every training "
+                f"image in '{train_source}' (largest side {largest} px); lower the patch size or pack "
+                "larger images (and a smaller --tile)"
+            )
+
+
+def train_batches(cfg: Config, source: str, stage_index: int, patch: int, batch: int, rank: int,
+                  world_size: int, resume_count: int, skip_batches: int) -> Iterator[dict]:
+    """An endless stream of training batches for one stage of progressive learning."""
+    loader = build_train_loader(
+        source,
+        patch_size=patch,
+        batch_size=batch,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.data.num_workers,
+        resume_count=resume_count,
+        stage=stage_index,
+        noise=noise_config(cfg),
+        augment=cfg.data.augment,
+        mixup=cfg.data.mixup,
+        strict=cfg.data.strict,
+    )
+    stream = iter(loader)
+    if skip_batches:
+        # Replay: the same seeds give the same stream; drop what the checkpointed run consumed.
+        stream = itertools.islice(stream, skip_batches, None)
+    return stream
+
+
+def val_images(cfg: Config, source: str, rank: int, world_size: int):
+    return build_val_loader(
+        source,
+        rank=rank,
+        world_size=world_size,
+        noise=noise_config(cfg),
+        max_images=cfg.val.max_images,
+        strict=cfg.data.strict,
+    )

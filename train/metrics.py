@@ -1,0 +1,63 @@
+"""Image quality metrics on [0, 1] tensors (B, C, H, W), following the conventions of the
+official Restormer/BasicSR evaluation: PSNR with data range 1, SSIM with an 11x11 Gaussian window
+(sigma 1.5) computed per channel and averaged, Y channel from ITU-R BT.601 studio-swing RGB->YCbCr.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) Y in [16/255, 235/255] (MATLAB's rgb2ycbcr)."""
+    if img.shape[1] != 3:
+        raise ValueError(f"rgb_to_y needs 3 channels, got {img.shape[1]}")
+    weights = img.new_tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)
+    return (img * weights).sum(dim=1, keepdim=True) / 255.0 + 16.0 / 255.0
+
+
+def _prepare(pred: torch.Tensor, target: torch.Tensor, border: int, y_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape:
+        raise ValueError(f"metric inputs differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    # Scored as a saved image would be: clamped to [0, 1]. float64 keeps the sums stable.
+    pred = pred.detach().double().clamp(0, 1)
+    target = target.detach().double().clamp(0, 1)
+    if border:
+        pred = pred[..., border:-border, border:-border]
+        target = target[..., border:-border, border:-border]
+    if y_channel and pred.shape[1] == 3:
+        pred, target = rgb_to_y(pred), rgb_to_y(target)
+    return pred, target
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False) -> torch.Tensor:
+    """Per-image PSNR in dB, shape (B,). Identical images give +inf."""
+    pred, target = _prepare(pred, target, border, y_channel)
+    mse = ((pred - target) ** 2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False) -> torch.Tensor:
+    """Per-image SSIM, shape (B,): Gaussian 11x11 window, valid region only (no padding)."""
+    pred, target = _prepare(pred, target, border, y_channel)
+    channels = pred.shape[1]
+    window = _gaussian_window(dtype=pred.dtype).to(pred.device).expand(channels, 1, 11, 11)
+    c1, c2 = 0.01**2, 0.03**2
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, window, groups=channels)
+
+    mu_x, mu_y = blur(pred), blur(target)
+    sigma_x = blur(pred * pred) - mu_x**2
+    sigma_y = blur(target * target) - mu_y**2
+    sigma_xy = blur(pred * target) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
+    return ssim_map.flatten(1).mean(dim=1)

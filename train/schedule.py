@@ -1,0 +1,109 @@
+"""Learning rate as a pure function of the optimizer step, and the progressive-learning stage plan.
+
+The learning rate is recomputed from the step count before every optimizer step instead of being
+kept in a scheduler object, so a resumed run continues the same curve by construction and the
+rate advances exactly once per optimizer step whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from train.config import Config, ConfigError, LRConfig
+
+
+def lr_at(lr_cfg: LRConfig, base_lr: float, total_steps: int, step: float) -> float:
+    """Rate for optimizer step `step` (0-based). `total_steps` is the run length for `cosine`."""
+    if lr_cfg.warmup_iters and step < lr_cfg.warmup_iters:
+        warm = (step + 1) / lr_cfg.warmup_iters
+    else:
+        warm = 1.0
+    if lr_cfg.schedule == "constant":
+        return base_lr * warm
+    if lr_cfg.schedule == "cosine":
+        progress = min(step / max(total_steps, 1), 1.0)
+        return warm * (lr_cfg.eta_min + 0.5 * (base_lr - lr_cfg.eta_min) * (1 + math.cos(math.pi * progress)))
+    # restart_cosine (BasicSR's CosineAnnealingRestartCyclicLR with restart weights 1).
+    start = 0
+    last = len(lr_cfg.periods) - 1
+    for i, (period, eta_min) in enumerate(zip(lr_cfg.periods, lr_cfg.eta_mins)):
+        if step < start + period or i == last:
+            progress = min((step - start) / period, 1.0)
+            return warm * (eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress)))
+        start += period
+    raise AssertionError("unreachable: the last period returns")
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    start: int  # first optimizer step of the stage
+    end: int  # one past the last
+    patch: int
+    batch: int  # per process, per micro-step
+    accum: int  # micro-steps per optimizer step
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stages: tuple[Stage, ...]
+    step_scale: float  # recipe iterations per optimizer step here (lr curve follows the recipe)
+    note: str  # what the batch rule did, for the log
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].end
+
+    def stage_at(self, step: int) -> Stage:
+        for stage in self.stages:
+            if step < stage.end:
+                return stage
+        return self.stages[-1]
+
+
+def plan_stages(cfg: Config, world_size: int) -> StagePlan:
+    """Applies the batch rule: how a recipe written for N GPUs runs on `world_size` processes."""
+    p = cfg.progressive
+    ref = cfg.train.reference_world_size
+    rule = cfg.train.batch_rule if ref is not None and ref != world_size else "none"
+    user_accum = cfg.train.grad_accum
+    stages = []
+    start = 0
+    notes = []
+    step_scale = 1.0
+    for i, (iters, patch, batch) in enumerate(zip(p.iters, p.patch, p.batch)):
+        accum = 1
+        if rule == "accumulate":
+            # Keep the recipe's global batch: the per-process share is split into micro-batches
+            # no larger than the recipe's per-GPU batch (which is what fits in memory).
+            share = max(1, round(ref * batch / world_size))
+            accum = math.ceil(share / batch)
+            batch = math.ceil(share / accum)
+            got = batch * accum * world_size
+            notes.append(
+                f"stage {i}: global batch {ref * p.batch[i]} kept as {batch} x {accum} accum x "
+                f"{world_size} proc = {got}"
+            )
+        elif rule == "iterations":
+            # Keep the samples seen: fewer processes run proportionally more steps.
+            step_scale = world_size / ref
+            iters = max(1, round(iters * ref / world_size))
+        stages.append(Stage(i, start, start + iters, patch, batch, accum * user_accum))
+        start += iters
+    if rule == "accumulate":
+        note = (
+            f"batch rule 'accumulate': recipe is for {ref} GPUs, running on {world_size} "
+            "processes with gradient accumulation; " + "; ".join(notes)
+        )
+    elif rule == "iterations":
+        note = (
+            f"batch rule 'iterations': recipe is for {ref} GPUs, running on {world_size} processes "
+            f"at the recipe's per-GPU batch for {start} steps (x{ref / world_size:g}); "
+            "the learning-rate curve is stretched to match"
+        )
+    else:
+        note = f"running the recipe as written on {world_size} process(es)"
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1 (or null)")
+    return StagePlan(tuple(stages), step_scale, note)

@@ -1,0 +1,434 @@
+"""The Trainer: model, optimizer, data stream and the training state that a checkpoint carries."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from model import build_model, load_weights, restore_image, save_official_pth, save_safetensors
+from train import checkpoint as ckpt
+from train.config import Config, config_from_dict
+from train.data import train_batches, val_images
+from train.ema import EMA
+from train.losses import compute_losses
+from train.metrics import psnr, ssim
+from train.samples import save_grid
+from train.schedule import StagePlan, lr_at, plan_stages
+from train.tracking import MetricsFile, init_trackers, new_run_id
+
+# Fields that fix the network's shape: a checkpoint cannot be resumed with other values.
+ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=True)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator, train_source: str, val_source: str | None,
+                 resume_from: Path | None = None):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.train_source = train_source
+        self.val_source = val_source
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.plan: StagePlan = plan_stages(cfg, accelerator.num_processes)
+        self.recipe_total = sum(cfg.progressive.iters)
+
+        arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+        net = build_model(cfg.model.preset, **arch)
+        if cfg.model.init_weights:
+            load_weights(net, cfg.model.init_weights)
+        if cfg.model.checkpointing:
+            net.set_checkpointing(True)
+        if cfg.model.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, net.parameters())
+        if cfg.model.compile:
+            # Dynamic shapes: one graph serves every progressive-learning patch size.
+            net = torch.compile(net, dynamic=True)
+        self.model, self.optimizer = accelerator.prepare(net, optimizer)
+        self.ema = EMA(accelerator.unwrap_model(self.model), cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+        # Everything below is the training state a checkpoint carries (see state_dict).
+        self.step = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.resume_count = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.run_id = new_run_id()
+        self._saved_step: int | None = None
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", accelerator.is_main_process)
+        self._stop_signal = 0
+        self._stream = None
+        self._stream_stage = -1
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        stage = self.plan.stage_at(self.step)
+        return {
+            "step": self.step,
+            "stage": stage.index,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "resume_count": self.resume_count,
+            "nonfinite_total": self.nonfinite_total,
+            "run_id": self.run_id,
+            "world_size": self.acc.num_processes,
+            "data": {
+                "seed": self.cfg.train.seed,
+                "resume_count": self.resume_count,
+                "stage": stage.index,
+                "batches_into_stage": (self.step - stage.start) * stage.accum,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.best_metric = state["best_metric"]
+        self.best_step = state["best_step"]
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.run_id = state["run_id"]
+        # A new stream per resume: a resumed run never replays the samples it already saw.
+        self.resume_count = int(state["resume_count"]) + 1
+
+    def save_checkpoint(self) -> Path:
+        """Every rank takes part (accelerate/DeepSpeed write per-rank state); the main rank publishes."""
+        name = ckpt.checkpoint_name(self.step)
+        if self.step == self._saved_step:
+            return self.ckpt_root / name
+        tmp = self.ckpt_root / f".tmp-{name}"
+        if self.acc.is_main_process:
+            ckpt.clean_stale_tmp(self.ckpt_root)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), safe_serialization=True)
+        if self.acc.is_main_process:
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
+            (tmp / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
+            ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self.state_dict())  # last: marks it complete
+        self.acc.wait_for_everyone()
+        final = self.ckpt_root / name
+        if self.acc.is_main_process:
+            ckpt.publish(tmp, final)
+            keep = {self.ckpt_root / ckpt.checkpoint_name(self.best_step)} if self.best_step is not None else set()
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, keep)
+        self.acc.wait_for_everyone()
+        self._saved_step = self.step
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = ckpt.read_state(path)
+        saved = yaml.safe_load((path / ckpt.CONFIG_FILE).read_text())
+        saved_cfg = config_from_dict(saved, str(path / ckpt.CONFIG_FILE))
+        changed = [
+            f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
+            for k in ARCH_FIELDS
+            if getattr(saved_cfg.model, k) != getattr(self.cfg.model, k)
+        ]
+        if changed:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: the network's shape changed ({'; '.join(changed)}). "
+                "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
+                f"from its weights with model.init_weights={path}/model.safetensors"
+            )
+        self.acc.load_state(str(path))
+        if self.ema is not None:
+            ema_file = path / "ema.safetensors"
+            if ema_file.exists():
+                self.ema.load_state_dict(load_file(str(ema_file)))
+            else:
+                self.ema.reset(self.acc.unwrap_model(self.model))
+        self.load_state_dict(state)
+        self._saved_step = self.step
+        if self.acc.is_main_process:
+            print(f"resumed from {path} at step {self.step} (resume #{self.resume_count})", flush=True)
+
+    # ------------------------------------------------------------------ training
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _stream_for(self, stage):
+        if stage.index != self._stream_stage:
+            skip = 0
+            if self.cfg.data.resume == "replay" and self._stream_stage == -1:
+                skip = (self.step - stage.start) * stage.accum
+            self._stream = train_batches(
+                self.cfg, self.train_source, stage.index, stage.patch, stage.batch,
+                self.acc.process_index, self.acc.num_processes,
+                0 if self.cfg.data.resume == "replay" else self.resume_count, skip,
+            )
+            self._stream_stage = stage.index
+        return self._stream
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        x = batch["input"].to(self.acc.device, non_blocking=True).contiguous(memory_format=fmt)
+        y = batch["target"].to(self.acc.device, non_blocking=True).contiguous(memory_format=fmt)
+        return x, y
+
+    def train_step(self, stage) -> dict[str, float]:
+        """One optimizer step: `stage.accum` micro-batches, clip, step. Returns figures for the log."""
+        stream = self._stream_for(stage)
+        sums = {"loss": 0.0, "l1": 0.0, "l2": 0.0}
+        data_wait = 0.0
+        for micro in range(stage.accum):
+            t0 = time.perf_counter()
+            x, y = self._to_device(next(stream))
+            data_wait += time.perf_counter() - t0
+            # Gradients are all-reduced only on the last micro-batch (DDP no_sync).
+            sync = contextlib.nullcontext() if micro == stage.accum - 1 else self.acc.no_sync(self.model)
+            with sync:
+                losses = compute_losses(self.cfg.loss.name, self.model(x), y, self.cfg.loss.charbonnier_eps)
+                self.acc.backward(losses["loss"] / stage.accum)
+            for k in sums:
+                sums[k] += losses[k].item() / stage.accum
+
+        lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.step * self.plan.step_scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else math.inf
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # The norm is taken over all-reduced gradients, so every rank reaches the same verdict.
+        finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+        if finite or self.acc.mixed_precision == "fp16":
+            self.optimizer.step()  # under fp16 the GradScaler itself skips non-finite steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.nonfinite_streak = 0
+            if self.ema is not None:
+                self.ema.update(self.acc.unwrap_model(self.model))
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.step += 1
+        return {**sums, "lr": lr, "grad_norm": grad_norm, "data_wait": data_wait, "finite": finite}
+
+    def _reduce_max(self, value: float) -> float:
+        return self.acc.reduce(torch.tensor([value], device=self.acc.device, dtype=torch.float64), "max").item()
+
+    def train(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        total = self.plan.total_steps if cfg.train.max_steps is None else min(cfg.train.max_steps, self.plan.total_steps)
+        mode = init_trackers(acc, cfg.tracking, cfg.run_name, self.run_dir, self.run_id, cfg.to_dict())
+        if acc.is_main_process:
+            print(self.plan.note, flush=True)
+            print(f"W&B: {mode} (run id {self.run_id})", flush=True)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True, desc="train")
+        window = self._new_window()
+        stopped_by = None
+        try:
+            while self.step < total:
+                stage = self.plan.stage_at(self.step)
+                if stage.index != self._stream_stage and acc.is_main_process:
+                    self._log({"event": "stage", "stage": stage.index, "patch": stage.patch,
+                               "batch": stage.batch, "accum": stage.accum})
+                t0 = time.perf_counter()
+                out = self.train_step(stage)
+                self._accumulate(window, out, stage, time.perf_counter() - t0)
+                giving_up = self.nonfinite_streak >= cfg.train.max_nonfinite
+                bar.update(1)
+                bar.set_postfix(stage=stage.index, loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                                refresh=False)
+                if self.step % cfg.train.log_every == 0 or self.step == total or giving_up:
+                    self._flush_window(window, stage, bar)
+                    window = self._new_window()
+                if giving_up:
+                    raise NonFiniteError(
+                        f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
+                        f"gradient (last at step {self.step}); stopped. The last good checkpoint is "
+                        f"{self._newest_checkpoint()}. Lower optim.lr, use bf16 instead of fp16, or "
+                        "check the data for NaN/Inf"
+                    )
+                validated = False
+                if self.val_source is not None and self.step % cfg.val.every == 0 and self.step < total:
+                    validated = self.validate()
+                if self.step % cfg.train.ckpt_every == 0 or validated:
+                    self.save_checkpoint()
+                # A signal on any rank stops every rank at the same step, after a checkpoint.
+                signum = int(self._reduce_max(float(self._stop_signal)))
+                if signum:
+                    stopped_by = signal.Signals(signum).name
+                    break
+            bar.close()
+            summary = {"step": self.step, "stopped_by": stopped_by, "replicas_in_sync": self.replicas_in_sync()}
+            if stopped_by is None and self.val_source is not None:
+                self.validate()
+                summary.update(self.last_validation)
+            path = self.save_checkpoint()
+            summary["checkpoint"] = str(path)
+            if stopped_by is None:
+                summary["export"] = self.export()
+            if acc.is_main_process:
+                self._log({"event": "end", **summary})
+            return summary
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @torch.no_grad()
+    def replicas_in_sync(self) -> bool:
+        """True when every rank holds bit-identical weights (a per-parameter checksum is compared)."""
+        params = list(self.acc.unwrap_model(self.model).parameters())
+        sums = torch.stack([p.detach().double().sum() for p in params]).to(self.acc.device)
+        gathered = self.acc.gather(sums.unsqueeze(0))
+        return bool((gathered == gathered[0]).all().item())
+
+    def _newest_checkpoint(self) -> str:
+        found = ckpt.complete_checkpoints(self.ckpt_root)
+        return str(found[-1]) if found else "none (no checkpoint was written yet)"
+
+    # ------------------------------------------------------------------ logging
+
+    @staticmethod
+    def _new_window() -> dict[str, float]:
+        return {"steps": 0, "loss": 0.0, "l1": 0.0, "l2": 0.0, "grad_norm": 0.0, "data_wait": 0.0,
+                "step_time": 0.0, "images": 0, "pixels": 0, "skipped": 0, "t0": time.perf_counter()}
+
+    @staticmethod
+    def _accumulate(window, out, stage, step_time) -> None:
+        window["steps"] += 1
+        for k in ("loss", "l1", "l2", "data_wait"):
+            window[k] += out[k]
+        window["grad_norm"] += out["grad_norm"] if out["finite"] else 0.0
+        window["skipped"] += 0 if out["finite"] else 1
+        window["step_time"] += step_time
+        window["images"] += stage.batch * stage.accum
+        window["pixels"] += stage.batch * stage.accum * stage.patch**2
+        window["lr"] = out["lr"]
+
+    def _flush_window(self, window, stage, bar) -> None:
+        acc = self.acc
+        elapsed = time.perf_counter() - window["t0"]
+        per_rank = torch.tensor(
+            [window["images"] / elapsed, window["pixels"] / elapsed, window["data_wait"] / max(elapsed, 1e-9),
+             peak_memory_gb(acc.device)],
+            device=acc.device, dtype=torch.float64,
+        )
+        gathered = acc.gather(per_rank.unsqueeze(0)).cpu()  # (world, 4): every node's figures reach rank 0
+        if not acc.is_main_process:
+            return
+        n = max(window["steps"], 1)
+        finite_steps = max(window["steps"] - window["skipped"], 1)
+        record = {
+            "step": self.step, "stage": stage.index, "patch": stage.patch, "batch": stage.batch,
+            "accum": stage.accum, "lr": window["lr"],
+            "loss": window["loss"] / n, "l1": window["l1"] / n, "l2": window["l2"] / n,
+            "grad_norm": window["grad_norm"] / finite_steps,
+            "skipped_steps": self.nonfinite_total,
+            "images_per_s": float(gathered[:, 0].sum()), "images_per_s_per_proc": float(gathered[:, 0].mean()),
+            "pixels_per_s": float(gathered[:, 1].sum()), "pixels_per_s_per_proc": float(gathered[:, 1].mean()),
+            "data_wait_share": float(gathered[:, 2].mean()), "data_wait_share_max": float(gathered[:, 2].max()),
+            "peak_mem_gb_max": float(gathered[:, 3].max()),
+            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(gathered[:, 3])},
+        }
+        self._log(record)
+        bar.set_postfix(stage=stage.index, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        img_s=f"{record['images_per_s']:.1f}")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Main process only: the local metrics file and the trackers get the same figures."""
+        self.metrics.write(record)
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.acc.log(numeric, step=self.step)
+
+    # ------------------------------------------------------------------ validation and export
+
+    @torch.no_grad()
+    def validate(self) -> bool:
+        """Each rank scores its share of the images; sums are reduced. Returns True on a new best."""
+        cfg, acc = self.cfg, self.acc
+        net = self.ema.module if self.ema is not None else acc.unwrap_model(self.model)
+        was_training = net.training
+        net.eval()
+        y = cfg.val.y_channel
+        sums = torch.zeros(7, dtype=torch.float64)  # psnr, ssim, psnr_in, ssim_in, psnr_y, ssim_y, count
+        rows = []
+        for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
+            x, target = self._to_device(item)
+            with acc.autocast():
+                restored = restore_image(net, x, tile=cfg.val.tile).float()
+            degraded = x[:, : target.shape[1]]
+            sums += torch.tensor([
+                psnr(restored, target, cfg.val.border).sum(), ssim(restored, target, cfg.val.border).sum(),
+                psnr(degraded, target, cfg.val.border).sum(), ssim(degraded, target, cfg.val.border).sum(),
+                psnr(restored, target, cfg.val.border, y).sum() if y else 0.0,
+                ssim(restored, target, cfg.val.border, y).sum() if y else 0.0,
+                target.shape[0],
+            ], dtype=torch.float64)
+            if len(rows) < cfg.val.grid_images:
+                rows.append((x[0].cpu(), restored[0].cpu(), target[0].cpu()))
+        net.train(was_training)
+        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+        count = max(sums[6].item(), 1.0)
+        result = {"val/psnr": sums[0].item() / count, "val/ssim": sums[1].item() / count,
+                  "val/psnr_degraded": sums[2].item() / count, "val/ssim_degraded": sums[3].item() / count,
+                  "val/images": int(sums[6].item())}
+        if y:
+            result.update({"val/psnr_y": sums[4].item() / count, "val/ssim_y": sums[5].item() / count})
+        self.last_validation = result
+        key = "val/psnr_y" if y and cfg.train.best_metric == "psnr" else f"val/{cfg.train.best_metric}"
+        improved = self.best_metric is None or result[key] > self.best_metric
+        if improved:
+            self.best_metric, self.best_step = result[key], self.step
+        if acc.is_main_process:
+            grid = save_grid(rows, self.run_dir / "samples" / f"step_{self.step:08d}.png", cfg.val.grid_crop) if rows else None
+            self._log({"event": "val", "step": self.step, **result, "best": self.best_metric})
+            if grid is not None:
+                self._log_image(grid)
+        return improved
+
+    def _log_image(self, path: Path) -> None:
+        for tracker in self.acc.trackers:
+            if tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")}, step=self.step)
+
+    def export(self) -> dict[str, str]:
+        """The trained weights alone: safetensors and the official `{'params': ...}` .pth."""
+        out = self.run_dir / "export"
+        net = self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+        state = self.acc.get_state_dict(net) if self.ema is None else net.state_dict()
+        paths = {"safetensors": str(out / "model.safetensors"), "official_pth": str(out / "model_official.pth")}
+        if self.acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_safetensors(state, paths["safetensors"])
+            save_official_pth(state, paths["official_pth"])
+        self.acc.wait_for_everyone()
+        return paths
