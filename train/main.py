@@ -66,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     from train.trainer import NonFiniteError, Trainer
 
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
-    if world_size > 1 and not torch.cuda.is_available():
+    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
+    if cpu_ranks:
         # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     else:
         handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
+    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
+        cpu=cpu_ranks and not deepspeed,
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
         project_dir=str(cfg.run_dir),
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"error: {err}", file=sys.stderr)
         return 3
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:
         if accelerator.is_main_process:
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -116,7 +121,8 @@ def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
             f"-> restored {summary['val/psnr']:.2f} dB ({gain:+.2f} dB); SSIM "
             f"{summary['val/ssim_degraded']:.4f} -> {summary['val/ssim']:.4f}"
         )
-    lines.append("weights identical on every process: " + ("yes" if summary["replicas_in_sync"] else "NO (report a bug)"))
+    in_sync = {True: "yes", False: "NO (report a bug)", None: "not checked (ZeRO-3 shards the weights)"}
+    lines.append("weights identical on every process: " + in_sync[summary["replicas_in_sync"]])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
         lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['official_pth']}")

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from model import build_model, load_weights, restore_image, save_official_pth, save_safetensors
 from train import checkpoint as ckpt
-from train.config import Config, config_from_dict
+from train.config import Config, ConfigError, config_from_dict
 from train.data import train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
@@ -42,6 +43,26 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
 
 
+def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, plan: StagePlan, world_size: int) -> None:
+    """Fills the DeepSpeed JSON's "auto" values from the run config, the one source of truth.
+
+    The trainer accumulates micro-batches itself (per stage, see train.schedule) and marks the last
+    one as DeepSpeed's accumulation boundary, so DeepSpeed sees one micro-batch per step. Its batch
+    figures only feed its own logging: later stages' other micro-batch sizes do not upset it.
+    """
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else 0.0  # 0: DeepSpeed does not clip
+    wanted = {"train_micro_batch_size_per_gpu": plan.stages[0].batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": plan.stages[0].batch * world_size, "gradient_clipping": clip}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(
+                f"DeepSpeed config: {key}={ds[key]!r} disagrees with the run config ({value!r}); set it to "
+                '"auto" (batch, accumulation and clipping come from progressive.*, train.* and optim.grad_clip)'
+            )
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -61,7 +82,8 @@ class Trainer:
         self.recipe_total = sum(cfg.progressive.iters)
 
         arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
-        net = build_model(cfg.model.preset, **arch)
+        self._build_net = lambda: build_model(cfg.model.preset, **arch)
+        net = self._build_net()
         if cfg.model.init_weights:
             load_weights(net, cfg.model.init_weights)
         if cfg.model.checkpointing:
@@ -72,6 +94,17 @@ class Trainer:
         if cfg.model.compile:
             # Dynamic shapes: one graph serves every progressive-learning patch size.
             net = torch.compile(net, dynamic=True)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+        # DeepSpeed keeps bf16/fp16 weights (no autocast): inputs must be cast to their type.
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        self.input_dtype = low if self.deepspeed and low is not None else torch.float32
+        if self.deepspeed:
+            fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.plan,
+                                  accelerator.num_processes)
+        if self.zero3 and cfg.train.ema_decay:
+            raise ConfigError("train.ema_decay is not supported with DeepSpeed ZeRO-3 (each process holds only a "
+                              "slice of the weights); use ZeRO-2 or DDP, or set train.ema_decay=null")
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
         self.ema = EMA(accelerator.unwrap_model(self.model), cfg.train.ema_decay) if cfg.train.ema_decay else None
 
@@ -82,6 +115,7 @@ class Trainer:
         self.resume_count = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
         self.run_id = new_run_id()
         self._saved_step: int | None = None
         if resume_from is not None:
@@ -204,28 +238,36 @@ class Trainer:
         stream = self._stream_for(stage)
         sums = {"loss": 0.0, "l1": 0.0, "l2": 0.0}
         data_wait = 0.0
-        for micro in range(stage.accum):
-            t0 = time.perf_counter()
-            x, y = self._to_device(next(stream))
-            data_wait += time.perf_counter() - t0
-            # Gradients are all-reduced only on the last micro-batch (DDP no_sync).
-            sync = contextlib.nullcontext() if micro == stage.accum - 1 else self.acc.no_sync(self.model)
-            with sync:
-                losses = compute_losses(self.cfg.loss.name, self.model(x), y, self.cfg.loss.charbonnier_eps)
-                self.acc.backward(losses["loss"] / stage.accum)
-            for k in sums:
-                sums[k] += losses[k].item() / stage.accum
-
+        # Set before the micro-batches: DeepSpeed steps inside the last backward.
         lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.step * self.plan.step_scale)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for micro in range(stage.accum):
+            t0 = time.perf_counter()
+            batch = next(stream)
+            x, y = self._to_device(batch)
+            data_wait += time.perf_counter() - t0
+            self.bad_samples += int(batch["skipped"])
+            last = micro == stage.accum - 1
+            # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
+            sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
+            with sync:
+                out = self.model(x.to(self.input_dtype))
+                losses = compute_losses(self.cfg.loss.name, out, y, self.cfg.loss.charbonnier_eps)
+                self._backward(losses["loss"] / stage.accum, last)
+            for k in sums:
+                sums[k] += losses[k].item() / stage.accum
+
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else math.inf
+        # Under DeepSpeed this returns the norm its engine measured (and clipped to) in the step.
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         # The norm is taken over all-reduced gradients, so every rank reaches the same verdict.
         finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
         if finite or self.acc.mixed_precision == "fp16":
-            self.optimizer.step()  # under fp16 the GradScaler itself skips non-finite steps
+            # Under fp16 the GradScaler itself skips non-finite steps; under DeepSpeed this is a no-op
+            # (its engine stepped already, and skips non-finite steps: bf16 needs check_grad_overflow).
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.nonfinite_streak = 0
@@ -236,6 +278,17 @@ class Trainer:
             self.nonfinite_streak += 1
         self.step += 1
         return {**sums, "lr": lr, "grad_norm": grad_norm, "data_wait": data_wait, "finite": finite}
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if not self.deepspeed:
+            self.acc.backward(loss)
+            return
+        # accelerate's backward would make every micro-batch a DeepSpeed step; only the last is a
+        # boundary. engine.step() reduces, clips, steps and zeroes the gradients.
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss)
+        if last:
+            self.model.step()
 
     def _reduce_max(self, value: float) -> float:
         return self.acc.reduce(torch.tensor([value], device=self.acc.device, dtype=torch.float64), "max").item()
@@ -292,7 +345,7 @@ class Trainer:
             path = self.save_checkpoint()
             summary["checkpoint"] = str(path)
             if stopped_by is None:
-                summary["export"] = self.export()
+                summary["export"] = self.export(path)
             if acc.is_main_process:
                 self._log({"event": "end", **summary})
             return summary
@@ -302,8 +355,12 @@ class Trainer:
                 signal.signal(s, handler)
 
     @torch.no_grad()
-    def replicas_in_sync(self) -> bool:
-        """True when every rank holds bit-identical weights (a per-parameter checksum is compared)."""
+    def replicas_in_sync(self) -> bool | None:
+        """True when every rank holds bit-identical weights (a per-parameter checksum is compared).
+
+        None under ZeRO-3: each rank holds a different slice of the weights by design."""
+        if self.zero3:
+            return None
         params = list(self.acc.unwrap_model(self.model).parameters())
         sums = torch.stack([p.detach().double().sum() for p in params]).to(self.acc.device)
         gathered = self.acc.gather(sums.unsqueeze(0))
@@ -337,10 +394,10 @@ class Trainer:
         elapsed = time.perf_counter() - window["t0"]
         per_rank = torch.tensor(
             [window["images"] / elapsed, window["pixels"] / elapsed, window["data_wait"] / max(elapsed, 1e-9),
-             peak_memory_gb(acc.device)],
+             peak_memory_gb(acc.device), self.bad_samples],
             device=acc.device, dtype=torch.float64,
         )
-        gathered = acc.gather(per_rank.unsqueeze(0)).cpu()  # (world, 4): every node's figures reach rank 0
+        gathered = acc.gather(per_rank.unsqueeze(0)).cpu()  # (world, 5): every node's figures reach rank 0
         if not acc.is_main_process:
             return
         n = max(window["steps"], 1)
@@ -355,6 +412,7 @@ class Trainer:
             "pixels_per_s": float(gathered[:, 1].sum()), "pixels_per_s_per_proc": float(gathered[:, 1].mean()),
             "data_wait_share": float(gathered[:, 2].mean()), "data_wait_share_max": float(gathered[:, 2].max()),
             "peak_mem_gb_max": float(gathered[:, 3].max()),
+            "bad_samples_skipped": int(gathered[:, 4].sum()),
             **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(gathered[:, 3])},
         }
         self._log(record)
@@ -373,7 +431,7 @@ class Trainer:
     def validate(self) -> bool:
         """Each rank scores its share of the images; sums are reduced. Returns True on a new best."""
         cfg, acc = self.cfg, self.acc
-        net = self.ema.module if self.ema is not None else acc.unwrap_model(self.model)
+        net = self._full_module()
         was_training = net.training
         net.eval()
         y = cfg.val.y_channel
@@ -382,7 +440,7 @@ class Trainer:
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
             x, target = self._to_device(item)
             with acc.autocast():
-                restored = restore_image(net, x, tile=cfg.val.tile).float()
+                restored = restore_image(net, x.to(self.input_dtype), tile=cfg.val.tile).float()
             degraded = x[:, : target.shape[1]]
             sums += torch.tensor([
                 psnr(restored, target, cfg.val.border).sum(), ssim(restored, target, cfg.val.border).sum(),
@@ -420,13 +478,43 @@ class Trainer:
 
                 tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")}, step=self.step)
 
-    def export(self) -> dict[str, str]:
-        """The trained weights alone: safetensors and the official `{'params': ...}` .pth."""
+    @torch.no_grad()
+    def _full_module(self) -> torch.nn.Module:
+        """The network with all its weights on this rank, for per-rank work (validation).
+
+        Under ZeRO-3 a forward of the sharded module gathers weights collectively, so ranks with
+        unequal work would hang: gather once (all ranks) into a plain copy instead."""
+        net = self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+        if not self.zero3:
+            return net
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(net.parameters())):
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        full = self._build_net()
+        full.load_state_dict(state)
+        return full.to(self.acc.device, self.input_dtype).train(net.training)
+
+    def export(self, checkpoint: Path) -> dict[str, str]:
+        """The trained weights alone: safetensors and the official `{'params': ...}` .pth.
+
+        Under DeepSpeed (any ZeRO stage) they are the fp32 master weights consolidated from
+        `checkpoint`, the DeepSpeed checkpoint just written."""
         out = self.run_dir / "export"
         net = self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
-        state = self.acc.get_state_dict(net) if self.ema is None else net.state_dict()
+        if self.ema is not None:
+            state = net.state_dict()
+        elif self.deepspeed:
+            state = None  # read on the main process only, below
+        else:
+            state = self.acc.get_state_dict(net)
         paths = {"safetensors": str(out / "model.safetensors"), "official_pth": str(out / "model_official.pth")}
         if self.acc.is_main_process:
+            if state is None:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                # accelerate's save_state writes the DeepSpeed checkpoint under the tag "pytorch_model".
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
             out.mkdir(parents=True, exist_ok=True)
             save_safetensors(state, paths["safetensors"])
             save_official_pth(state, paths["official_pth"])

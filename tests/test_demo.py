@@ -1,0 +1,45 @@
+"""The built-in demo data set: packed on first use, idempotent, race-safe, held-out validation."""
+
+import itertools
+import multiprocessing
+
+from data_shards.demo import VAL_CROP, DemoData, ensure_demo_data
+from data_shards.index import ShardIndex
+from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+
+
+def _ensure(root):
+    ensure_demo_data(root)
+
+
+def test_demo_is_packed_once_and_streams(tmp_path):
+    root = tmp_path / "demo"
+    data = ensure_demo_data(root)
+    assert data == DemoData(root, root / "train", root / "val")
+    train, val = ShardIndex.load(data.train), ShardIndex.load(data.val)
+    assert train.total_samples == 225 and train.source_images == 14 and train.max_size == (128, 128)
+    assert val.total_samples == 3 and val.max_size == (VAL_CROP, VAL_CROP) and train.channels == val.channels == 3
+    stamp = (data.train / train.shards[0].name).stat().st_mtime_ns
+    ensure_demo_data(root)
+    assert (data.train / train.shards[0].name).stat().st_mtime_ns == stamp
+
+    val_keys = [item["key"] for item in build_val_loader(data.val, noise=NoiseConfig(sigma=25))]
+    assert val_keys == ["val/chelsea", "val/coffee", "val/rocket"]
+    loader = build_train_loader(data.train, patch_size=48, batch_size=4, seed=0, num_workers=0,
+                                noise=NoiseConfig(sigma=25))
+    batch = next(iter(loader))
+    assert batch["input"].shape == (4, 3, 48, 48)
+
+
+def test_racing_processes_leave_one_complete_copy(tmp_path):
+    root = tmp_path / "demo"
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_ensure, args=(root,)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    assert ShardIndex.load(root / "train").total_samples == 225
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folders left behind
+    assert len(list(itertools.islice(build_val_loader(root / "val", noise=NoiseConfig(sigma=25)), 5))) == 3
