@@ -432,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tile must be at least 8")
     if args.stride is not None and (args.tile is None or not 0 < args.stride):
         parser.error("--stride needs --tile and must be positive")
+    if args.shard_samples < 1 or args.shard_mb <= 0:
+        parser.error("--shard-samples must be at least 1 and --shard-mb positive")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     config = PackConfig(
         out=args.out, source=args.source, inputs=tuple(args.input), target=args.target, manifest=args.manifest,
         format=args.format, png_level=args.png_level, color=args.color, tile=args.tile, stride=args.stride,

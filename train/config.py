@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config that cannot run, with what was wrong and how to fix it."""
 
 
+# ModelConfig fields that fix the network's shape: weights only load into the same values.
+ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
+
+
 @dataclass
 class ModelConfig:
     preset: str = "default"  # a model.PRESETS name; the fields below override it when set

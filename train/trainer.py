@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,9 +19,9 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from model import build_model, load_weights, restore_image, save_official_pth, save_safetensors
+from model import Restormer, build_model, load_weights, restore_image, save_official_pth, save_safetensors
 from train import checkpoint as ckpt
-from train.config import Config, ConfigError, config_from_dict
+from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
 from train.data import train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
@@ -28,12 +30,40 @@ from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages
 from train.tracking import MetricsFile, init_trackers, new_run_id
 
-# Fields that fix the network's shape: a checkpoint cannot be resumed with other values.
-ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_failure(path: Path, failure: Exception | None, rank: int) -> str:
+    if failure is None:
+        cause = "another process could not load its part"
+    elif isinstance(failure, pickle.UnpicklingError):
+        # accelerate reads these with torch.load(weights_only=True): find which one it refused.
+        refused = [name for name in ("optimizer.bin", "scaler.pt", f"random_states_{rank}.pkl")
+                   if (path / name).is_file() and not _loads_safely(path / name)]
+        cause = (f"{', '.join(refused) or 'a file'} could not be read as plain tensors and arrays (a pickle "
+                 "that would run code, or a damaged file): torch.load(weights_only=True) refused it, nothing in it ran")
+    else:
+        cause = _first_line(failure)
+    return (f"cannot resume from {path}: {cause}. Resume from another checkpoint (--resume PATH), or delete "
+            "this one to let --resume auto pick the previous one")
+
+
+def _loads_safely(path: Path) -> bool:
+    from accelerate.utils.other import load  # torch.load(weights_only=True) + numpy's safe types
+
+    try:
+        load(path, map_location="cpu")
+    except Exception:  # whatever the reason, this is a file the resume could not use
+        return False
+    return True
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -85,15 +115,19 @@ class Trainer:
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
         net = self._build_net()
         if cfg.model.init_weights:
-            load_weights(net, cfg.model.init_weights)
+            try:
+                load_weights(net, cfg.model.init_weights)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing, refused pickle, wrong shapes
+                raise ConfigError(f"model.init_weights={cfg.model.init_weights}: {err}") from err
         if cfg.model.checkpointing:
             net.set_checkpointing(True)
         if cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, net.parameters())
         if cfg.model.compile:
-            # Dynamic shapes: one graph serves every progressive-learning patch size.
-            net = torch.compile(net, dynamic=True)
+            # Dynamic shapes: one graph serves every progressive-learning patch size. torch 2.13's
+            # dynamo fails on dynamic shapes inside activation checkpointing: then one graph per stage.
+            net = torch.compile(net, dynamic=not cfg.model.checkpointing)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
         # DeepSpeed keeps bf16/fp16 weights (no autocast): inputs must be cast to their type.
@@ -106,7 +140,7 @@ class Trainer:
             raise ConfigError("train.ema_decay is not supported with DeepSpeed ZeRO-3 (each process holds only a "
                               "slice of the weights); use ZeRO-2 or DDP, or set train.ema_decay=null")
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
-        self.ema = EMA(accelerator.unwrap_model(self.model), cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.ema = EMA(self.network(), cfg.train.ema_decay) if cfg.train.ema_decay else None
 
         # Everything below is the training state a checkpoint carries (see state_dict).
         self.step = 0
@@ -162,17 +196,12 @@ class Trainer:
         if self.step == self._saved_step:
             return self.ckpt_root / name
         tmp = self.ckpt_root / f".tmp-{name}"
-        if self.acc.is_main_process:
-            ckpt.clean_stale_tmp(self.ckpt_root)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=True)
-        if self.acc.is_main_process:
-            if self.ema is not None:
-                save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
-            (tmp / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-            ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self.state_dict())  # last: marks it complete
-        self.acc.wait_for_everyone()
+        failure = self._write_checkpoint(tmp)
+        # Every rank learns whether any rank failed (this reduce is also the barrier before publishing).
+        if self._reduce_max(float(failure is not None)):
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointError(self._write_failure(tmp, failure))
         final = self.ckpt_root / name
         if self.acc.is_main_process:
             ckpt.publish(tmp, final)
@@ -181,6 +210,40 @@ class Trainer:
         self.acc.wait_for_everyone()
         self._saved_step = self.step
         return final
+
+    def _write_checkpoint(self, tmp: Path) -> Exception | None:
+        """Writes this rank's part of a checkpoint into `tmp`. Returns the error instead of raising: a
+        rank that raised alone would leave the others waiting in the next collective."""
+        failure = None
+        if self.acc.is_main_process:
+            try:
+                ckpt.clean_stale_tmp(self.ckpt_root)
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                failure = err
+        self.acc.wait_for_everyone()
+        if failure is not None:
+            return failure
+        try:
+            self.acc.save_state(str(tmp), safe_serialization=True)
+            if self.acc.is_main_process:
+                if self.ema is not None:
+                    save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
+                (tmp / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
+                ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self.state_dict())  # last: marks it complete
+        except Exception as err:  # open(), torch.save and safetensors each report a full disk their own way
+            return err
+        return None
+
+    def _write_failure(self, tmp: Path, failure: Exception | None) -> str:
+        cause = _first_line(failure) if failure is not None else "another process could not write its part"
+        try:
+            free = f"{shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        return (f"could not write the checkpoint of step {self.step} into {tmp} ({cause}; {free}). Nothing was "
+                f"published; the newest complete checkpoint is still {self._newest_checkpoint()}. Free disk "
+                "space (or lower train.keep_last, or move output_dir), then resume with --resume auto")
 
     def load_checkpoint(self, path: Path) -> None:
         state = ckpt.read_state(path)
@@ -197,13 +260,24 @@ class Trainer:
                 "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
                 f"from its weights with model.init_weights={path}/model.safetensors"
             )
-        self.acc.load_state(str(path))
-        if self.ema is not None:
-            ema_file = path / "ema.safetensors"
-            if ema_file.exists():
-                self.ema.load_state_dict(load_file(str(ema_file)))
-            else:
-                self.ema.reset(self.acc.unwrap_model(self.model))
+        failure = None
+        try:
+            self.acc.load_state(str(path))
+            rng_file = path / f"random_states_{self.acc.process_index}.pkl"
+            if rng_file.is_file() and not _loads_safely(rng_file):
+                # accelerate skips an RNG file it cannot load without a word: a tampered one must not pass.
+                raise pickle.UnpicklingError(f"{rng_file} was refused")
+            if self.ema is not None:
+                ema_file = path / "ema.safetensors"
+                if ema_file.exists():
+                    self.ema.load_state_dict(load_file(str(ema_file)))
+                else:
+                    self.ema.reset(self.network())
+        except Exception as err:  # a damaged file, or a pickle that torch.load(weights_only=True) refused
+            failure = err
+        # All ranks fail together: a rank that went on training alone would wait for the others forever.
+        if self._reduce_max(float(failure is not None)):
+            raise ckpt.CheckpointError(_load_failure(path, failure, self.acc.process_index))
         self.load_state_dict(state)
         self._saved_step = self.step
         if self.acc.is_main_process:
@@ -272,7 +346,7 @@ class Trainer:
         if finite:
             self.nonfinite_streak = 0
             if self.ema is not None:
-                self.ema.update(self.acc.unwrap_model(self.model))
+                self.ema.update(self.network())
         else:
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
@@ -308,7 +382,7 @@ class Trainer:
             while self.step < total:
                 stage = self.plan.stage_at(self.step)
                 if stage.index != self._stream_stage and acc.is_main_process:
-                    self._log({"event": "stage", "stage": stage.index, "patch": stage.patch,
+                    self._log({"event": "stage", "step": self.step, "stage": stage.index, "patch": stage.patch,
                                "batch": stage.batch, "accum": stage.accum})
                 t0 = time.perf_counter()
                 out = self.train_step(stage)
@@ -361,7 +435,7 @@ class Trainer:
         None under ZeRO-3: each rank holds a different slice of the weights by design."""
         if self.zero3:
             return None
-        params = list(self.acc.unwrap_model(self.model).parameters())
+        params = list(self.network().parameters())
         sums = torch.stack([p.detach().double().sum() for p in params]).to(self.acc.device)
         gathered = self.acc.gather(sums.unsqueeze(0))
         return bool((gathered == gathered[0]).all().item())
@@ -479,12 +553,18 @@ class Trainer:
                 tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")}, step=self.step)
 
     @torch.no_grad()
+    def network(self) -> Restormer:
+        """The plain Restormer being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
+        (its state_dict keys are the official ones; whole validation images of every size would
+        each recompile a compiled module)."""
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
+
     def _full_module(self) -> torch.nn.Module:
         """The network with all its weights on this rank, for per-rank work (validation).
 
         Under ZeRO-3 a forward of the sharded module gathers weights collectively, so ranks with
         unequal work would hang: gather once (all ranks) into a plain copy instead."""
-        net = self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+        net = self.ema.module if self.ema is not None else self.network()
         if not self.zero3:
             return net
         import deepspeed
@@ -501,7 +581,7 @@ class Trainer:
         Under DeepSpeed (any ZeRO stage) they are the fp32 master weights consolidated from
         `checkpoint`, the DeepSpeed checkpoint just written."""
         out = self.run_dir / "export"
-        net = self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+        net = self.ema.module if self.ema is not None else self.network()
         if self.ema is not None:
             state = net.state_dict()
         elif self.deepspeed:

@@ -1,0 +1,77 @@
+"""Whole-image inference: pad to the network's stride, optionally in overlapping tiles."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Three 2x downsamplings: H and W must be multiples of 8.
+MULTIPLE = 8
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad B,C,H,W on the bottom/right to multiples of `multiple`; returns (padded, (H, W)).
+
+    Images too small to reflect (side < padding + 1) are padded by replication instead.
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    return x, (h, w)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering [0, size): regular steps, the last tile flush with the end."""
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, like: torch.Tensor) -> torch.Tensor:
+    """1-D blending weight of a tile side. At a seam the outer quarter of the overlap gets weight 0
+    (those pixels saw the tile's zero padding), the next half ramps linearly up to 1. Image borders
+    keep weight 1. Neighbouring tiles overlap by >= `overlap`, so every pixel keeps a positive total."""
+    weight = torch.ones(length, dtype=like.dtype, device=like.device)
+    cut, ramp_len = overlap // 4, overlap // 2
+    if ramp_len == 0:
+        return weight
+    ramp = torch.arange(1, ramp_len + 1, dtype=like.dtype, device=like.device) / (ramp_len + 1)
+    if not at_start:
+        weight[:cut] = 0
+        weight[cut:cut + ramp_len] = ramp
+    if not at_end:
+        weight[length - cut:] = 0
+        weight[length - cut - ramp_len:length - cut] = ramp.flip(0)
+    return weight
+
+
+@torch.no_grad()
+def restore_image(model: nn.Module, x: torch.Tensor, tile: int | None = None, overlap: int = 32) -> torch.Tensor:
+    """Run `model` on B,C,H,W images in [0, 1] of any size; returns B,C_out,H,W, not clamped.
+
+    tile=None runs the whole (padded) image at once. Otherwise the image is cut into tile x tile
+    crops overlapping by at least `overlap` pixels and the results are blended (see `_ramp`).
+    MDTA attends over the whole crop, so tiled output is close to, not equal to, the untiled one.
+    """
+    padded, (h, w) = pad_to_multiple(x)
+    H, W = padded.shape[-2:]
+    if tile is None or (tile >= H and tile >= W):
+        return model(padded)[..., :h, :w]
+    if tile % MULTIPLE or overlap % MULTIPLE or not 0 <= overlap < tile:
+        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {MULTIPLE} "
+                         f"with 0 <= overlap < tile")
+    th, tw = min(tile, H), min(tile, W)
+    out = weight_sum = None
+    for top in _starts(H, th, tile - overlap):
+        wy = _ramp(th, overlap, top == 0, top + th == H, padded)
+        for left in _starts(W, tw, tile - overlap):
+            wx = _ramp(tw, overlap, left == 0, left + tw == W, padded)
+            pred = model(padded[..., top:top + th, left:left + tw])
+            if out is None:
+                out = pred.new_zeros(pred.shape[:2] + (H, W))
+                weight_sum = pred.new_zeros(H, W)
+            weight = (wy[:, None] * wx[None, :]).to(pred.dtype)
+            out[..., top:top + th, left:left + tw] += pred * weight
+            weight_sum[top:top + th, left:left + tw] += weight
+    return (out / weight_sum)[..., :h, :w]

@@ -1,0 +1,80 @@
+"""python -m train.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from model import build_model, read_state_dict, save_safetensors
+from train.export import check_onnx, export_onnx, main
+from train.loading import load_model
+
+TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
+TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
+             "--heads", "1", "2", "4", "8"]
+
+
+def tiny(preset="default", seed=0):
+    torch.manual_seed(seed)
+    model = build_model(preset, **TINY).eval()
+    # Perturb LayerNorm weights and biases, which start as ones/zeros, so a dropped tensor would show.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def test_weights_round_trip_and_the_folder_loads_as_is(tmp_path, capsys):
+    model = tiny("real_denoising")
+    save_safetensors(model, tmp_path / "in.safetensors")
+    assert main(["-w", str(tmp_path / "in.safetensors"), "--preset", "real_denoising", *TINY_ARGS,
+                 "-o", str(tmp_path / "out"), "--formats", "safetensors", "pth"]) == 0
+    expected = model.state_dict()
+    for name in ("model.safetensors", "model_official.pth"):
+        state = read_state_dict(tmp_path / "out" / name)
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert set(torch.load(tmp_path / "out" / "model_official.pth", weights_only=True)) == {"params"}
+    arch = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]
+    assert arch["preset"] == "real_denoising" and arch["dim"] == 8
+    # The exported folder describes itself: no --preset needed to load it again.
+    reloaded = load_model(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(reloaded.model.output.weight, model.output.weight)
+    assert "model_official.pth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["default", "gaussian_gray_denoising"])
+def test_onnx_with_free_height_and_width_matches_torch(tmp_path, preset):
+    pytest.importorskip("onnxruntime")
+    model = tiny(preset, seed=1)
+    path = export_onnx(model, tmp_path / "m.onnx", height=32, width=40)
+    for height, width in ((32, 40), (20, 28), (37, 45)):  # the traced size, smaller, not a multiple of 8
+        assert check_onnx(model, path, height, width) <= 1e-4
+
+
+def test_onnx_static_export_matches_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny(seed=2)
+    path = export_onnx(model, tmp_path / "m.onnx", height=24, width=32, dynamic=False)
+    assert check_onnx(model, path, 24, 32) <= 1e-4
+
+
+def test_onnx_cli_reports_its_check(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    save_safetensors(tiny(seed=3), tmp_path / "w.safetensors")
+    assert main(["-w", str(tmp_path / "w.safetensors"), "--preset", "default", *TINY_ARGS, "-o", str(tmp_path / "o"),
+                 "--formats", "onnx", "--onnx-size", "16", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "max |diff|" in out and out.rstrip().endswith("ok")
+    assert (tmp_path / "o" / "model.onnx").is_file()
+
+
+def test_onnx_graph_rejects_nothing_torch_would_accept(tmp_path):
+    """The graph pads internally: an odd-sized image gives an output of its own size."""
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny(seed=4)
+    path = export_onnx(model, tmp_path / "m.onnx", height=16, width=16)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, 13, 19), dtype=np.float32)
+    assert session.run(None, {"input": x})[0].shape == (1, 3, 13, 19)

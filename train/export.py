@@ -1,0 +1,165 @@
+"""Export weights for deployment: safetensors, the official `{'params': ...}` .pth, and ONNX.
+
+    python -m train.export -w runs/demo -o exported/
+    python -m train.export -w deraining.pth -o exported/ --formats onnx
+
+The ONNX graph takes any (1, C, H, W) float32 image in [0, 1]: it pads to a multiple of 8 by
+reflection and crops back, as `python -m train.restore` does (no tiling, no self-ensemble). The export
+is checked with onnxruntime (a test extra: pip install 'restormer-train[test]') on a random input.
+A config.yaml with the model section is written beside the weights, so the exported folder can be
+given to restore/evaluate as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from model import WeightsMismatchError, save_official_pth, save_safetensors
+from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args
+
+FORMATS = ("safetensors", "pth", "onnx")
+FILE_NAMES = {"safetensors": "model.safetensors", "pth": "model_official.pth", "onnx": "model.onnx"}
+
+
+class ONNXExportError(RuntimeError):
+    pass
+
+
+class PaddedModel(torch.nn.Module):
+    """The network plus reflect padding to a multiple of 8 and the crop back: takes any H and W.
+
+    Unlike model.pad_to_multiple it always pads (by 0 rows when nothing is missing): a Python branch
+    on the size would be frozen into the traced graph at the example's size.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = (8 - height % 8) % 8, (8 - width % 8) % 8
+        out = self.model(F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"))
+        return out[..., :height, :width]
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, height: int = 64, width: int = 64,
+                opset: int = 17, dynamic: bool = True) -> Path:
+    """Traces `model` (on a CPU fp32 copy) at (height, width); dynamic: H and W stay free in the graph."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = PaddedModel(copy.deepcopy(model).float().cpu().eval())
+    channels = model.patch_embed.proj.weight.shape[1]
+    example = torch.rand(1, channels, height, width)
+    axes = {"input": {2: "height", 3: "width"}, "output": {2: "height", 3: "width"}} if dynamic else None
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript.
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(net, (example,), str(path), input_names=["input"], output_names=["output"],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except Exception as err:  # the exporter raises many types; name the shape mode that failed
+        hint = "; retry with --static (fixed input size)" if dynamic else ""
+        raise ONNXExportError(f"ONNX export {'with free height/width ' if dynamic else ''}failed: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0]}{hint}") from err
+    return path
+
+
+def check_onnx(model: torch.nn.Module, path: str | Path, height: int, width: int, seed: int = 0) -> float:
+    """Max |onnxruntime - torch| on one random (1, C, height, width) input."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ONNXExportError("checking the ONNX file needs onnxruntime: pip install 'restormer-train[test]' "
+                              "(or pass --no-check)") from err
+    net = PaddedModel(copy.deepcopy(model).float().cpu().eval())
+    channels = model.patch_embed.proj.weight.shape[1]
+    x = torch.rand(1, channels, height, width, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ONNXExportError(f"{path}: output shape {got.shape} != torch's {expected.shape}")
+    return float(np.abs(got - expected).max())
+
+
+def export(loaded: LoadedModel, out_dir: str | Path, formats: list[str]) -> dict[str, Path]:
+    """Writes the weight formats asked for plus config.yaml; ONNX is left to export_onnx."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu() for k, v in loaded.model.state_dict().items()}
+    written = {}
+    if "safetensors" in formats:
+        written["safetensors"] = out_dir / FILE_NAMES["safetensors"]
+        save_safetensors(state, written["safetensors"])
+    if "pth" in formats:
+        written["pth"] = out_dir / FILE_NAMES["pth"]
+        save_official_pth(state, written["pth"])
+    written["config"] = out_dir / "config.yaml"
+    written["config"].write_text(yaml.safe_dump({"model": loaded.arch}, sort_keys=False))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the exported files")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                        help="what to write (default: all): model.safetensors, model_official.pth, model.onnx")
+    onnx = parser.add_argument_group("onnx")
+    onnx.add_argument("--onnx-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+                      help="size of the example input traced (and checked) (default 64 64)")
+    onnx.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
+    onnx.add_argument("--static", action="store_true",
+                      help="fix the graph's input size to --onnx-size instead of leaving H and W free")
+    onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    onnx.add_argument("--atol", type=float, default=1e-4, metavar="X",
+                      help="largest |onnxruntime - torch| accepted by the check (default 1e-4)")
+    add_model_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = model_from_args(args)
+    except (ModelLoadError, WeightsMismatchError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {loaded.describe()}", file=sys.stderr)
+    written = export(loaded, args.output, args.formats)
+    for kind, path in written.items():
+        print(f"{kind:12s} {path}")
+    if "onnx" not in args.formats:
+        return 0
+    height, width = args.onnx_size
+    try:
+        path = export_onnx(loaded.model, Path(args.output) / FILE_NAMES["onnx"], height, width, args.opset,
+                           dynamic=not args.static)
+        print(f"{'onnx':12s} {path} (input {'1 x C x H x W, any H, W' if not args.static else f'1 x C x {height} x {width}'})")
+        if args.no_check:
+            return 0
+        # Checked at a size other than the traced one, when free, to prove the shapes really are.
+        check_hw = (height + 8, width + 5) if not args.static else (height, width)
+        diff = check_onnx(loaded.model, path, *check_hw)
+    except ONNXExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    verdict = "ok" if diff <= args.atol else f"FAILED (> {args.atol:g})"
+    print(f"onnxruntime check on 1x{loaded.in_channels}x{check_hw[0]}x{check_hw[1]}: max |diff| = {diff:.2e} {verdict}")
+    return 0 if diff <= args.atol else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Image files <-> [0, 1] float tensors, keeping the file's bit depth for what is written back.
+
+Decoding and PNG encoding are data_shards.codec's (it reads 16-bit RGB PNGs that Pillow would cut to
+8 bits). This module adds the tensor side: an 8-bit file becomes v / 255, a 16-bit one v / 65535, and
+writing undoes exactly that, so a pixel a model leaves alone is written back unchanged.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_shards.codec import IMAGE_SUFFIXES, ImageError, encode_png, read_image, to_channels
+
+__all__ = ["ImageError", "collect_images", "read_tensor", "to_array", "write_png"]
+
+
+def read_tensor(path: str | Path, channels: int) -> tuple[torch.Tensor, int]:
+    """An image file -> ((1, channels, H, W) float32 in [0, 1], bit depth 8 or 16).
+
+    channels: 3 replicates a gray file to RGB, 1 converts RGB to luma (ITU-R 601); alpha is dropped.
+    """
+    try:
+        array, _ = to_channels(read_image(path), "gray" if channels == 1 else "rgb")
+    except ImageError as err:
+        raise ImageError(f"{path}: {err}") from err
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read ({err.strerror or err})") from err
+    bits = 16 if array.dtype == np.uint16 else 8
+    # float64 for the division, so v / 65535 is the nearest float32 and rounds back to v on writing.
+    scaled = array.astype(np.float64) / float(2**bits - 1)
+    return torch.from_numpy(scaled.astype(np.float32)).permute(2, 0, 1).unsqueeze(0).contiguous(), bits
+
+
+def to_array(img: torch.Tensor, bits: int) -> np.ndarray:
+    """(C, H, W) or (1, C, H, W) float -> (H, W, C) uint8/uint16: round(clamp(x, 0, 1) * (2^bits - 1))."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    if img.dim() == 4:
+        if img.shape[0] != 1:
+            raise ValueError(f"to_array takes one image, got a batch of {img.shape[0]}")
+        img = img[0]
+    top = float(2**bits - 1)
+    values = (img.detach().double().clamp(0, 1) * top).round().permute(1, 2, 0).cpu().numpy()
+    return values.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def write_png(path: str | Path, img: torch.Tensor, bits: int) -> Path:
+    """Writes a [0, 1] image as an 8- or 16-bit PNG (gray or RGB); creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(to_array(img, bits)))
+    return path
+
+
+def collect_images(specs: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted, not recursive) and glob patterns -> image paths, in order.
+
+    Raises FileNotFoundError naming the first spec that matches nothing.
+    """
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(f"{spec}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif path.is_file():
+            matches = [path]
+        elif glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(f"{spec}: the pattern matches no image files")
+        else:
+            raise FileNotFoundError(f"{spec}: no such file or folder")
+        found.extend(matches)
+    return list(dict.fromkeys(found))  # a file named twice is restored once
