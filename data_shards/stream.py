@@ -246,6 +246,8 @@ class _BadSampleLog:
 
     def __call__(self, error: BaseException, url: str, key: str | None = None) -> bool:
         global _skipped_in_process
+        if isinstance(error, BadSampleError):  # an inner stage reported it; webdataset appended to its args
+            raise BadSampleError(error.args[0]) from error.__cause__
         where = f"shard {url}" + (f", key {key}" if key else "")
         message = f"{where}: {type(error).__name__}: {error.args[0] if error.args else error}"
         if self.strict:

@@ -38,6 +38,9 @@ def test_dotted_overrides_are_typed():
         ("optim=3", "is a section"),
         ("lr.schedule=step", "lr.schedule"),
         ("noequals", "section.key=value"),
+        ("train.threads=0", "train.threads must be >= 1"),
+        ("train.max_steps=0", "train.max_steps must be >= 1"),
+        ("train.dist_timeout_s=0", "train.dist_timeout_s must be >= 1"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

@@ -78,8 +78,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:
     """Makes a fully written checkpoint visible under its final name."""
-    if final_dir.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
-        shutil.rmtree(final_dir)
+    if final_dir.exists():  # the same step saved again (e.g. after resuming from an older checkpoint)
+        _retire(final_dir)
     os.replace(tmp_dir, final_dir)
     # Persist the rename itself, or a power cut could leave neither name on disk.
     fd = os.open(final_dir.parent, os.O_RDONLY)
@@ -94,8 +94,20 @@ def prune(root: Path, keep_last: int, keep: set[Path]) -> list[Path]:
     found = complete_checkpoints(root)
     doomed = [p for p in found[: max(len(found) - keep_last, 0)] if p.resolve() not in {k.resolve() for k in keep}]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            _retire(path)
+        except OSError:  # retention is housekeeping: a checkpoint that cannot be deleted just stays
+            pass
     return doomed
+
+
+def _retire(path: Path) -> None:
+    """Deletes a checkpoint folder. Renamed first: a process killed during the deletion must not leave
+    a `step_*` folder that still holds trainer_state.json but lacks other files (it would look complete)."""
+    doomed = path.with_name(f".tmp-{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_stale_tmp(root: Path) -> None:

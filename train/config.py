@@ -333,7 +333,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.grad_clip must be positive (or null to disable clipping)")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
-    if cfg.train.reference_world_size is not None and cfg.train.reference_world_size < 1:
-        raise ConfigError("train.reference_world_size must be >= 1 (or null)")
+    for name in ("reference_world_size", "threads", "max_steps"):
+        value = getattr(cfg.train, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"train.{name} must be >= 1 (or null)")
+    if cfg.train.dist_timeout_s < 1:
+        raise ConfigError("train.dist_timeout_s must be >= 1 second")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")

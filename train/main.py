@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from data_shards.stream import BadSampleError
 from train.checkpoint import CheckpointError, resolve_resume
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # The errors caught first are raised by every rank at the same step, so the closing barrier is
+    # safe. Any other error may be this rank's alone (a bad sample, a dead peer): a barrier would keep
+    # it waiting for ranks still training, where exiting lets the launcher stop them.
+    agreed = True
     try:
         trainer = Trainer(cfg, accelerator, train_source, val_source, resume_from)
         started = time.time()
@@ -98,10 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except BadSampleError as err:  # data.strict: a DataLoader worker's copy carries its traceback first
+        agreed = False
+        message = str(err).strip().splitlines()[-1].removeprefix(f"{BadSampleError.__module__}.BadSampleError: ")
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except BaseException:
+        agreed = False
+        raise
     finally:
         # A barrier after the last collective, then a pause before interpreter exit: gloo's threads
         # otherwise free tensors while Python shuts down and the process aborts (ENVIRONMENT.md).
-        accelerator.wait_for_everyone()
+        if agreed:
+            accelerator.wait_for_everyone()
         accelerator.end_training()
         time.sleep(0.5)
 

@@ -199,9 +199,10 @@ class Trainer:
         failure = self._write_checkpoint(tmp)
         # Every rank learns whether any rank failed (this reduce is also the barrier before publishing).
         if self._reduce_max(float(failure is not None)):
+            message = self._write_failure(tmp, failure)  # before the cleanup: the free space it reports is the cause
             if self.acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.CheckpointError(self._write_failure(tmp, failure))
+            raise ckpt.CheckpointError(message)
         final = self.ckpt_root / name
         if self.acc.is_main_process:
             ckpt.publish(tmp, final)
