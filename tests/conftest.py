@@ -39,6 +39,17 @@ def accelerate_cmd(num_processes: int = 1) -> list[str]:
     return base + ["--num_processes", "1", "--cpu"]
 
 
+@pytest.fixture
+def one_thread():
+    """Two intra-op threads on a shared 2-core machine mostly wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

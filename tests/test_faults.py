@@ -34,14 +34,8 @@ from model import read_state_dict
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
+from test_trainer import TINY
 
-TINY = [
-    "model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1",
-    "progressive.iters=[3,3]", "progressive.patch=[16,24]", "progressive.batch=[2,2]",
-    "data.num_workers=0", "data.noise_sigma=25", "train.threads=1", "train.log_every=1",
-    "val.every=3", "val.grid_crop=32", "train.ckpt_every=3", "tracking.wandb=disabled",
-    "lr.schedule=cosine", "optim.lr=1e-3",
-]
 LONG = ["progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000"]  # a run that a fault stops
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", ckpt.CONFIG_FILE, ckpt.STATE_FILE)
 

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from model import PRESETS, Restormer, build_model
-from tests.test_model_helpers import TINY, VECTORS, load_vectors, official_module, perturbed
+from model_vectors import TINY, VECTORS, load_vectors, official_module, perturbed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a shared 2-core machine mostly wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("layernorm_type", ["WithBias", "BiasFree"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import Restormer
-from tests.test_model_helpers import TINY, perturbed
+from model_vectors import TINY, perturbed
 
 
 @pytest.mark.slow

@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from model import Restormer, pad_to_multiple, restore_image
-from tests.test_model_helpers import TINY, perturbed
+from model_vectors import TINY, perturbed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pad_to_multiple_reflects_and_reports_size():

@@ -8,7 +8,7 @@ import torch
 
 from model import (Restormer, WeightsMismatchError, build_model, load_weights, read_state_dict,
                    save_official_pth, save_safetensors)
-from tests.test_model_helpers import TINY, load_vectors, perturbed
+from model_vectors import TINY, load_vectors, perturbed
 
 
 def _tiny(**kw) -> Restormer:
