@@ -52,6 +52,9 @@ def _inputs(preset: str, patch: int, batch: int) -> tuple[torch.Tensor, torch.Te
     return x, target
 
 
+OPTIMIZERS = ["loop", "foreach", "fused"]
+
+
 def _optimizer(params, kind: str) -> torch.optim.Optimizer:
     options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4, betas=(0.9, 0.999), **options)
@@ -108,8 +111,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="alternate runs per configuration; fastest kept")
-    parser.add_argument("--optimizer", choices=["loop", "foreach", "fused"], default="foreach",
-                        help="AdamW implementation, the same for both models")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="foreach",
+                        help="AdamW implementation for ours (and for official unless --official-optimizer)")
+    parser.add_argument("--official-optimizer", choices=OPTIMIZERS,
+                        help="AdamW implementation for official; BasicSR's plain torch.optim.AdamW is 'loop' on CPU")
     parser.add_argument("--compare-official", action="store_true")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)
     parser.add_argument("--one-patch", type=int, help=argparse.SUPPRESS)
@@ -121,10 +126,11 @@ def main() -> None:
 
     impls = ["official", "ours"] if args.compare_official else ["ours"]
     shared = [f"--{k}={v}" for k, v in [("preset", args.preset), ("batch", args.batch), ("dtype", args.dtype),
-                                        ("steps", args.steps), ("threads", args.threads),
-                                        ("optimizer", args.optimizer)]]
+                                        ("steps", args.steps), ("threads", args.threads)]]
+    optimizers = {"ours": args.optimizer, "official": args.official_optimizer or args.optimizer}
     shared += ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
-    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} optimizer=AdamW({args.optimizer}) "
+    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} "
+          f"AdamW: ours={optimizers['ours']} official={optimizers['official']} "
           f"checkpointing={args.checkpointing} compile={args.compile} steps={args.steps} (median)")
     print("| impl | patch | batch | step wall (ms) | step CPU (ms) | throughput (px/s, wall) | peak RSS (MiB) "
           "| idle RSS (MiB) | max abs diff vs official |")
@@ -134,7 +140,8 @@ def main() -> None:
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for impl in impls:
-                cmd = [sys.executable, __file__, f"--impl={impl}", f"--one-patch={patch}", *shared]
+                cmd = [sys.executable, __file__, f"--impl={impl}", f"--one-patch={patch}",
+                       f"--optimizer={optimizers[impl]}", *shared]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(f"{impl} at {patch}px failed:\n{done.stderr}")

@@ -63,3 +63,9 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg
+
+
+def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. a data folder in the working directory
+    assert load_config("demo").run_name == "demo"

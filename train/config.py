@@ -227,10 +227,10 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
 
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path
     for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     recipes = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config file '{name_or_path}' not found; built-in recipes: {recipes}")

