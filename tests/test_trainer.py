@@ -177,3 +177,28 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
     recs = records(out)
     assert [r["patch"] for r in recs if r.get("event") == "stage"] == [32, 48, 64]
     assert (out / "export" / "model_official.pth").is_file() and list((out / "samples").glob("*.png"))
+
+
+def test_validation_on_a_plain_folder_of_images_or_pairs(shards, tmp_path):
+    """data.val may be a plain folder: clean images (noised like training) or input/ + target/ pairs."""
+    from data_shards.stream import build_val_loader
+    from train.data import pack_val_folder
+
+    pairs, clean = tmp_path / "pairs", tmp_path / "clean"
+    for folder in (pairs / "input", pairs / "target", clean):
+        folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = (rng.uniform(0, 1, (24, 32, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(pairs / "target" / f"{i}.png")
+        Image.fromarray(255 - img).save(pairs / "input" / f"{i}.png")
+        Image.fromarray(img).save(clean / f"{i}.png")
+    out = tmp_path / "run"
+    proc = train(shards, out, f"data.val={clean}", "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation on 3 images" in proc.stdout
+    assert (out / "val_shards" / "clean" / "val" / "index.json").is_file()
+    split = pack_val_folder(pairs, tmp_path / "cache")
+    assert pack_val_folder(pairs, tmp_path / "cache") == split  # packed once, then reused
+    for item in build_val_loader(split):
+        assert torch.allclose(item["input"], 1 - item["target"], atol=1e-6)  # pairs stay matched

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_shards.demo import ensure_demo_data
-from data_shards.index import ShardIndex
+from data_shards.index import INDEX_NAME, ShardIndex
+from data_shards.pack import PackConfig, PackError, pack
 from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
 from train.config import Config, ConfigError
 from train.schedule import StagePlan
@@ -16,13 +19,53 @@ _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def resolve_sources(cfg: Config) -> tuple[str, str | None]:
-    """Turns `demo` into the built-in data set's folders (packing it on first use)."""
+    """Turns `demo` into the built-in data set's folders (packing it on first use), and a plain
+    image folder given as data.val into shards under the run folder."""
     train, val = cfg.data.train, cfg.data.val
     if "demo" in (train, val):
         demo = ensure_demo_data()
         train = str(demo.train) if train == "demo" else train
         val = str(demo.val) if val == "demo" else val
+    if val is not None and _is_image_folder(Path(val)):
+        val = str(pack_val_folder(Path(val), cfg.run_dir / "val_shards"))
     return train, val
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A local folder that is neither a packed split nor a pack output holding splits."""
+    return (path.is_dir() and not (path / INDEX_NAME).exists() and not any(path.glob("*.tar"))
+            and not any(path.glob(f"*/{INDEX_NAME}")))
+
+
+def pack_val_folder(folder: Path, cache: Path) -> Path:
+    """Packs a validation folder once: `input/` + `target/` subfolders (pairs matched by name) or
+    clean images (noise from data.noise_*). Every rank may call it: each packs into its own
+    staging folder and the first rename wins, so readers only ever see a complete copy."""
+    out = cache / folder.resolve().name
+    if (out / "val" / INDEX_NAME).exists():
+        return out / "val"
+    paired = (folder / "input").is_dir() and (folder / "target").is_dir()
+    staging = cache / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    config = PackConfig(
+        out=staging, source=None if paired else folder, split="val", progress=False,
+        inputs=((None, folder / "input"),) if paired else (), target=folder / "target" if paired else None,
+        command=f"data.val={folder} (packed by the trainer)",
+    )
+    try:
+        report = pack(config)
+        if not report.samples:
+            raise ConfigError(f"data.val: no readable images in '{folder}' ({len(report.skipped)} skipped)")
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not (out / "val" / INDEX_NAME).exists():  # not another rank's finished copy: a real error
+                raise
+    except PackError as err:
+        raise ConfigError(f"data.val: cannot use the folder '{folder}': {err}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "val"
 
 
 def _local_index(source: str, what: str) -> ShardIndex | None:
