@@ -50,11 +50,6 @@ class ShardIndex:
     location: str | None = field(default=None, compare=False)  # the file it was loaded from; not stored
 
     @property
-    def bit_depth(self) -> int:
-        """The deepest bit depth in the split (16 if any image is 16-bit)."""
-        return max(self.bit_depths) if self.bit_depths else 8
-
-    @property
     def shard_urls(self) -> list[str]:
         """Shard locations next to the index file (local paths or URLs)."""
         if self.location is None or self.location.startswith("pipe:"):

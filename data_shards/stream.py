@@ -17,7 +17,7 @@ and webdataset's default decoders would unpickle .pyd/.pickle members.
 Bad samples (corrupt image, missing member, truncated tar) are skipped with a warning that names the
 shard and key, or raise BadSampleError with strict=True. Each training batch carries 'skipped', a
 0-d int64 tensor: the samples its worker skipped since its previous batch, so summing it over batches
-(and ranks) gives the total. In-process counts are also in `skipped_total()`.
+(and ranks) gives the total.
 """
 
 from __future__ import annotations
@@ -37,22 +37,16 @@ from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, dihedral, mixup, paired_crop
 from data_shards.index import ShardIndex
 
-__all__ = ["BadSampleError", "NoiseConfig", "build_train_loader", "build_val_loader", "skipped_total"]
+__all__ = ["BadSampleError", "NoiseConfig", "build_train_loader", "build_val_loader"]
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}
 _SCALE = {np.dtype(np.uint8): np.float32(255), np.dtype(np.uint16): np.float32(65535)}
 _SHUFFLE_SAMPLES = 512  # shuffle buffer: at most this many raw samples ...
 _SHUFFLE_BYTES = 64 << 20  # ... and this many bytes, per worker
-_skipped_in_process = 0
 
 
 class BadSampleError(RuntimeError):
     """A sample or shard that cannot be read (strict mode); the message names shard and key."""
-
-
-def skipped_total() -> int:
-    """Bad samples skipped so far in this process (DataLoader workers count in their own process)."""
-    return _skipped_in_process
 
 
 def build_train_loader(source, *, patch_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -78,7 +72,8 @@ def build_train_loader(source, *, patch_size: int, batch_size: int, seed: int, r
         seed_parts=(seed, rank, resume_count, stage), rank=rank, world_size=world_size,
         num_workers=num_workers, noise=noise, augment=augment, use_mixup=mixup, strict=strict,
     )
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+    # Pinned host memory makes the trainer's non_blocking copies to the GPU really asynchronous.
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if num_workers > 0 else None)
 
 
@@ -245,7 +240,6 @@ class _BadSampleLog:
         self.warned: set[str] = set()  # a resampled bad shard is counted every time, named once
 
     def __call__(self, error: BaseException, url: str, key: str | None = None) -> bool:
-        global _skipped_in_process
         if isinstance(error, BadSampleError):  # an inner stage reported it; webdataset appended to its args
             raise BadSampleError(error.args[0]) from error.__cause__
         where = f"shard {url}" + (f", key {key}" if key else "")
@@ -253,7 +247,6 @@ class _BadSampleLog:
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1
-        _skipped_in_process += 1
         if message not in self.warned:
             self.warned.add(message)
             warnings.warn(f"skipped bad sample: {message}", stacklevel=2)

@@ -188,7 +188,7 @@ class Trainer:
         self.best_step = state["best_step"]
         self.nonfinite_total = int(state["nonfinite_total"])
         self.run_id = state["run_id"]
-        # A new stream per resume: a resumed run never replays the samples it already saw.
+        # Counts resumes: with data.resume=fresh each one draws a new stream and never replays samples.
         self.resume_count = int(state["resume_count"]) + 1
 
     def save_checkpoint(self) -> Path:
@@ -312,7 +312,8 @@ class Trainer:
     def train_step(self, stage) -> dict[str, float]:
         """One optimizer step: `stage.accum` micro-batches, clip, step. Returns figures for the log."""
         stream = self._stream_for(stage)
-        sums = {"loss": 0.0, "l1": 0.0, "l2": 0.0}
+        names = ("loss", "l1", "l2")
+        summed = torch.zeros(len(names), device=self.acc.device)
         data_wait = 0.0
         # Set before the micro-batches: DeepSpeed steps inside the last backward.
         lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.step * self.plan.step_scale)
@@ -331,15 +332,17 @@ class Trainer:
                 out = self.model(x.to(self.input_dtype))
                 losses = compute_losses(self.cfg.loss.name, out, y, self.cfg.loss.charbonnier_eps)
                 self._backward(losses["loss"] / stage.accum, last)
-            for k in sums:
-                sums[k] += losses[k].item() / stage.accum
+            # Summed on the device: one host sync per step, not three per micro-batch.
+            summed = summed + torch.stack([losses[k].detach() for k in names]) / stage.accum
+        sums = dict(zip(names, summed.tolist()))
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else math.inf
         # Under DeepSpeed this returns the norm its engine measured (and clipped to) in the step.
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        # The norm is taken over all-reduced gradients, so every rank reaches the same verdict.
-        finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+        # The norm is taken over all-reduced gradients, so every rank reaches the same verdict (a
+        # non-finite loss on any rank makes them non-finite); this rank's loss alone must not decide.
+        finite = math.isfinite(grad_norm)
         if finite or self.acc.mixed_precision == "fp16":
             # Under fp16 the GradScaler itself skips non-finite steps; under DeepSpeed this is a no-op
             # (its engine stepped already, and skips non-finite steps: bf16 needs check_grad_overflow).
@@ -483,6 +486,7 @@ class Trainer:
             "accum": stage.accum, "lr": window["lr"],
             "loss": window["loss"] / n, "l1": window["l1"] / n, "l2": window["l2"] / n,
             "grad_norm": window["grad_norm"] / finite_steps,
+            "step_time_s": window["step_time"] / n,  # rank 0's mean wall time per optimizer step
             "skipped_steps": self.nonfinite_total,
             "images_per_s": float(gathered[:, 0].sum()), "images_per_s_per_proc": float(gathered[:, 0].mean()),
             "pixels_per_s": float(gathered[:, 1].sum()), "pixels_per_s_per_proc": float(gathered[:, 1].mean()),
@@ -516,7 +520,8 @@ class Trainer:
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
             x, target = self._to_device(item)
             with acc.autocast():
-                restored = restore_image(net, x.to(self.input_dtype), tile=cfg.val.tile).float()
+                # The network's own dtype: DeepSpeed's bf16/fp16 weights, or the fp32 EMA copy.
+                restored = restore_image(net, x.to(next(net.parameters()).dtype), tile=cfg.val.tile).float()
             degraded = x[:, : target.shape[1]]
             sums += torch.tensor([
                 psnr(restored, target, cfg.val.border).sum(), ssim(restored, target, cfg.val.border).sum(),
