@@ -5,6 +5,7 @@ All randomness comes from an explicit numpy Generator, so a stream is reproducib
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,12 @@ class NoiseConfig:
             return self.sigma / 255.0
         low, high = self.sigma_range
         return rng.uniform(low, high) / 255.0
+
+
+def key_seed(key: str, seed: int = 0) -> list[int]:
+    """Seed material for the noise of one named image (validation, evaluation): the user's seed and
+    a stable hash of the name, so an image gets the same noise in every tool, run and world size."""
+    return [seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")]
 
 
 def add_noise(clean: np.ndarray, noise: NoiseConfig, rng: np.random.Generator) -> np.ndarray:

@@ -23,7 +23,7 @@ from data_shards.codec import read_image, to_channels
 from data_shards.index import INDEX_NAME
 from data_shards.pack import PackConfig, pack
 
-DEMO_VERSION = "1"  # bump when the content changes: old copies are then rebuilt
+DEMO_VERSION = "2"  # bump when the content changes: old copies are then rebuilt
 # File names in skimage/data/ (bundled with the wheel, no download).
 TRAIN_FILES = ("astronaut.png", "ihc.png", "motorcycle_left.png", "motorcycle_right.png",
                "brick.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "grass.png",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import sys
+import tarfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 INDEX_NAME = "index.json"
@@ -17,6 +19,9 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    # samples + 1 byte positions in the tar: sample i (all its members, headers included) occupies
+    # offsets[i]:offsets[i + 1], so a reader can seek to any sample. None in indexes written before.
+    offsets: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,53 @@ class ShardIndex:
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{where}: index format_version {data.get('format_version')!r}, "
                              f"this code reads {FORMAT_VERSION}; re-pack with `restormer-pack`")
-        data["shards"] = tuple(ShardInfo(**shard) for shard in data["shards"])
+        data["shards"] = tuple(_shard_info(shard) for shard in data["shards"])
         for name in ("min_size", "median_size", "max_size"):
             data[name] = tuple(data[name]) if data[name] is not None else None
         data["inputs"] = tuple(data["inputs"])
         data["bit_depths"] = tuple(data["bit_depths"])
         return cls(**data, location=location)
+
+
+def _shard_info(data: dict) -> ShardInfo:
+    offsets = data.pop("offsets", None)
+    return ShardInfo(**data, offsets=tuple(offsets) if offsets is not None else None)
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """A tar member's sample key and extension, the webdataset way: 'val/a.target.png' -> ('val/a',
+    'target.png'); the key keeps the folder, the extension starts at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
+
+
+def scan_offsets(path: str | Path) -> tuple[int, ...]:
+    """The offsets of ShardInfo for a tar on disk (reads only its headers): where each run of
+    members sharing a key starts, and where the last one ends."""
+    offsets, last_key, end = [], None, 0
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            key = member_key(info.name)[0]
+            if key != last_key:
+                offsets.append(info.offset)
+                last_key = key
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return (*offsets, end)
+
+
+def add_offsets(folder: str | Path) -> Path:
+    """Rewrites the index of a local split folder packed before offsets were recorded."""
+    index = ShardIndex.load(folder)
+    base = Path(index.location).parent
+    shards = []
+    for shard in index.shards:
+        offsets = scan_offsets(base / shard.name)
+        if len(offsets) != shard.samples + 1:
+            raise ValueError(f"{base / shard.name}: {len(offsets) - 1} samples in the tar but {shard.samples} "
+                             "in the index; re-pack this split")
+        shards.append(replace(shard, offsets=offsets))
+    return replace(index, shards=tuple(shards)).save(base)
 
 
 def _read_index_text(where: str) -> tuple[str, str]:
@@ -105,3 +151,9 @@ def _read_index_text(where: str) -> tuple[str, str]:
         raise FileNotFoundError(f"{path}: no shard index here; a finished `restormer-pack` run writes "
                                 f"OUT/<split>/{INDEX_NAME} (an unfinished one leaves none)")
     return path.read_text(), str(path)
+
+
+if __name__ == "__main__":
+    # python -m data_shards.index SPLIT_DIR...: adds sample offsets to indexes packed without them.
+    for split_folder in sys.argv[1:]:
+        print(f"wrote {add_offsets(split_folder)}")

@@ -10,7 +10,7 @@ from PIL import Image
 from data_shards import pack as pack_module
 from data_shards import verify
 from data_shards.index import ShardIndex
-from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
 
 
 def _save(path, image):
@@ -53,8 +53,8 @@ def test_pixels_survive_pack_and_stream_unchanged(tmp_path, fmt, dtype, channels
         seen += 1
     assert seen == 2
     # The training path too: a full-size patch without augmentation is the stored image itself.
-    loader = build_train_loader(tmp_path / "out" / "train", patch_size=40, batch_size=1, seed=0, num_workers=0,
-                                noise=NoiseConfig(sigma=0), augment=False)
+    loader = build_train_loader(tmp_path / "out" / "train", StreamSettings(
+        patch=40, batch=1, num_workers=0, noise=NoiseConfig(sigma=0), augment=False))
     batch = next(iter(loader))
     target = batch["target"][0].permute(1, 2, 0).numpy()
     assert any(np.array_equal(target, img.astype(np.float32)[:, x:x + 40] / scale)
@@ -78,7 +78,7 @@ def test_paired_folders_named_inputs_and_tiling(tmp_path):
     with tarfile.open(tmp_path / "out" / "train" / index.shards[0].name) as tar:
         names = tar.getnames()
     assert "sub/b_c-tile24x18.input_left.png" in names and "a-tile38x0.json" in names
-    loader = build_train_loader(tmp_path / "out" / "train", patch_size=16, batch_size=4, seed=0, num_workers=0)
+    loader = build_train_loader(tmp_path / "out" / "train", StreamSettings(patch=16, batch=4, num_workers=0))
     batch = next(iter(loader))
     assert batch["input"].shape == (4, 6, 16, 16) and batch["target"].shape == (4, 3, 16, 16)
     # left = 1 - target and right = target // 2 survive crop + flips/rotations in this channel order.

@@ -51,9 +51,6 @@ class DataConfig:
     mixup: bool = False
     augment: bool = True
     strict: bool = False  # a bad sample raises instead of being skipped and counted
-    # "fresh": a resumed run draws a new stream (seeded with the resume count), starts instantly.
-    # "replay": it fast-forwards the same stream, so resume is bit-exact (costs re-reading data).
-    resume: str = "fresh"
 
 
 @dataclass
@@ -207,11 +204,23 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation} at {where}")
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+# Keys that existed once: a config that sets one gets this explanation; a checkpoint's saved config
+# (written by an older version) may still hold them, and there they are ignored.
+REMOVED_KEYS = {
+    "data.resume": "resume is always exact now: the stream's position is saved in every checkpoint and a "
+                   "resumed run continues with the samples the interrupted one would have drawn next; drop the key",
+}
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str, old: bool = False) -> None:
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         where = f"{prefix}{key}"
+        if where in REMOVED_KEYS:
+            if old:
+                continue
+            raise ConfigError(f"'{where}' (from {source}) was removed: {REMOVED_KEYS[where]}")
         if key not in valid:
             raise ConfigError(
                 f"unknown config key '{where}' (from {source}); valid keys here: {', '.join(valid)}"
@@ -220,7 +229,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{where}' (from {source}) is a section, give a mapping")
-            _merge(current, value, f"{where}.", source)
+            _merge(current, value, f"{where}.", source, old)
         else:
             setattr(obj, key, _coerce(value, hints[key], f"{where} (from {source})"))
 
@@ -266,8 +275,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A config saved by a run (a checkpoint's config.yaml); keys removed since are ignored."""
     cfg = Config()
-    _merge(cfg, data, "", source)
+    _merge(cfg, data, "", source, old=True)
     validate(cfg)
     return cfg
 
@@ -310,7 +320,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lr.warmup_iters must be >= 0")
     _choice(cfg.loss.name, ("l1", "l2", "charbonnier", "psnr"), "loss.name")
     _choice(cfg.tracking.wandb, ("auto", "online", "offline", "disabled"), "tracking.wandb")
-    _choice(cfg.data.resume, ("fresh", "replay"), "data.resume")
     _choice(cfg.train.batch_rule, ("accumulate", "iterations", "none"), "train.batch_rule")
     if cfg.train.mixed_precision is not None:
         _choice(cfg.train.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")

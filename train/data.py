@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,9 +10,10 @@ from pathlib import Path
 from data_shards.demo import ensure_demo_data
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.pack import PackConfig, PackError, pack
-from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from data_shards.stream import (REINDEX, NoiseConfig, StreamSettings, build_train_loader, build_val_loader,
+                                 noise_mismatch)
 from train.config import Config, ConfigError
-from train.schedule import StagePlan
+from train.schedule import Stage, StagePlan
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -92,8 +92,9 @@ def noise_config(cfg: Config) -> NoiseConfig | None:
     return NoiseConfig(sigma=d.noise_sigma, sigma_range=sigma_range, clip=d.noise_clip)
 
 
-def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None) -> None:
-    """Data-dependent config errors, raised before any training work starts."""
+def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None,
+               world_size: int = 1) -> None:
+    """Data-dependent config errors, raised before any training work (or worker) starts."""
     index = _local_index(train_source, "train")
     if val_source is not None:
         _local_index(val_source, "val")
@@ -101,12 +102,13 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
         return
     if index.total_samples == 0:
         raise ConfigError(f"data.train: '{train_source}' holds no samples")
-    clean_only = not index.inputs
-    if clean_only and noise_config(cfg) is None:
-        raise ConfigError(
-            f"data.train: '{train_source}' holds clean images only (no inputs), so the degradation "
-            "must be synthesised: set data.noise_sigma (e.g. 25) or data.noise_sigma_range (e.g. [0, 50])"
-        )
+    problem = noise_mismatch(bool(index.inputs), noise_config(cfg), f"data.train: '{train_source}'")
+    if problem:
+        raise ConfigError(problem)
+    if any(shard.offsets is None for shard in index.shards):
+        raise ConfigError(f"data.train: the index of '{train_source}' has no sample offsets (packed before they "
+                          f"were recorded): run `{REINDEX.replace('SPLIT_DIR', train_source)}` once (reads only "
+                          "the tar headers), or re-pack")
     largest = max(index.max_size) if index.max_size else None
     for stage in plan.stages:
         if largest is not None and stage.patch > largest:
@@ -115,31 +117,28 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
                 f"image in '{train_source}' (largest side {largest} px); lower the patch size or pack "
                 "larger images (and a smaller --tile)"
             )
+        step_samples = world_size * stage.batch * stage.accum
+        if index.total_samples < step_samples:
+            raise ConfigError(
+                f"data.train: '{train_source}' holds {index.total_samples} samples, fewer than one optimizer step "
+                f"of stage {stage.index} draws ({world_size} process(es) x batch {stage.batch} x {stage.accum} "
+                f"accumulation = {step_samples}): a step would repeat samples. Pack more data or lower "
+                "progressive.batch"
+            )
 
 
-def train_batches(cfg: Config, source: str, stage_index: int, patch: int, batch: int, rank: int,
-                  world_size: int, resume_count: int, skip_batches: int) -> Iterator[dict]:
-    """An endless stream of training batches for one stage of progressive learning."""
-    loader = build_train_loader(
-        source,
-        patch_size=patch,
-        batch_size=batch,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.data.num_workers,
-        resume_count=resume_count,
-        stage=stage_index,
-        noise=noise_config(cfg),
-        augment=cfg.data.augment,
-        mixup=cfg.data.mixup,
-        strict=cfg.data.strict,
+def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, position: int) -> StreamSettings:
+    """The training stream of one progressive-learning stage, starting at global sample `position`."""
+    return StreamSettings(
+        patch=stage.patch, batch=stage.batch, seed=cfg.train.seed, rank=rank, world_size=world_size,
+        num_workers=cfg.data.num_workers, start=position, noise=noise_config(cfg), augment=cfg.data.augment,
+        mixup=cfg.data.mixup, strict=cfg.data.strict,
     )
-    stream = iter(loader)
-    if skip_batches:
-        # Replay: the same seeds give the same stream; drop what the checkpointed run consumed.
-        stream = itertools.islice(stream, skip_batches, None)
-    return stream
+
+
+def train_batches(source: str, settings: StreamSettings) -> Iterator[dict]:
+    """An endless stream of training batches (see data_shards.stream for what they carry)."""
+    return iter(build_train_loader(source, settings))
 
 
 def val_images(cfg: Config, source: str, rank: int, world_size: int):

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         plan = plan_stages(cfg, world_size)
         train_source, val_source = resolve_sources(cfg)
-        check_data(cfg, plan, train_source, val_source)
+        check_data(cfg, plan, train_source, val_source, world_size)
         resume_from = resolve_resume(args.resume, cfg.run_dir / "checkpoints")
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

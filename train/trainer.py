@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from model import Restormer, build_model, load_weights, restore_image, save_official_pth, save_safetensors
 from train import checkpoint as ckpt
 from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
-from train.data import train_batches, val_images
+from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
 from train.metrics import psnr, ssim
@@ -151,6 +151,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
+        self.data_position = 0  # global training samples consumed (all ranks): where the stream goes on
+        self.data_epoch = 0
         self.run_id = new_run_id()
         self._saved_step: int | None = None
         if resume_from is not None:
@@ -174,12 +176,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "run_id": self.run_id,
             "world_size": self.acc.num_processes,
-            "data": {
-                "seed": self.cfg.train.seed,
-                "resume_count": self.resume_count,
-                "stage": stage.index,
-                "batches_into_stage": (self.step - stage.start) * stage.accum,
-            },
+            "data": {"seed": self.cfg.train.seed, "position": self.data_position, "epoch": self.data_epoch},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,8 +185,11 @@ class Trainer:
         self.best_step = state["best_step"]
         self.nonfinite_total = int(state["nonfinite_total"])
         self.run_id = state["run_id"]
-        # Counts resumes: with data.resume=fresh each one draws a new stream and never replays samples.
         self.resume_count = int(state["resume_count"]) + 1
+        data = state.get("data", {})
+        if "position" not in data:
+            print("note: this checkpoint predates exact data resume; the stream starts again at epoch 0", flush=True)
+        self.data_position, self.data_epoch = int(data.get("position", 0)), int(data.get("epoch", 0))
 
     def save_checkpoint(self) -> Path:
         """Every rank takes part (accelerate/DeepSpeed write per-rank state); the main rank publishes."""
@@ -292,14 +292,10 @@ class Trainer:
 
     def _stream_for(self, stage):
         if stage.index != self._stream_stage:
-            skip = 0
-            if self.cfg.data.resume == "replay" and self._stream_stage == -1:
-                skip = (self.step - stage.start) * stage.accum
-            self._stream = train_batches(
-                self.cfg, self.train_source, stage.index, stage.patch, stage.batch,
-                self.acc.process_index, self.acc.num_processes,
-                0 if self.cfg.data.resume == "replay" else self.resume_count, skip,
-            )
+            # The position counts samples, so a new stage just cuts the same sequence into other batches.
+            settings = stream_settings(self.cfg, stage, self.acc.process_index, self.acc.num_processes,
+                                       self.data_position)
+            self._stream = train_batches(self.train_source, settings)
             self._stream_stage = stage.index
         return self._stream
 
@@ -325,6 +321,7 @@ class Trainer:
             x, y = self._to_device(batch)
             data_wait += time.perf_counter() - t0
             self.bad_samples += int(batch["skipped"])
+            self.data_position, self.data_epoch = int(batch["next_position"]), int(batch["epoch"])
             last = micro == stage.accum - 1
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
             sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
