@@ -31,14 +31,14 @@ def launch(argv, shards, out, *extra, resume=None):
 @pytest.fixture(scope="module")
 def ddp_export(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch(doc_command("launch/cpu.yaml"), shards, out, "data.resume=replay")
+    launch(doc_command("launch/cpu.yaml"), shards, out)
     return read_state_dict(out / "export" / "model.safetensors")
 
 
 def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, tmp_path):
     out = tmp_path / "run"
     zero2 = doc_command("launch/deepspeed_zero2.yaml")
-    first = launch(zero2, shards, out, "data.resume=replay", "train.max_steps=4")
+    first = launch(zero2, shards, out, "train.max_steps=4")
     assert "weights identical on every process: yes" in first.stdout
     assert "global batch 16 kept as 2 x 4 accum x 2 proc" in first.stdout  # DeepSpeed with accumulation
     saved = out / "checkpoints" / "step_00000004" / "pytorch_model"
@@ -46,7 +46,7 @@ def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, 
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
-    second = launch(zero2, shards, out, "data.resume=replay", resume="auto")
+    second = launch(zero2, shards, out, resume="auto")
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
     exported = read_state_dict(out / "export" / "model.safetensors")
     assert exported.keys() == ddp_export.keys()

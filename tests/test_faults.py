@@ -598,6 +598,11 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     (scratch / "broken.yaml").write_text("optim: [unclosed\n")
     (scratch / "list.yaml").write_text("- optim\n")
     (scratch / "empty").mkdir(exist_ok=True)
+    (scratch / "old").mkdir(exist_ok=True)  # an index written before sample offsets were recorded
+    old_index = json.loads((data / "train" / "index.json").read_text())
+    for shard in old_index["shards"]:
+        del shard["offsets"]
+    (scratch / "old" / "index.json").write_text(json.dumps(old_index))
     cases = [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"), ("optim.lr=fast", "expected a number, got 'fast'"),
         ("train.seed=1.5", "expected an integer"), ("model.compile=maybe", "expected true/false"),
@@ -608,7 +613,7 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("progressive.patch=[12,24]", "multiples of 8"),
         ("optim.name=adam", "optim.name='adam' is not one of: adamw, sgd"), ("lr.schedule=step", "lr.schedule='step'"),
         ("lr.warmup_iters=-1", "lr.warmup_iters must be >= 0"), ("loss.name=ssim", "loss.name='ssim'"),
-        ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=rewind", "data.resume='rewind'"),
+        ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=replay", "'data.resume' (from override 'data.resume=replay') was removed: resume is always exact"),
         ("train.batch_rule=scale", "train.batch_rule='scale'"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8'"),
         ("data.noise_sigma_range=[0,50]", "not both"), ("data.noise_sigma=-1", "data.noise_sigma must be >= 0"),
@@ -620,6 +625,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         (f"data.train={scratch}/empty", "cannot read the shard index"),
         ("data.noise_sigma=null", "holds clean images only"),
         ("progressive.patch=[16,64]", "larger than every training image"),
+        (f"data.train={scratch}/old", f"run `python -m data_shards.index {scratch}/old` once"),
+        ("progressive.batch=[2,1000]", "fewer than one optimizer step of stage 1 draws (1 process(es) x batch 1000"),
     ]
     cases += [(f"train.{name}=0", f"train.{name} must be >= 1")
               for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite")]

@@ -70,7 +70,8 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000003", "step_00000006"]
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["stage"] == 1 and state["data"]["seed"] == 0
+    assert state["step"] == 6 and state["stage"] == 1
+    assert state["data"] == {"seed": 0, "position": 12, "epoch": 1}  # 6 steps x 2 samples of 8
     official = torch.load(out / "export" / "model_official.pth", weights_only=True)
     assert set(official) == {"params"}
     exported = read_state_dict(out / "export" / "model.safetensors")
@@ -80,12 +81,15 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train(shards, straight, "data.resume=replay").returncode == 0
-    first = train(shards, split, "data.resume=replay", "train.max_steps=4")
+    assert train(shards, straight).returncode == 0
+    first = train(shards, split, "train.max_steps=4")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = train(shards, split, "data.resume=replay", resume="auto")
+    second = train(shards, split, resume="auto")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step 4" in second.stdout
+    # The stream went on at sample 8 (3 steps of stage 0 + 1 of stage 1, batch 2): same data, same weights.
+    state = json.loads((split / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["data"]["position"] == 8
     a = read_state_dict(straight / "export" / "model.safetensors")
     b = read_state_dict(split / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
