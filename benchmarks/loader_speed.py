@@ -98,6 +98,16 @@ def rate(batches, count: int) -> float:
     return count * BATCH / (time.perf_counter() - start)
 
 
+def cpu_rate(batches, count: int) -> float:
+    """Samples per CPU-second of this process (the loader runs in-process): per-core cost, steady on a
+    loaded machine where wall-clock rates are not."""
+    next(batches)
+    start = time.process_time()
+    for _ in itertools.islice(batches, count):
+        pass
+    return count * BATCH / (time.process_time() - start)
+
+
 def folder_rate(files, patch, workers, count) -> float:
     dataset = FolderPNG(files, patch)
     sampler = RandomSampler(dataset, replacement=True, num_samples=10**9)
@@ -279,6 +289,16 @@ def speed_section(tmp: Path, files: list[Path], args) -> None:
                 cost = f"{1000 / samples_s:.1f}" if workers == 1 else ""
                 print(f"| {name} | {patch} | {workers} | {samples_s:.0f} | "
                       f"{samples_s * per_sample / 1e6:.1f} | {cost} |", flush=True)
+    print("\n| tiles 256, patch | format | epoch stream samples/CPU-s | legacy stream | epoch / legacy |")
+    print("|---|---|---|---|---|")
+    for patch in args.patches:
+        for fmt in ("png", "npy"):
+            source = tmp / fmt / "train"
+            epoch = cpu_rate(iter(build_train_loader(source, StreamSettings(
+                patch=patch, batch=BATCH, num_workers=0, noise=NOISE))), args.batches)
+            legacy = cpu_rate(iter(legacy_stream.build_train_loader(
+                source, patch_size=patch, batch_size=BATCH, seed=0, num_workers=0, noise=NOISE)), args.batches)
+            print(f"| {patch} | {fmt} | {epoch:.0f} | {legacy:.0f} | {epoch / legacy:.2f} |", flush=True)
     folder_name = "folder PNG (decode full, crop)"
     for patch in args.patches:
         for workers in args.workers:
