@@ -9,7 +9,7 @@ import torch
 from data_shards.codec import encode_png, read_image
 from model import build_model, save_official_pth, save_safetensors
 from train.config import Config
-from tools.loading import load_model, official_preset
+from tools.loading import ModelLoadError, load_model, official_preset
 from data_shards.geometry import dihedral, undo_dihedral
 from model import restore
 from tools.restore import main
@@ -174,11 +174,22 @@ def test_wrong_preset_names_the_mismatched_keys(tmp_path, capsys):
     assert "missing" in err and "norm1.body.bias" in err
 
 
-def test_weights_without_architecture_ask_for_a_preset(tmp_path, capsys):
-    save_official_pth(tiny(), tmp_path / "mystery.pth")
+def test_any_weights_file_loads_with_no_flags(tmp_path, capsys):
+    """The architecture is read off the weights: no preset, no config.yaml, any file name."""
+    cases = {"mystery.pth": tiny(seed=6), "gray.safetensors": tiny("gaussian_gray_denoising", seed=7),
+             "dual.pth": tiny("dual_pixel_defocus", seed=8)}
+    for name, model in cases.items():
+        path = tmp_path / name
+        (save_official_pth if name.endswith(".pth") else save_safetensors)(model, path)
+        loaded = load_model(path)
+        assert torch.equal(loaded.model.output.weight, model.output.weight)
+        assert loaded.in_channels == model.patch_embed.proj.weight.shape[1] and loaded.arch["dim"] == 8
+    assert load_model(tmp_path / "dual.pth").arch["preset"] == "dual_pixel_defocus"
     random_png(tmp_path / "img.png", 8, 8)
-    assert main([str(tmp_path / "img.png"), "-w", str(tmp_path / "mystery.pth"), "-o", str(tmp_path / "o")]) == 2
-    assert "--preset" in capsys.readouterr().err
+    assert main([str(tmp_path / "img.png"), "-w", str(tmp_path / "mystery.pth"), "-o", str(tmp_path / "o")]) == 0
+    with pytest.raises(ModelLoadError, match="not Restormer weights"):
+        save_safetensors({"conv.weight": torch.zeros(3, 3, 1, 1)}, tmp_path / "other.safetensors")
+        load_model(tmp_path / "other.safetensors")
 
 
 def test_missing_inputs_and_unreadable_images_are_reported(tmp_path, capsys):
