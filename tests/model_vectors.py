@@ -8,11 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import TINY_NET
+
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = Path(__file__).resolve().parent / "vectors"
 
-# The configuration the official test vectors were made with.
-TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
+# The configuration the official test vectors were made with: the suite's tiny network.
+TINY = TINY_NET
 VECTOR_SETS = {"WithBias": "tiny_", "BiasFree": "tiny_biasfree_"}
 
 

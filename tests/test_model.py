@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import PRESETS, Restormer, build_model
+from model import Restormer, build_model
 from conftest import SHARED
 from model_vectors import TINY, VECTORS, load_gradient_vectors, load_vectors, perturbed
 
