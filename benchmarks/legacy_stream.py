@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, mixup, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
+from data_shards.geometry import dihedral
 from data_shards.stream import resolve_source
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}

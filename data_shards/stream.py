@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, key_seed, mixup, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
+from data_shards.geometry import dihedral
 from data_shards.index import ShardIndex, member_key
 from data_shards.remote import open_shard
 

@@ -1,8 +1,8 @@
 """Score a model on a test set: a per-image CSV and a summary table (PSNR/SSIM, RGB and Y channel).
 
-    python -m train.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
-    python -m train.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
-    python -m train.evaluate -w runs/demo --shards shards/val
+    python -m tools.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
+    python -m tools.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
+    python -m tools.evaluate -w runs/demo --shards shards/val
 
 Three kinds of test set:
 - paired folders (--input and --target): files matched by name (else by stem);
@@ -11,7 +11,8 @@ Three kinds of test set:
   the same noise in every run, in any order and in any subset. The official test scripts instead call
   np.random.seed(0) once and draw in file order; the noise realisations differ, the statistics don't
   (expect differences of a few hundredths of a dB). The noisy input is not clipped, as in the paper;
-- packed shards (--shards; clean-only shards need --sigma; noise there is seeded by the sample key).
+- packed shards (--shards; clean-only shards need --sigma; noise there is seeded by (0, the sample key),
+  the same rule (data_shards.degrade.key_seed) as the training run's validation).
 
 Metrics follow the official evaluation: the restored image is scored as it would be saved (clamped and
 rounded to the target's bit depth; --quantize), PSNR with data range 1, SSIM with an 11x11 Gaussian
@@ -23,7 +24,6 @@ degraded image is the left view.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Iterator
@@ -35,12 +35,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from data_shards.degrade import NoiseConfig, add_noise
-from model import WeightsMismatchError
-from train.imageio import ImageError, collect_images, read_tensor, write_png
-from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
+from data_shards.degrade import NoiseConfig, add_noise, key_seed
+from model import WeightsMismatchError, restore
+from tools.imageio import ImageError, collect_images, read_tensor, write_png
+from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
+from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
 from train.metrics import psnr, ssim
-from train.restore import add_inference_args, check_inference_args, pair_right_views, read_input, restore
+from train.pixels import quantize
 
 
 @dataclass
@@ -51,14 +52,9 @@ class Sample:
     bits: int | None  # the target's bit depth when known
 
 
-def noise_seed(seed: int, key: str) -> list[int]:
-    """Seed material for one image's noise: the user's seed and a stable hash of its name."""
-    return [seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")]
-
-
 def noisy_copy(clean: torch.Tensor, sigma: float, seed: int, key: str) -> torch.Tensor:
     """clean + N(0, (sigma/255)^2), unclipped, identical for the same (seed, key) on any machine."""
-    rng = np.random.default_rng(noise_seed(seed, key))
+    rng = np.random.default_rng(key_seed(key, seed))
     image = clean[0].permute(1, 2, 0).numpy()
     noisy = add_noise(image, NoiseConfig(sigma=sigma), rng)
     return torch.from_numpy(np.ascontiguousarray(noisy)).permute(2, 0, 1).unsqueeze(0)
@@ -116,14 +112,6 @@ def shard_samples(source: str, sigma: float | None, max_images: int | None) -> t
     return total, (Sample(item["key"], item["input"], item["target"], None) for item in loader)
 
 
-def quantize(img: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """What saving as an 8/16-bit image would leave: round(clamp(x) * (2^bits - 1)) / (2^bits - 1)."""
-    if bits is None:
-        return img
-    top = float(2**bits - 1)
-    return (img.clamp(0, 1) * top).round() / top
-
-
 def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, border: int,
           y_channel: bool) -> dict[str, float]:
     """One image's metrics: restored and degraded, on RGB and (3-channel images, when asked) on Y."""
@@ -151,7 +139,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("test set")
     data.add_argument("--target", metavar="DIR", help="folder of ground-truth images")
