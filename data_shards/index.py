@@ -130,7 +130,11 @@ def add_offsets(folder: str | Path) -> Path:
     base = Path(index.location).parent
     shards = []
     for shard in index.shards:
-        offsets = scan_offsets(base / shard.name)
+        try:
+            offsets = scan_offsets(base / shard.name)
+        except (OSError, tarfile.TarError) as err:
+            raise ValueError(f"{base / shard.name}: cannot read its tar headers ({err}); check the split with "
+                             "`restormer-verify`, re-pack it") from err
         if len(offsets) != shard.samples + 1:
             raise ValueError(f"{base / shard.name}: {len(offsets) - 1} samples in the tar but {shard.samples} "
                              "in the index; re-pack this split")

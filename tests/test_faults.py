@@ -31,6 +31,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, pack_images, records
 from model import read_state_dict
+from data_shards.index import add_offsets
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
@@ -394,6 +395,9 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
         with tarfile.open(shard) as tar:
             keys[fault] = next(n for n in tar.getnames() if n.endswith(".target.png")).split(".")[0]
         _rewrite_shard(shard, change)
+    # The rewritten shards hold their samples at other byte offsets: index them as a pack that wrote
+    # the bad content would have. The truncation below comes after, as it would on disk.
+    add_offsets(split)
     with tarfile.open(shards[1]) as tar:
         last = tar.getmembers()[-1]
     with open(shards[1], "r+b") as f:  # cut in the middle of the last member's data
