@@ -313,8 +313,8 @@ class _TrainStream(IterableDataset):
             if len(data) != end - start:
                 raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
             sample = _members(data)
-        except (OSError, ValueError, tarfile.TarError) as err:
-            log(err, url, f"sample at byte {start}")
+        except (OSError, ValueError) as err:
+            log(err, f"{url} bytes {start}:{end}")
             return {"__url__": url}
         return {**sample, "__url__": url}
 
@@ -364,18 +364,22 @@ class _ShardReader:
 
 def _members(data: bytes) -> dict:
     """The members of one sample's tar bytes, {'__key__': key, 'target.png': bytes, ...}."""
+    mismatch = ("the index does not match the shard (replaced after packing?): check it with `restormer-verify`, "
+                f"then re-index with `{REINDEX}` or re-pack")
     sample: dict = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, extension = member_key(info.name)
-            if sample.setdefault("__key__", key) != key:
-                raise ValueError(f"the byte range holds keys {sample['__key__']} and {key}: the index does not "
-                                 f"match the shard; re-index with `{REINDEX}` or re-pack")
-            sample[extension] = tar.extractfile(info).read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, extension = member_key(info.name)
+                if sample.setdefault("__key__", key) != key:
+                    raise ValueError(f"the byte range holds keys {sample['__key__']} and {key}: {mismatch}")
+                sample[extension] = tar.extractfile(info).read()
+    except tarfile.TarError as err:
+        raise ValueError(f"no whole sample here ({err}): {mismatch}") from err
     if not sample:
-        raise ValueError("no tar member at this offset: the index does not match the shard")
+        raise ValueError(f"no tar member here: {mismatch}")
     return sample
 
 

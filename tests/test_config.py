@@ -1,6 +1,6 @@
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, load_config
+from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
 
 
 def test_defaults_are_the_official_recipe():
@@ -69,3 +69,11 @@ def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()  # e.g. a data folder in the working directory
     assert load_config("demo").run_name == "demo"
+
+
+def test_a_removed_key_is_explained_but_ignored_in_an_old_checkpoint_config():
+    with pytest.raises(ConfigError, match="'data.resume' .* was removed: resume is always exact"):
+        load_config(overrides=["data.resume=replay"])
+    old = load_config().to_dict()
+    old["data"]["resume"] = "fresh"  # what checkpoints saved before exact resume hold
+    assert config_from_dict(old, "old checkpoint") == load_config()

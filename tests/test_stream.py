@@ -215,6 +215,26 @@ def test_an_index_without_offsets_is_refused_with_the_fix(uneven, tmp_path):
     assert _draw(old, 3)[0][0][0] == _draw(uneven, 3)[0][0][0]
 
 
+def test_an_index_that_does_not_match_its_shard_is_named(uneven, tmp_path):
+    """A shard replaced after packing (here: one member longer) puts samples at other byte offsets."""
+    split = tmp_path / "split"
+    split.mkdir()
+    for path in uneven.iterdir():
+        (split / path.name).write_bytes(path.read_bytes())
+    first = ShardIndex.load(split).shards[0].name
+    with tarfile.open(uneven / first) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    members[0] = (members[0][0], members[0][1] + b"\0" * 600)
+    with tarfile.open(split / first, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match=f"{first} bytes 0:.*the index does not match the shard"):
+        batches = list(itertools.islice(iter(build_train_loader(split, _settings(batch=4))), 6))
+    assert sum(int(b["skipped"]) for b in batches) > 0
+
+
 def test_val_loader_splits_ranks_and_seeds_noise_per_key(photos):
     whole = {item["key"]: item for item in build_val_loader(photos, noise=SIGMA)}
     assert len(whole) == 6 and all(item["input"].shape == (1, 3, 48, 40) for item in whole.values())
