@@ -6,8 +6,11 @@ import subprocess
 from typing import BinaryIO
 
 
-def open_shard(url: str, offset: int = 0) -> BinaryIO:
+def open_shard(url: str, offset: int = 0, *, length: int | None = None) -> BinaryIO:
     """A binary file object positioned at byte `offset` of the shard; the caller closes it.
+
+    `length`: the caller reads at most this many bytes (one sample), so a remote source may fetch
+    just that range; local files and pipes ignore it.
 
     'pipe:CMD' runs CMD in a shell and reads its stdout, discarding the first `offset` bytes (a pipe
     cannot seek: random access into such a shard costs a read of everything before the sample).

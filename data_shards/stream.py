@@ -342,7 +342,7 @@ class _ShardReader:
         if handle is not None:
             handle.seek(start)
         else:
-            handle = open_shard(self.urls[shard], start)
+            handle = open_shard(self.urls[shard], start, length=length)
         try:
             data = handle.read(length)
         except BaseException:
