@@ -59,7 +59,7 @@ __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loade
 _DECODERS = {"png": decode_png, "npy": decode_npy}
 _SCALE = {np.dtype(np.uint8): np.float32(255), np.dtype(np.uint16): np.float32(65535)}
 _OPEN_SHARDS = 8  # open file handles a worker keeps for seeking
-_BAD_RUN = 64  # this many bad samples in a row in one worker: the data is unusable, stop
+_BAD_RUN = 64  # a position whose sample and this many replacements are all bad: the data is unusable, stop
 REINDEX = "python -m data_shards.index SPLIT_DIR"
 
 
@@ -304,7 +304,7 @@ class _TrainStream(IterableDataset):
             "warnings above); check the shards with `restormer-verify`")
 
     def _read(self, sample_id: int, reader: _ShardReader, log: _BadSampleLog) -> dict:
-        """The members of one sample as bytes (plus __key__/__url__); {} after logging a read error."""
+        """The members of one sample as bytes plus __key__ and __url__; no __key__ after logging a read error."""
         c = self.catalog
         shard, start, end = int(c.shard[sample_id]), int(c.start[sample_id]), int(c.end[sample_id])
         url = c.urls[shard]
@@ -314,7 +314,7 @@ class _TrainStream(IterableDataset):
                 raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
             sample = _members(data)
         except (OSError, ValueError) as err:
-            log(err, f"{url} bytes {start}:{end}")
+            log(err, url, detail=f"bytes {start}:{end}")
             return {"__url__": url}
         return {**sample, "__url__": url}
 
@@ -410,16 +410,19 @@ class _BadSampleLog:
 
     def __init__(self, strict: bool):
         self.strict, self.count = strict, 0
-        self.warned: set[str] = set()  # a bad sample drawn every epoch is counted every time, named once
+        # A bad sample drawn every epoch is counted every time, named once; an unreadable shard (no
+        # key) is named once per kind of error, not once per sample read from it.
+        self.warned: set[tuple] = set()
 
-    def __call__(self, error: BaseException, url: str, key: str | None = None) -> None:
-        where = f"shard {url}" + (f", key {key}" if key else "")
+    def __call__(self, error: BaseException, url: str, key: str | None = None, detail: str = "") -> None:
+        where = f"shard {url}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
         message = f"{where}: {type(error).__name__}: {error.args[0] if error.args else error}"
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1
-        if message not in self.warned:
-            self.warned.add(message)
+        topic = (url, key, type(error).__name__) if key is None else message
+        if topic not in self.warned:
+            self.warned.add(topic)
             warnings.warn(f"skipped bad sample: {message}", stacklevel=2)
 
 
