@@ -606,7 +606,7 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("data.noise_sigma=null", "holds clean images only"),
         ("progressive.patch=[16,64]", "larger than every training image"),
         (f"data.train={scratch}/old", f"run `python -m data_shards.index {scratch}/old` once"),
-        ("progressive.batch=[2,1000]", "fewer than one optimizer step of stage 1 draws (1 process(es) x batch 1000"),
+        ("progressive.batch=[2,1000]", "fewer than one micro-batch of stage 1 across all processes (1 process(es) x batch 1000 = 1000)"),
     ]
     cases += [(f"train.{name}=0", f"train.{name} must be >= 1")
               for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite")]

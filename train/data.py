@@ -117,13 +117,14 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
                 f"image in '{train_source}' (largest side {largest} px); lower the patch size or pack "
                 "larger images (and a smaller --tile)"
             )
-        step_samples = world_size * stage.batch * stage.accum
-        if index.total_samples < step_samples:
+        # One micro-batch of the whole job must not hold a sample twice (the stream refuses it too, but
+        # only once every process has started); an optimizer step may span epochs.
+        global_batch = world_size * stage.batch
+        if index.total_samples < global_batch:
             raise ConfigError(
-                f"data.train: '{train_source}' holds {index.total_samples} samples, fewer than one optimizer step "
-                f"of stage {stage.index} draws ({world_size} process(es) x batch {stage.batch} x {stage.accum} "
-                f"accumulation = {step_samples}): a step would repeat samples. Pack more data or lower "
-                "progressive.batch"
+                f"data.train: '{train_source}' holds {index.total_samples} samples, fewer than one micro-batch "
+                f"of stage {stage.index} across all processes ({world_size} process(es) x batch {stage.batch} = "
+                f"{global_batch}). Pack more data or lower progressive.batch"
             )
 
 
