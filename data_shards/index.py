@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -157,7 +158,19 @@ def _read_index_text(where: str) -> tuple[str, str]:
     return path.read_text(), str(path)
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards.index",
+                                     description="Add sample byte offsets to split indexes packed without them "
+                                                 "(reads only the tar headers; the shards are not changed).")
+    parser.add_argument("split", nargs="+", help="split folder(s) holding index.json and the shards")
+    for split_folder in parser.parse_args(argv).split:
+        try:
+            print(f"wrote {add_offsets(split_folder)}")
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
 if __name__ == "__main__":
-    # python -m data_shards.index SPLIT_DIR...: adds sample offsets to indexes packed without them.
-    for split_folder in sys.argv[1:]:
-        print(f"wrote {add_offsets(split_folder)}")
+    sys.exit(main())

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 
 from data_shards import pack as pack_module
 from data_shards.codec import encode_png
-from data_shards.index import INDEX_NAME, ShardIndex, ShardInfo, add_offsets, scan_offsets
+from data_shards.index import INDEX_NAME, ShardIndex, ShardInfo, scan_offsets
+from data_shards.index import main as index_main
 from data_shards.stream import (BadSampleError, NoiseConfig, StreamSettings, build_train_loader, build_val_loader)
 from data_shards.tar_writer import sha256_file
 
@@ -210,7 +211,7 @@ def test_an_index_without_offsets_is_refused_with_the_fix(uneven, tmp_path):
     (old / INDEX_NAME).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="python -m data_shards.index"):
         build_train_loader(old, _settings())
-    add_offsets(old)
+    assert index_main([str(old)]) == 0
     assert ShardIndex.load(old).shards == ShardIndex.load(uneven).shards
     assert _draw(old, 3)[0][0][0] == _draw(uneven, 3)[0][0][0]
 
