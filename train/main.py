@@ -21,7 +21,7 @@ import time
 import torch
 
 from data_shards.stream import BadSampleError
-from train.checkpoint import CheckpointError, resolve_resume
+from train.checkpoint import CHECKPOINTS_DIR, CheckpointError, Checkpointer, check_resume_arg
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
 from train.schedule import plan_stages
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="demo", help="recipe name in train/configs/ or a YAML path (default: demo)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint of this run, if any; or a checkpoint folder")
+                        help="'auto': newest checkpoint of this run that verifies, if any; or a checkpoint folder")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     return parser.parse_args(argv)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_stages(cfg, world_size)
         train_source, val_source = resolve_sources(cfg)
         check_data(cfg, plan, train_source, val_source)
-        resume_from = resolve_resume(args.resume, cfg.run_dir / "checkpoints")
+        check_resume_arg(args.resume, cfg.run_dir / CHECKPOINTS_DIR)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -84,15 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         kwargs_handlers=handlers,
     )
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    checkpointer = Checkpointer(cfg.run_dir, accelerator, cfg.train.keep_last)
     # The errors caught first are raised by every rank at the same step, so the closing barrier is
     # safe. Any other error may be this rank's alone (a bad sample, a dead peer): a barrier would keep
     # it waiting for ranks still training, where exiting lets the launcher stop them.
     agreed = True
     try:
-        trainer = Trainer(cfg, accelerator, train_source, val_source, resume_from)
+        checkpointer.open(cfg.to_yaml())  # the run folder's lock, held until the end
+        trainer = Trainer(cfg, accelerator, checkpointer, train_source, val_source, args.resume)
         started = time.time()
         summary = trainer.train()
     except NonFiniteError as err:
@@ -116,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # otherwise free tensors while Python shuts down and the process aborts (ENVIRONMENT.md).
         if agreed:
             accelerator.wait_for_everyone()
+        checkpointer.close()
         accelerator.end_training()
         time.sleep(0.5)
 
@@ -139,7 +139,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
     lines.append("weights identical on every process: " + in_sync[summary["replicas_in_sync"]])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
-        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['official_pth']}")
+        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['pth']}")
     print("\n".join(lines), flush=True)
 
 

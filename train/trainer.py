@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,11 +14,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from model import Restormer, build_model, load_weights, restore_image, save_official_pth, save_safetensors
-from train import checkpoint as ckpt
+from model import Restormer, build_model, load_weights, restore_image
+from train.checkpoint import Checkpointer
 from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
 from train.data import train_batches, val_images
 from train.ema import EMA
@@ -34,36 +31,6 @@ from train.tracking import MetricsFile, init_trackers, new_run_id
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
-def _load_failure(path: Path, failure: Exception | None, rank: int) -> str:
-    if failure is None:
-        cause = "another process could not load its part"
-    elif isinstance(failure, pickle.UnpicklingError):
-        # accelerate reads these with torch.load(weights_only=True): find which one it refused.
-        refused = [name for name in ("optimizer.bin", "scaler.pt", f"random_states_{rank}.pkl")
-                   if (path / name).is_file() and not _loads_safely(path / name)]
-        cause = (f"{', '.join(refused) or 'a file'} could not be read as plain tensors and arrays (a pickle "
-                 "that would run code, or a damaged file): torch.load(weights_only=True) refused it, nothing in it ran")
-    else:
-        cause = _first_line(failure)
-    return (f"cannot resume from {path}: {cause}. Resume from another checkpoint (--resume PATH), or delete "
-            "this one to let --resume auto pick the previous one")
-
-
-def _loads_safely(path: Path) -> bool:
-    from accelerate.utils.other import load  # torch.load(weights_only=True) + numpy's safe types
-
-    try:
-        load(path, map_location="cpu")
-    except Exception:  # whatever the reason, this is a file the resume could not use
-        return False
-    return True
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -101,18 +68,20 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, train_source: str, val_source: str | None,
-                 resume_from: Path | None = None):
+    def __init__(self, cfg: Config, accelerator: Accelerator, checkpointer: Checkpointer, train_source: str,
+                 val_source: str | None, resume: str | None = None):
+        """resume: None, 'auto' or a checkpoint folder (--resume); the checkpointer picks and verifies it."""
         self.cfg = cfg
         self.acc = accelerator
         self.train_source = train_source
         self.val_source = val_source
         self.run_dir = cfg.run_dir
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.checkpointer = checkpointer
         self.plan: StagePlan = plan_stages(cfg, accelerator.num_processes)
         self.recipe_total = sum(cfg.progressive.iters)
 
         arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+        self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
         net = self._build_net()
         if cfg.model.init_weights:
@@ -152,7 +121,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
         self.run_id = new_run_id()
-        self._saved_step: int | None = None
+        resume_from = checkpointer.resume_point(resume)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -192,98 +161,25 @@ class Trainer:
         self.resume_count = int(state["resume_count"]) + 1
 
     def save_checkpoint(self) -> Path:
-        """Every rank takes part (accelerate/DeepSpeed write per-rank state); the main rank publishes."""
-        name = ckpt.checkpoint_name(self.step)
-        if self.step == self._saved_step:
-            return self.ckpt_root / name
-        tmp = self.ckpt_root / f".tmp-{name}"
-        failure = self._write_checkpoint(tmp)
-        # Every rank learns whether any rank failed (this reduce is also the barrier before publishing).
-        if self._reduce_max(float(failure is not None)):
-            message = self._write_failure(tmp, failure)  # before the cleanup: the free space it reports is the cause
-            if self.acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.CheckpointError(message)
-        final = self.ckpt_root / name
-        if self.acc.is_main_process:
-            ckpt.publish(tmp, final)
-            keep = {self.ckpt_root / ckpt.checkpoint_name(self.best_step)} if self.best_step is not None else set()
-            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, keep)
-        self.acc.wait_for_everyone()
-        self._saved_step = self.step
-        return final
-
-    def _write_checkpoint(self, tmp: Path) -> Exception | None:
-        """Writes this rank's part of a checkpoint into `tmp`. Returns the error instead of raising: a
-        rank that raised alone would leave the others waiting in the next collective."""
-        failure = None
-        if self.acc.is_main_process:
-            try:
-                ckpt.clean_stale_tmp(self.ckpt_root)
-                tmp.mkdir(parents=True)
-            except OSError as err:
-                failure = err
-        self.acc.wait_for_everyone()
-        if failure is not None:
-            return failure
-        try:
-            self.acc.save_state(str(tmp), safe_serialization=True)
-            if self.acc.is_main_process:
-                if self.ema is not None:
-                    save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
-                (tmp / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-                ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self.state_dict())  # last: marks it complete
-        except Exception as err:  # open(), torch.save and safetensors each report a full disk their own way
-            return err
-        return None
-
-    def _write_failure(self, tmp: Path, failure: Exception | None) -> str:
-        cause = _first_line(failure) if failure is not None else "another process could not write its part"
-        try:
-            free = f"{shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        return (f"could not write the checkpoint of step {self.step} into {tmp} ({cause}; {free}). Nothing was "
-                f"published; the newest complete checkpoint is still {self._newest_checkpoint()}. Free disk "
-                "space (or lower train.keep_last, or move output_dir), then resume with --resume auto")
+        """Every rank takes part (accelerate/DeepSpeed write per-rank state); see train/checkpoint.py."""
+        return self.checkpointer.save(self.step, self.state_dict(), self.ema.state_dict() if self.ema else None,
+                                      self.cfg.to_yaml(), self.best_step)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = ckpt.read_state(path)
-        saved = yaml.safe_load((path / ckpt.CONFIG_FILE).read_text())
-        saved_cfg = config_from_dict(saved, str(path / ckpt.CONFIG_FILE))
-        changed = [
-            f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
-            for k in ARCH_FIELDS
-            if getattr(saved_cfg.model, k) != getattr(self.cfg.model, k)
-        ]
-        if changed:
-            raise ckpt.CheckpointError(
-                f"cannot resume from {path}: the network's shape changed ({'; '.join(changed)}). "
-                "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
-                f"from its weights with model.init_weights={path}/model.safetensors"
-            )
-        failure = None
-        try:
-            self.acc.load_state(str(path))
-            rng_file = path / f"random_states_{self.acc.process_index}.pkl"
-            if rng_file.is_file() and not _loads_safely(rng_file):
-                # accelerate skips an RNG file it cannot load without a word: a tampered one must not pass.
-                raise pickle.UnpicklingError(f"{rng_file} was refused")
-            if self.ema is not None:
-                ema_file = path / "ema.safetensors"
-                if ema_file.exists():
-                    self.ema.load_state_dict(load_file(str(ema_file)))
-                else:
-                    self.ema.reset(self.network())
-        except Exception as err:  # a damaged file, or a pickle that torch.load(weights_only=True) refused
-            failure = err
-        # All ranks fail together: a rank that went on training alone would wait for the others forever.
-        if self._reduce_max(float(failure is not None)):
-            raise ckpt.CheckpointError(_load_failure(path, failure, self.acc.process_index))
-        self.load_state_dict(state)
-        self._saved_step = self.step
+        loaded = self.checkpointer.load(path, self._network_changes, with_ema=self.ema is not None)
+        if self.ema is not None:
+            if loaded.ema is not None:
+                self.ema.load_state_dict(loaded.ema)
+            else:
+                self.ema.reset(self.network())
+        self.load_state_dict(loaded.state)
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step} (resume #{self.resume_count})", flush=True)
+
+    def _network_changes(self, config_file: Path) -> list[str]:
+        saved = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+        return [f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
+                for k in ARCH_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
 
     # ------------------------------------------------------------------ training
 
@@ -403,7 +299,7 @@ class Trainer:
                     raise NonFiniteError(
                         f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
                         f"gradient (last at step {self.step}); stopped. The last good checkpoint is "
-                        f"{self._newest_checkpoint()}. Lower optim.lr, use bf16 instead of fp16, or "
+                        f"{self.checkpointer.newest()}. Lower optim.lr, use bf16 instead of fp16, or "
                         "check the data for NaN/Inf"
                     )
                 validated = False
@@ -444,10 +340,6 @@ class Trainer:
         sums = torch.stack([p.detach().double().sum() for p in params]).to(self.acc.device)
         gathered = self.acc.gather(sums.unsqueeze(0))
         return bool((gathered == gathered[0]).all().item())
-
-    def _newest_checkpoint(self) -> str:
-        found = ckpt.complete_checkpoints(self.ckpt_root)
-        return str(found[-1]) if found else "none (no checkpoint was written yet)"
 
     # ------------------------------------------------------------------ logging
 
@@ -583,27 +475,8 @@ class Trainer:
         return full.to(self.acc.device, self.input_dtype).train(net.training)
 
     def export(self, checkpoint: Path) -> dict[str, str]:
-        """The trained weights alone: safetensors and the official `{'params': ...}` .pth.
-
-        Under DeepSpeed (any ZeRO stage) they are the fp32 master weights consolidated from
-        `checkpoint`, the DeepSpeed checkpoint just written."""
-        out = self.run_dir / "export"
-        net = self.ema.module if self.ema is not None else self.network()
-        if self.ema is not None:
-            state = net.state_dict()
-        elif self.deepspeed:
-            state = None  # read on the main process only, below
-        else:
-            state = self.acc.get_state_dict(net)
-        paths = {"safetensors": str(out / "model.safetensors"), "official_pth": str(out / "model_official.pth")}
-        if self.acc.is_main_process:
-            if state is None:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                # accelerate's save_state writes the DeepSpeed checkpoint under the tag "pytorch_model".
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
-            out.mkdir(parents=True, exist_ok=True)
-            save_safetensors(state, paths["safetensors"])
-            save_official_pth(state, paths["official_pth"])
-        self.acc.wait_for_everyone()
-        return paths
+        """export/: the trained weights (and the EMA's), see train/exporting.py. Under DeepSpeed (any ZeRO
+        stage) the trained ones are the fp32 master weights consolidated from `checkpoint`."""
+        trained = None if self.deepspeed else self.acc.get_state_dict(self.network())
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return self.checkpointer.export(checkpoint, trained, ema, self.arch)
