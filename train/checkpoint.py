@@ -406,7 +406,8 @@ class Checkpointer:
     # ---------------------------------------------------------- resume
 
     def resume_point(self, arg: str | None) -> Path | None:
-        """The checkpoint to resume from (see the module docstring), or None for a fresh start."""
+        """The checkpoint to resume from (see the module docstring), or None for a fresh start. Called
+        before the model is built: what cannot be resumed here is refused up front."""
         candidates = self._from_main(complete_checkpoints(self.root) if arg == "auto" else [])
         choice = choose(arg, candidates, self.verdict)
         if self.main:
@@ -417,10 +418,13 @@ class Checkpointer:
                 print(f"warning: {choice.path} has no manifest (written by an older version): its files cannot be "
                       "verified", file=sys.stderr, flush=True)
         self.acc.wait_for_everyone()
+        if choice.path is not None:
+            self._check_layout(choice.path, read_state(choice.path))
         return choice.path
 
     def load(self, path: Path, network_changes: Callable[[Path], list[str]], with_ema: bool) -> Loaded:
-        """Loads accelerate's state (model, optimizer, scaler, RNG) from `path` into the prepared objects.
+        """Loads accelerate's state (model, optimizer, scaler, RNG) from `path`, a resume_point(), into the
+        prepared objects.
         network_changes(config.yaml) lists how the checkpoint's network differs from this run's."""
         state = read_state(path)
         changed = network_changes(path / CONFIG_FILE)
@@ -430,7 +434,6 @@ class Checkpointer:
                 "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
                 f"from its weights with model.init_weights={path}/model.safetensors"
             )
-        self._check_layout(path, state)
         failure, ema = None, None
         try:
             self.acc.load_state(str(path))

@@ -79,6 +79,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.plan: StagePlan = plan_stages(cfg, accelerator.num_processes)
         self.recipe_total = sum(cfg.progressive.iters)
+        resume_from = checkpointer.resume_point(resume)
 
         arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
         self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
@@ -121,7 +122,6 @@ class Trainer:
         self.nonfinite_streak = 0
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
         self.run_id = new_run_id()
-        resume_from = checkpointer.resume_point(resume)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
