@@ -1,22 +1,21 @@
-"""python -m train.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
+"""python -m tools.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from conftest import TINY_NET, TINY_NET_ARGS
 from model import build_model, read_state_dict, save_safetensors
-from train.export import check_onnx, export_onnx, main
-from train.loading import load_model
+from train import checkpoint as ckpt
+from tools.export import check_onnx, export_onnx, main
+from tools.loading import load_model
 
-TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
-TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
-             "--heads", "1", "2", "4", "8"]
 
 
 def tiny(preset="default", seed=0):
     torch.manual_seed(seed)
-    model = build_model(preset, **TINY).eval()
+    model = build_model(preset, **TINY_NET).eval()
     # Perturb LayerNorm weights and biases, which start as ones/zeros, so a dropped tensor would show.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -28,7 +27,7 @@ def tiny(preset="default", seed=0):
 def test_weights_round_trip_and_the_folder_loads_as_is(tmp_path, capsys):
     model = tiny("real_denoising")
     save_safetensors(model, tmp_path / "in.safetensors")
-    assert main(["-w", str(tmp_path / "in.safetensors"), "--preset", "real_denoising", *TINY_ARGS,
+    assert main(["-w", str(tmp_path / "in.safetensors"), "--preset", "real_denoising", *TINY_NET_ARGS,
                  "-o", str(tmp_path / "out"), "--formats", "safetensors", "pth"]) == 0
     expected = model.state_dict()
     for name in ("model.safetensors", "model_official.pth"):
@@ -42,6 +41,27 @@ def test_weights_round_trip_and_the_folder_loads_as_is(tmp_path, capsys):
     reloaded = load_model(tmp_path / "out" / "model.safetensors")
     assert torch.equal(reloaded.model.output.weight, model.output.weight)
     assert "model_official.pth" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_ema_exports_both_weights_and_deploys_the_ema(tmp_path):
+    trained, ema = tiny(seed=0), tiny(seed=1)
+    folder = tmp_path / "step_00000009"
+    folder.mkdir()
+    save_safetensors(trained, folder / ckpt.MODEL_FILE)
+    save_safetensors(ema, folder / ckpt.EMA_FILE)
+    (folder / ckpt.CONFIG_FILE).write_text(yaml.safe_dump({"model": {"preset": "default", **TINY_NET}}))
+    (folder / ckpt.STATE_FILE).write_text("{}")
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    out = tmp_path / "out"
+    assert main(["-w", str(folder), "-o", str(out), "--formats", "safetensors", "pth"]) == 0
+    official = torch.load(out / "model_official.pth", weights_only=True)
+    assert set(official) == {"params", "params_ema"}
+    assert same(official["params"], trained.state_dict()) and same(official["params_ema"], ema.state_dict())
+    assert same(read_state_dict(out / "model.safetensors"), ema.state_dict())
+    # The export folder, exported again, still knows both.
+    assert main(["-w", str(out / "model.safetensors"), "-o", str(tmp_path / "again"), "--formats", "pth"]) == 0
+    again = torch.load(tmp_path / "again" / "model_official.pth", weights_only=True)
+    assert same(again["params"], trained.state_dict()) and same(again["params_ema"], ema.state_dict())
 
 
 @pytest.mark.parametrize("preset", ["default", "gaussian_gray_denoising"])
@@ -63,7 +83,7 @@ def test_onnx_static_export_matches_torch(tmp_path):
 def test_onnx_cli_reports_its_check(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     save_safetensors(tiny(seed=3), tmp_path / "w.safetensors")
-    assert main(["-w", str(tmp_path / "w.safetensors"), "--preset", "default", *TINY_ARGS, "-o", str(tmp_path / "o"),
+    assert main(["-w", str(tmp_path / "w.safetensors"), "--preset", "default", *TINY_NET_ARGS, "-o", str(tmp_path / "o"),
                  "--formats", "onnx", "--onnx-size", "16", "24"]) == 0
     out = capsys.readouterr().out
     assert "max |diff|" in out and out.rstrip().endswith("ok")

@@ -46,6 +46,7 @@ from train.run_lock import RunLock, RunLockedError
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"  # accelerate's name for the model weights in a checkpoint (not under DeepSpeed)
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 REJECTED_DIR = "rejected"
@@ -432,7 +433,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot resume from {path}: the network's shape changed ({'; '.join(changed)}). "
                 "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
-                f"from its weights with model.init_weights={path}/model.safetensors"
+                f"from its weights with model.init_weights={path / MODEL_FILE}"
             )
         failure, ema = None, None
         try:
