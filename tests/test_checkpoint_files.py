@@ -57,13 +57,13 @@ def edit_state(path):
 
 
 DAMAGE = {
-    "model.safetensors flipped": (lambda p: flip(p, "model.safetensors"), "model.safetensors: sha256 differs"),
+    "model.safetensors flipped": (lambda p: flip(p, "model.safetensors"), "model.safetensors: blake3 hash differs"),
     "model.safetensors truncated": (lambda p: truncate(p, "model.safetensors"),
                                     r"model.safetensors: \d+ bytes, the manifest says \d+ \(truncated"),
-    "optimizer.bin flipped": (lambda p: flip(p, "optimizer.bin"), "optimizer.bin: sha256 differs"),
-    "ema.safetensors flipped": (lambda p: flip(p, EMA_FILE), "ema.safetensors: sha256 differs"),
+    "optimizer.bin flipped": (lambda p: flip(p, "optimizer.bin"), "optimizer.bin: blake3 hash differs"),
+    "ema.safetensors flipped": (lambda p: flip(p, EMA_FILE), "ema.safetensors: blake3 hash differs"),
     "trainer_state.json flipped": (lambda p: flip(p, STATE_FILE, 0.3), f"{STATE_FILE}:"),
-    "trainer_state.json edited": (edit_state, f"{STATE_FILE}: its content does not match its own sha256"),
+    "trainer_state.json edited": (edit_state, f"{STATE_FILE}: its content does not match its own hash"),
     "optimizer.bin deleted": (lambda p: (p / "optimizer.bin").unlink(), "optimizer.bin: missing"),
     "a file added": (lambda p: (p / "scaler.pt").write_bytes(b"x"), "scaler.pt: not in the manifest"),
 }
@@ -93,7 +93,7 @@ def test_a_per_rank_file_is_checked_by_its_own_rank_only(tmp_path):
     path = make(tmp_path, 3)
     flip(path, "random_states_1.pkl")
     assert verify(path, 0) is None  # rank 0 never reads it ...
-    assert verify(path, 1).startswith("random_states_1.pkl: sha256 differs")  # ... rank 1 does
+    assert verify(path, 1).startswith("random_states_1.pkl: blake3 hash differs")  # ... rank 1 does
 
 
 def test_resume_auto_takes_the_newest_that_verifies_and_says_why_it_passed_over_newer_ones(tmp_path):

@@ -552,11 +552,11 @@ def scenario_damage_seen_by_one_rank(data: Path, work: Path) -> str:
     line = next((l for l in refused.stderr.splitlines() if l.startswith("error: ")), "")
     # The launcher exits 1 when its workers fail; each rank exited 2 (its summary lists both).
     assert code == 1 and refused.stderr.count("exitcode  : 2") == 2, f"exit {code}:\n{refused.stderr[-3000:]}"
-    assert "refused, rank 1: random_states_1.pkl: sha256 differs" in line, refused.stderr[-3000:]
+    assert "refused, rank 1: random_states_1.pkl: blake3 hash differs" in line, refused.stderr[-3000:]
     healed = launch(data, run, processes=2, log=work / "auto")
     assert healed.wait(240) == 0, healed.stderr[-3000:]
     assert resumed_from(healed.stdout) == (str(older), 3)
-    assert f"rejected {damaged.name} (rank 1: random_states_1.pkl: sha256 differs" in healed.stderr
+    assert f"rejected {damaged.name} (rank 1: random_states_1.pkl: blake3 hash differs" in healed.stderr
     assert "weights identical on every process: yes" in healed.stdout
     return (f"--resume PATH: both ranks exit 2 (launcher 1) after {time.monotonic() - refused.started:.0f} s (rank 1's "
             f"finding); --resume auto: both ranks resumed from {older.name}, in sync")
