@@ -517,6 +517,22 @@ def scenario_damaged_newest(data: Path, work: Path, base: Path, damage: str) -> 
             f"{older.name}, step_6 moved to checkpoints/rejected/ unchanged, run finished")
 
 
+def scenario_checkpoint_without_manifest(data: Path, work: Path, base: Path) -> str:
+    """A checkpoint written before manifests existed: resumed, with a warning that it is unverified."""
+    run = work / "run"
+    shutil.copytree(base, run)
+    folder = newest(run)
+    state = ckpt.read_state(folder)
+    state.pop("manifest")
+    ckpt.write_json_atomic(folder / ckpt.STATE_FILE, state)
+    proc = launch(data, run, log=work / "legacy")
+    assert proc.wait(120) == 0, proc.stderr[-3000:]
+    assert resumed_from(proc.stdout) == (str(folder), 3)
+    warning = next(l for l in proc.stderr.splitlines() if "has no manifest" in l)
+    assert ckpt.verify(newest(run)) is None and ckpt.is_sealed(newest(run)), "the new checkpoints carry one"
+    return f"resumed, warned: `{warning.replace(str(folder), folder.name)[:110]}...`; new checkpoints sealed"
+
+
 def scenario_two_runs_one_folder(data: Path, work: Path) -> str:
     """A second start on a live run's folder exits 2 naming it; once the first is killed, a third takes over."""
     run = work / "run"
@@ -862,6 +878,10 @@ def test_an_ema_run_exports_the_trained_and_the_ema_weights(two_checkpoints):
 def test_a_damaged_newest_checkpoint_is_refused_by_path_and_passed_over_by_auto(data, two_checkpoints, tmp_path,
                                                                                 damage):
     scenario_damaged_newest(data, tmp_path, two_checkpoints, damage)
+
+
+def test_a_checkpoint_without_manifest_resumes_with_a_warning(data, base_run, tmp_path):
+    scenario_checkpoint_without_manifest(data, tmp_path, base_run)
 
 
 def test_a_second_run_on_a_live_folder_exits_2_and_a_dead_ones_lock_is_taken_over(data, tmp_path):
