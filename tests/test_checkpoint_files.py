@@ -209,18 +209,35 @@ def test_a_live_holder_keeps_the_folder_and_is_named(tmp_path):
     second.release()
 
 
-def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+def dead_pid() -> int:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+    return dead.pid
+
+
+def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    pid = dead_pid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid,
                                                   "started": "2026-01-01T00:00:00+00:00", "proc_start": "1"}))
     lock = RunLock(tmp_path)
     note = lock.acquire()
     try:
-        assert note.startswith("took over the lock of a run that is no longer alive") and str(dead.pid) in note
+        assert note.startswith("took over the lock of a run that is no longer alive") and f"pid {pid}," in note
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     finally:
         lock.release()
+
+
+def test_a_lock_still_held_by_a_dead_holders_child_is_refused_and_says_so(tmp_path):
+    held = RunLock(tmp_path)  # stands for the data-loader worker the dead process forked
+    held.acquire()
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
+                                                      "started": "2026-01-01T00:00:00+00:00", "proc_start": "1"}))
+        with pytest.raises(RunLockedError, match="that process is gone but one it forked still holds the lock"):
+            RunLock(tmp_path).acquire()
+    finally:
+        held.release()
 
 
 def test_another_hosts_lock_counts_while_its_heartbeat_is_fresh(tmp_path):

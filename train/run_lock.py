@@ -124,8 +124,11 @@ class RunLock:
                 flocked = False  # a file system without flock (ENOLCK, EOPNOTSUPP): the file decides alone
             else:
                 holder = _read_holder(fd)
-                raise RunLockedError(self._refusal(holder.describe() if holder else "a process that has not "
-                                                   "written its name yet")) from None
+                who = holder.describe() if holder else "a process that has not written its name yet"
+                if holder is not None and holder.host == socket.gethostname() and not _alive_here(holder):
+                    # Forked children (data-loader workers) share the lock until they notice their parent died.
+                    who += "; that process is gone but one it forked still holds the lock: retry in a few seconds"
+                raise RunLockedError(self._refusal(who)) from None
         holder = _read_holder(fd)
         if holder is None:
             return None
