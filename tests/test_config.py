@@ -41,6 +41,8 @@ def test_dotted_overrides_are_typed():
         ("train.threads=0", "train.threads must be >= 1"),
         ("train.max_steps=0", "train.max_steps must be >= 1"),
         ("train.dist_timeout_s=0", "train.dist_timeout_s must be >= 1"),
+        ("train.best_metric=psnr_Y", "train.best_metric='psnr_Y' is not one of: psnr, ssim"),
+        ("val.noise_sigma=-1", "val.noise_sigma must be >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
@@ -69,3 +71,9 @@ def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()  # e.g. a data folder in the working directory
     assert load_config("demo").run_name == "demo"
+
+
+def test_blind_denoising_recipes_validate_at_one_sigma():
+    for recipe in ("gaussian_color_denoising_blind", "gaussian_gray_denoising_blind"):
+        cfg = load_config(recipe)
+        assert cfg.data.noise_sigma_range == [0, 50] and cfg.val.noise_sigma == 25

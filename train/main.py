@@ -21,10 +21,10 @@ import time
 import torch
 
 from data_shards.stream import BadSampleError
-from train.checkpoint import CheckpointError, resolve_resume
+from train.checkpoint import CheckpointError, read_state, resolve_resume
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
-from train.schedule import plan_stages
+from train.schedule import plan_stages, resume_step
 from train.tracking import wandb_mode
 
 
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         train_source, val_source = resolve_sources(cfg)
         check_data(cfg, plan, train_source, val_source)
         resume_from = resolve_resume(args.resume, cfg.run_dir / "checkpoints")
+        if resume_from is not None:  # refused here, before any process starts, when it cannot map
+            state = read_state(resume_from)
+            resume_step(cfg, int(state["step"]), int(state["world_size"]), world_size)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

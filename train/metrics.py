@@ -61,3 +61,36 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     sigma_xy = blur(pred * target) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
     return ssim_map.flatten(1).mean(dim=1)
+
+
+def quantize(img: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """What saving as an 8/16-bit image would leave: round(clamp(x) * (2^bits - 1)) / (2^bits - 1).
+    bits=None leaves the float image as it is."""
+    if bits is None:
+        return img
+    top = float(2**bits - 1)
+    return (img.clamp(0, 1) * top).round() / top
+
+
+def score_names(y_channel: bool, channels: int) -> tuple[str, ...]:
+    """The figures `score` returns, in its order: Y-channel ones only for 3-channel images."""
+    metrics = ("psnr", "ssim", "psnr_y", "ssim_y") if y_channel and channels == 3 else ("psnr", "ssim")
+    return tuple(f"{m}{suffix}" for suffix in ("", "_degraded") for m in metrics)
+
+
+def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, *, border: int = 0,
+          y_channel: bool = False, bits: int | None = 8) -> dict[str, torch.Tensor]:
+    """Per-image figures (each of shape (B,)) of a restored batch and of its degraded input.
+
+    The one scoring rule of validation and of tools.evaluate, as the official scripts score: the
+    restored image as it would be saved (clamped and rounded to `bits`, the target's bit depth; None
+    scores the raw float output), the degraded input as given. Names: `score_names`.
+    """
+    figures = {}
+    for suffix, img in (("", quantize(restored, bits)), ("_degraded", degraded)):
+        figures[f"psnr{suffix}"] = psnr(img, target, border)
+        figures[f"ssim{suffix}"] = ssim(img, target, border)
+        if y_channel and target.shape[1] == 3:
+            figures[f"psnr_y{suffix}"] = psnr(img, target, border, y_channel=True)
+            figures[f"ssim_y{suffix}"] = ssim(img, target, border, y_channel=True)
+    return {name: figures[name] for name in score_names(y_channel, target.shape[1])}
