@@ -64,37 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.train.threads)
 
     # Imported late: a config error should not pay for importing accelerate/deepspeed.
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     from train.trainer import NonFiniteError, Trainer
 
-    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
-    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
-    if cpu_ranks:
-        # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
-        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
-    else:
-        handlers = [InitProcessGroupKwargs(timeout=timeout)]
-    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
-    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(
-        cpu=cpu_ranks and not deepspeed,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
-        project_dir=str(cfg.run_dir),
-        kwargs_handlers=handlers,
-    )
+    accelerator = build_accelerator(cfg, world_size)
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    write_run_dir(cfg, accelerator)
     # The errors caught first are raised by every rank at the same step, so the closing barrier is
     # safe. Any other error may be this rank's alone (a bad sample, a dead peer): a barrier would keep
     # it waiting for ranks still training, where exiting lets the launcher stop them.
     agreed = True
     try:
+        check_precision(accelerator)  # same settings on every rank: all refuse together, before any work
         trainer = Trainer(cfg, accelerator, train_source, val_source, resume_from)
         started = time.time()
         summary = trainer.train()
@@ -125,6 +107,51 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         print_summary(summary, time.time() - started, cfg.run_dir)
     return 0
+
+
+def build_accelerator(cfg, world_size: int):
+    """The Accelerator for this launch: gloo between CPU ranks, DeepSpeed when launched with it."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
+    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
+    if cpu_ranks:
+        # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+    else:
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
+    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(
+        cpu=cpu_ranks and not deepspeed,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
+        project_dir=str(cfg.run_dir),
+        kwargs_handlers=handlers,
+    )
+
+
+def write_run_dir(cfg, accelerator) -> None:
+    """The run folder with the resolved config, before the Trainer writes its metrics there."""
+    if accelerator.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+
+def check_precision(accelerator) -> None:
+    """Refuses a precision this device would not really run (ConfigError naming the setting)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.mixed_precision == "fp16" and not deepspeed and accelerator.scaler is None:
+        # accelerate runs fp16 only on accelerators: on a CPU it would silently train in fp32.
+        raise ConfigError(
+            f"mixed precision fp16 (--mixed_precision / train.mixed_precision) does not run on "
+            f"{accelerator.device.type}: accelerate gives it no autocast and no GradScaler there (it would train "
+            "in fp32). Use bf16 or no on this device, or fp16 under DeepSpeed"
+        )
 
 
 def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
