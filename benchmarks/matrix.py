@@ -235,8 +235,10 @@ def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
     from train.trainer import Trainer
 
     accelerator.free_memory()  # forgets the previous cell's model, optimizer and DeepSpeed engine
-    if pristine_ds is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config = copy.deepcopy(pristine_ds)
+    if pristine_ds is not None:  # in place: accelerate's DeepSpeed plugin reads the same dict through a wrapper
+        live = accelerator.state.deepspeed_plugin.deepspeed_config
+        live.clear()
+        live.update(copy.deepcopy(pristine_ds))
     train_source, val_source = resolve_sources(cfg)
     check_data(cfg, plan_stages(cfg, accelerator.num_processes), train_source, val_source)
     set_seed(cfg.train.seed)
