@@ -108,7 +108,8 @@ def test_psnr_agrees_with_numpy_on_8bit_images():
 
 
 def test_score_rates_the_restored_image_as_saved_and_the_input_as_given():
-    from train.metrics import quantize, score, score_names
+    from train.metrics import score, score_names
+    from train.pixels import quantize
 
     torch.manual_seed(0)
     target = (torch.rand(2, 3, 24, 24) * 255).round() / 255

@@ -37,12 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from data_shards.degrade import NoiseConfig, add_noise
-from model import WeightsMismatchError
+from model import WeightsMismatchError, restore
 from tools.imageio import ImageError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
-from train.metrics import quantize, score
-from model import restore
 from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
+from train.metrics import score
 
 
 @dataclass
@@ -207,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                          **{name: value.item() for name, value in figures.items()},
                          "seconds": seconds})
             if args.save_images:
-                write_png(Path(args.save_images) / Path(sample.key).with_suffix(".png"), quantize(restored, bits),
-                          bits or 8)
+                write_png(Path(args.save_images) / Path(sample.key).with_suffix(".png"), restored, bits or 8)
     except (ImageError, ValueError) as err:  # a corrupt file or a mismatched pair: name it and stop
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.pixels import quantize
+
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) Y in [16/255, 235/255] (MATLAB's rgb2ycbcr)."""
@@ -61,15 +63,6 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     sigma_xy = blur(pred * target) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
     return ssim_map.flatten(1).mean(dim=1)
-
-
-def quantize(img: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """What saving as an 8/16-bit image would leave: round(clamp(x) * (2^bits - 1)) / (2^bits - 1).
-    bits=None leaves the float image as it is."""
-    if bits is None:
-        return img
-    top = float(2**bits - 1)
-    return (img.clamp(0, 1) * top).round() / top
 
 
 def score_names(y_channel: bool, channels: int) -> tuple[str, ...]:
