@@ -25,6 +25,7 @@ shared machine are inflated by its load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -209,6 +210,8 @@ def run_cells(plan: dict) -> None:
                 cell.loss_resumed = _loss_at(out, steps + 1)
                 cell.val_psnr = second.get("val/psnr")
                 if accelerator.is_main_process:
+                    logged = _logged_steps(out)  # a resume continues the log; a restart would repeat 1..N
+                    assert logged == list(range(1, steps + 2)), f"steps logged {logged}: the resume did not continue"
                     cell.export = check_export(resumed_cfg, Path(second["export"]["safetensors"]))
                 cell.status = "ok"
             except Exception as err:  # recorded, then the next cell: the table shows every failure
@@ -246,13 +249,20 @@ def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
     return Trainer(cfg, accelerator, train_source, val_source, resume).train()
 
 
-def _loss_at(run_dir: Path, step: int) -> float | None:
+def _step_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():  # written by rank 0 only
-        return None
-    losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines())
-              if "event" not in r and r["step"] == step]
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
+
+
+def _loss_at(run_dir: Path, step: int) -> float | None:
+    losses = [r["loss"] for r in _step_records(run_dir) if r["step"] == step]
     return losses[-1] if losses else None
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in _step_records(run_dir)]
 
 
 def check_export(cfg, weights: Path) -> str:
@@ -275,8 +285,10 @@ def check_export(cfg, weights: Path) -> str:
         assert torch.equal(again(x), expected), f"{official} and {weights} give different outputs"
     try:
         import spandrel
+        import spandrel_extra_arches  # Restormer is one of its (non-commercial) architectures
     except Exception as err:  # not installed, or its torchvision does not load here
         return f"Restormer (spandrel unavailable: {type(err).__name__})"
+    spandrel_extra_arches.install(ignore_duplicates=True)
     descriptor = spandrel.ModelLoader().load_from_file(str(official))
     with torch.no_grad():
         theirs = descriptor.model.eval()(x)
@@ -294,30 +306,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(mode: Mode) -> list[str]:
+def launch_command(mode: Mode, cpu: bool) -> list[str]:
     """`accelerate launch` for one mode, as docs/scaling.md writes it (gloo on a CPU-only machine)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if mode.deepspeed:
         cmd += ["--config_file", mode.deepspeed]
     elif mode.processes > 1:
         cmd += ["--multi_gpu"]
-    else:
-        import torch
-
-        cmd += [] if torch.cuda.is_available() else ["--cpu"]
+    elif cpu:
+        cmd += ["--cpu"]
     return cmd + ["--num_machines", "1", "--num_processes", str(mode.processes), "--mixed_precision",
                   mode.precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                   str(Path(__file__).resolve()), "--worker"]
 
 
-def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, timeout: float) -> list[Cell]:
-    """Every cell; a launch that dies or times out marks its cells failed with the launcher's last words."""
+def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, timeout: float,
+               data: dict[str, dict[str, str]], cpu: bool = False) -> list[Cell]:
+    """Every cell (data from make_data; `cpu` hides the GPUs); a launch that dies or times out marks
+    its cells failed with the launcher's last words."""
     import torch
 
-    data = make_data(out / "data")
+    cpu = cpu or not torch.cuda.is_available()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
     env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    if not torch.cuda.is_available():
+    if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cells = []
     for name in modes:
@@ -329,7 +341,7 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
         plan_file.write_text(json.dumps(plan))
         started = time.perf_counter()
         try:
-            proc = subprocess.run([*launch_command(MODES[name]), str(plan_file)], cwd=ROOT, env=env,
+            proc = subprocess.run([*launch_command(MODES[name], cpu), str(plan_file)], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=timeout)
             tail, code = (proc.stdout + proc.stderr)[-3000:], proc.returncode
         except subprocess.TimeoutExpired as err:
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps before the checkpoint (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the cells as JSON here")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where GPUs are present")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per launch (default 900)")
     parser.add_argument("--worker", nargs="?", const=None, default=argparse.SUPPRESS, metavar="PLAN",
                         help=argparse.SUPPRESS)
@@ -403,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        cells = run_matrix(args.modes, args.recipes, args.steps, out, args.timeout)
+        with contextlib.redirect_stdout(sys.stderr):  # the pack script's report: not part of the table
+            data = make_data(out / "data")
+        cells = run_matrix(args.modes, args.recipes, args.steps, out, args.timeout, data, args.cpu)
         elapsed = time.perf_counter() - started
     print(format_table(cells, args.steps))
     gaps = loss_gaps(cells)
