@@ -360,10 +360,13 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
 
 
 def loss_gaps(cells: list[Cell]) -> dict[str, float]:
-    """Per mode: the largest relative gap of its loss after N steps to the reference mode's, over recipes."""
+    """Per mode: the largest relative gap of its loss after N steps to the reference mode's, over recipes
+    (modes on as many processes as the reference, so on the same data)."""
     reference = {c.recipe: c.loss for c in cells if c.mode == REFERENCE_MODE and c.loss is not None}
     gaps: dict[str, float] = {}
     for c in cells:
+        if MODES[c.mode].processes != MODES[REFERENCE_MODE].processes:
+            continue  # other processes, other data: not a precision gap
         if c.loss is not None and reference.get(c.recipe):
             gap = abs(c.loss - reference[c.recipe]) / reference[c.recipe]
             gaps[c.mode] = max(gaps.get(c.mode, 0.0), gap)
