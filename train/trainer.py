@@ -22,9 +22,9 @@ from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
 from train.data import train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
-from train.metrics import psnr, ssim
+from train.metrics import score, score_names
 from train.samples import save_grid
-from train.schedule import StagePlan, lr_at, plan_stages
+from train.schedule import StagePlan, lr_at, plan_stages, resume_step
 from train.tracking import MetricsFile, init_trackers, new_run_id
 
 
@@ -101,9 +101,9 @@ class Trainer:
             net = torch.compile(net, dynamic=not cfg.model.checkpointing)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-        # DeepSpeed keeps bf16/fp16 weights (no autocast): inputs must be cast to their type.
+        # DeepSpeed keeps bf16/fp16 weights (no autocast); the network casts its input to them itself.
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-        self.input_dtype = low if self.deepspeed and low is not None else torch.float32
+        self.weight_dtype = low if self.deepspeed and low is not None else torch.float32
         if self.deepspeed:
             fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.plan,
                                   accelerator.num_processes)
@@ -152,7 +152,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+        self.step = resume_step(self.cfg, int(state["step"]), int(state["world_size"]), self.acc.num_processes)
         self.best_metric = state["best_metric"]
         self.best_step = state["best_step"]
         self.nonfinite_total = int(state["nonfinite_total"])
@@ -225,7 +225,7 @@ class Trainer:
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
             sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
             with sync:
-                out = self.model(x.to(self.input_dtype))
+                out = self.model(x)
                 losses = compute_losses(self.cfg.loss.name, out, y, self.cfg.loss.charbonnier_eps)
                 self._backward(losses["loss"] / stage.accum, last)
             # Summed on the device: one host sync per step, not three per micro-batch.
@@ -267,6 +267,17 @@ class Trainer:
 
     def _reduce_max(self, value: float) -> float:
         return self.acc.reduce(torch.tensor([value], device=self.acc.device, dtype=torch.float64), "max").item()
+
+    def _reduce_named(self, values: dict[str, float], op: str) -> dict[str, float]:
+        """Named figures reduced over the ranks in one collective (every rank passes the same names)."""
+        reduced = self.acc.reduce(torch.tensor(list(values.values()), device=self.acc.device, dtype=torch.float64), op)
+        return dict(zip(values, reduced.tolist()))
+
+    def _gather_named(self, values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Named figures of every rank in one collective: name -> (world_size,) tensor on the CPU."""
+        row = torch.tensor([list(values.values())], device=self.acc.device, dtype=torch.float64)
+        gathered = self.acc.gather(row).cpu()
+        return {name: gathered[:, i] for i, name in enumerate(values)}
 
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
@@ -362,12 +373,12 @@ class Trainer:
     def _flush_window(self, window, stage, bar) -> None:
         acc = self.acc
         elapsed = time.perf_counter() - window["t0"]
-        per_rank = torch.tensor(
-            [window["images"] / elapsed, window["pixels"] / elapsed, window["data_wait"] / max(elapsed, 1e-9),
-             peak_memory_gb(acc.device), self.bad_samples],
-            device=acc.device, dtype=torch.float64,
-        )
-        gathered = acc.gather(per_rank.unsqueeze(0)).cpu()  # (world, 5): every node's figures reach rank 0
+        # Every node's figures reach rank 0.
+        ranks = self._gather_named({
+            "images_per_s": window["images"] / elapsed, "pixels_per_s": window["pixels"] / elapsed,
+            "data_wait_share": window["data_wait"] / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(acc.device),
+            "bad_samples": self.bad_samples,
+        })
         if not acc.is_main_process:
             return
         n = max(window["steps"], 1)
@@ -379,12 +390,15 @@ class Trainer:
             "grad_norm": window["grad_norm"] / finite_steps,
             "step_time_s": window["step_time"] / n,  # rank 0's mean wall time per optimizer step
             "skipped_steps": self.nonfinite_total,
-            "images_per_s": float(gathered[:, 0].sum()), "images_per_s_per_proc": float(gathered[:, 0].mean()),
-            "pixels_per_s": float(gathered[:, 1].sum()), "pixels_per_s_per_proc": float(gathered[:, 1].mean()),
-            "data_wait_share": float(gathered[:, 2].mean()), "data_wait_share_max": float(gathered[:, 2].max()),
-            "peak_mem_gb_max": float(gathered[:, 3].max()),
-            "bad_samples_skipped": int(gathered[:, 4].sum()),
-            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(gathered[:, 3])},
+            "images_per_s": float(ranks["images_per_s"].sum()),
+            "images_per_s_per_proc": float(ranks["images_per_s"].mean()),
+            "pixels_per_s": float(ranks["pixels_per_s"].sum()),
+            "pixels_per_s_per_proc": float(ranks["pixels_per_s"].mean()),
+            "data_wait_share": float(ranks["data_wait_share"].mean()),
+            "data_wait_share_max": float(ranks["data_wait_share"].max()),
+            "peak_mem_gb_max": float(ranks["peak_mem_gb"].max()),
+            "bad_samples_skipped": int(ranks["bad_samples"].sum()),
+            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(ranks["peak_mem_gb"])},
         }
         self._log(record)
         bar.set_postfix(stage=stage.index, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -405,34 +419,28 @@ class Trainer:
         net = self._full_module()
         was_training = net.training
         net.eval()
-        y = cfg.val.y_channel
-        sums = torch.zeros(7, dtype=torch.float64)  # psnr, ssim, psnr_in, ssim_in, psnr_y, ssim_y, count
+        names = score_names(cfg.val.y_channel, net.output.out_channels)
+        sums = dict.fromkeys(names, 0.0) | {"images": 0.0}
         rows = []
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
             x, target = self._to_device(item)
             with acc.autocast():
-                # The network's own dtype: DeepSpeed's bf16/fp16 weights, or the fp32 EMA copy.
-                restored = restore_image(net, x.to(next(net.parameters()).dtype), tile=cfg.val.tile).float()
-            degraded = x[:, : target.shape[1]]
-            sums += torch.tensor([
-                psnr(restored, target, cfg.val.border).sum(), ssim(restored, target, cfg.val.border).sum(),
-                psnr(degraded, target, cfg.val.border).sum(), ssim(degraded, target, cfg.val.border).sum(),
-                psnr(restored, target, cfg.val.border, y).sum() if y else 0.0,
-                ssim(restored, target, cfg.val.border, y).sum() if y else 0.0,
-                target.shape[0],
-            ], dtype=torch.float64)
+                restored = restore_image(net, x, tile=cfg.val.tile).float()
+            figures = score(restored, x[:, : target.shape[1]], target, border=cfg.val.border,
+                            y_channel=cfg.val.y_channel, bits=item["bits"])
+            for name, values in figures.items():
+                sums[name] += values.sum().item()
+            sums["images"] += target.shape[0]
             if len(rows) < cfg.val.grid_images:
                 rows.append((x[0].cpu(), restored[0].cpu(), target[0].cpu()))
         net.train(was_training)
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-        count = max(sums[6].item(), 1.0)
-        result = {"val/psnr": sums[0].item() / count, "val/ssim": sums[1].item() / count,
-                  "val/psnr_degraded": sums[2].item() / count, "val/ssim_degraded": sums[3].item() / count,
-                  "val/images": int(sums[6].item())}
-        if y:
-            result.update({"val/psnr_y": sums[4].item() / count, "val/ssim_y": sums[5].item() / count})
+        sums = self._reduce_named(sums, "sum")
+        count = max(sums["images"], 1.0)
+        result = {f"val/{name}": sums[name] / count for name in names} | {"val/images": int(sums["images"])}
         self.last_validation = result
-        key = "val/psnr_y" if y and cfg.train.best_metric == "psnr" else f"val/{cfg.train.best_metric}"
+        # With val.y_channel the paper reports (and the official scripts select on) the Y-channel figure.
+        key = f"val/{cfg.train.best_metric}"
+        key = f"{key}_y" if f"{key}_y" in result else key
         improved = self.best_metric is None or result[key] > self.best_metric
         if improved:
             self.best_metric, self.best_step = result[key], self.step
@@ -470,7 +478,7 @@ class Trainer:
             state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         full = self._build_net()
         full.load_state_dict(state)
-        return full.to(self.acc.device, self.input_dtype).train(net.training)
+        return full.to(self.acc.device, self.weight_dtype).train(net.training)
 
     def export(self, checkpoint: Path) -> dict[str, str]:
         """export/: the trained weights (and the EMA's), see train/exporting.py. Under DeepSpeed (any ZeRO
