@@ -71,8 +71,12 @@ def paired_crop(images: list[np.ndarray], patch: int, rng: np.random.Generator) 
 def mixup(inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Restormer's mixing augmentation on a batch: lam ~ Beta(1.2, 1.2), mixed with a permuted copy.
 
-    The same lam and permutation apply to input and target, so every pair stays consistent.
+    As the official Mixing_Augment with `use_identity: true` (every official mixup recipe), the batch
+    is left as it is with probability 1/2. The same lam and permutation apply to input and target, so
+    every pair stays consistent.
     """
+    if rng.random() < 0.5:
+        return inputs, targets
     lam = np.float32(rng.beta(1.2, 1.2))
     order = rng.permutation(len(inputs))
     return lam * inputs + (1 - lam) * inputs[order], lam * targets + (1 - lam) * targets[order]

@@ -139,9 +139,10 @@ def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: Noise
                      max_images: int | None = None, strict: bool = False,
                      index: str | Path | None = None) -> ValLoader:
     """Finite, deterministic whole images, one at a time: {'input': (1, Cin, H, W), 'target': (1, C, H, W),
-    'key': str}. Rank r gets samples r, r + world_size, ... of the split's stored order (sorted by key),
-    so the ranks together cover each of the first `max_images` images exactly once. Noise is seeded by
-    the sample key (degrade.key_seed): identical across runs and world sizes."""
+    'key': str, 'bits': the target's stored bit depth (8 or 16)}. Rank r gets samples r, r + world_size,
+    ... of the split's stored order (sorted by key), so the ranks together cover each of the first
+    `max_images` images exactly once. Noise is seeded by the sample key (degrade.key_seed): identical across runs and
+    world sizes."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     urls, shard_index = resolve_source(source, index)
@@ -242,12 +243,13 @@ class ValLoader:
                 if decoded is None:
                     continue
                 key, target, degraded = decoded
+                bits = target.dtype.itemsize * 8  # what the target was stored as: 8 or 16
                 target, degraded = _to_float(target), [_to_float(image) for image in degraded]
                 if not degraded:
                     rng = np.random.default_rng(key_seed(key))
                     degraded = [add_noise(target, self.noise, rng)]
                 yield {"input": _to_tensor(np.concatenate(degraded, axis=2)[None]),
-                       "target": _to_tensor(target[None]), "key": key}
+                       "target": _to_tensor(target[None]), "key": key, "bits": bits}
             self.skipped = log.count
 
 

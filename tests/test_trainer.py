@@ -176,3 +176,16 @@ def test_validation_on_a_plain_folder_of_images_or_pairs(shards, tmp_path):
     assert pack_val_folder(pairs, tmp_path / "cache") == split  # packed once, then reused
     for item in build_val_loader(split):
         assert torch.allclose(item["input"], 1 - item["target"], atol=1e-6)  # pairs stay matched
+
+
+def test_iterations_rule_resume_on_another_process_count_is_refused_before_any_work(shards, tmp_path):
+    out = tmp_path / "run"
+    rule = ["train.batch_rule=iterations", "train.reference_world_size=1", "train.max_steps=3"]
+    assert train(shards, out, *rule).returncode == 0
+    # Recipe iteration 3 is step 1.5 on 2 processes. WORLD_SIZE is what the launcher sets: the refusal
+    # comes from train/main.py before any process group exists.
+    cmd = [sys.executable, "train/main.py", "--resume", "auto", f"data.train={shards}/train",
+           f"data.val={shards}/val", f"output_dir={out}", *TINY_RUN, *rule]
+    proc = run(cmd, WORLD_SIZE="2")
+    assert proc.returncode == 2
+    assert "cannot resume the checkpoint of step 3" in proc.stderr and "Resume on 1 processes" in proc.stderr

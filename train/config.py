@@ -22,6 +22,8 @@ class ConfigError(ValueError):
     """A config that cannot run, with what was wrong and how to fix it."""
 
 
+BEST_METRICS = ("psnr", "ssim")  # validation figures that can pick the best checkpoint
+
 # ModelConfig fields that fix the network's shape: weights only load into the same values.
 ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
 
@@ -95,6 +97,9 @@ class ValConfig:
     max_images: int | None = None
     y_channel: bool = False  # also report PSNR/SSIM on the Y channel (deraining convention)
     border: int = 0  # pixels cropped from each side before metrics
+    # Fixed Gaussian sigma (0-255) of clean-only validation images; null: the training noise
+    # (data.noise_*). Blind recipes validate at one sigma, as the official ones (sigma_test: 25).
+    noise_sigma: float | None = None
     tile: int | None = None  # tiled inference for validation images larger than memory
     grid_images: int = 4  # crops in the degraded | restored | target sample grid
     grid_crop: int = 128
@@ -117,7 +122,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3  # the best checkpoint is kept in addition
-    best_metric: str = "psnr"
+    best_metric: str = "psnr"  # psnr | ssim; with val.y_channel the Y-channel figure (paper's convention)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     threads: int | None = None  # torch intra-op threads on CPU; null keeps torch's default
     # The recipe's GPU count. On another world size `batch_rule` keeps the global batch
@@ -331,6 +336,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.noise_sigma_range={lo_hi}: give [low, high] with 0 <= low <= high")
     if cfg.data.noise_sigma is not None and cfg.data.noise_sigma < 0:
         raise ConfigError("data.noise_sigma must be >= 0")
+    if cfg.val.noise_sigma is not None and cfg.val.noise_sigma < 0:
+        raise ConfigError("val.noise_sigma must be >= 0")
+    _choice(cfg.train.best_metric, BEST_METRICS, "train.best_metric")
     for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")

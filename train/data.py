@@ -92,12 +92,19 @@ def noise_config(cfg: Config) -> NoiseConfig | None:
     return NoiseConfig(sigma=d.noise_sigma, sigma_range=sigma_range, clip=d.noise_clip)
 
 
+def val_noise_config(cfg: Config) -> NoiseConfig | None:
+    """Noise of clean-only validation images: val.noise_sigma when set, else the training noise."""
+    if cfg.val.noise_sigma is None:
+        return noise_config(cfg)
+    return NoiseConfig(sigma=cfg.val.noise_sigma, clip=cfg.data.noise_clip)
+
+
 def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None,
                world_size: int = 1) -> None:
     """Data-dependent config errors, raised before any training work (or worker) starts."""
     index = _local_index(train_source, "train")
     if val_source is not None:
-        _local_index(val_source, "val")
+        _check_val(cfg, val_source, _local_index(val_source, "val"))
     if index is None:
         return
     if index.total_samples == 0:
@@ -128,6 +135,18 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
             )
 
 
+def _check_val(cfg: Config, source: str, index: ShardIndex | None) -> None:
+    if index is None:
+        return
+    if index.inputs and val_noise_config(cfg) is not None:
+        raise ConfigError(f"data.val: '{source}' holds degraded inputs ({', '.join(index.inputs)}), but noise is set "
+                          "for validation (val.noise_sigma, or data.noise_* when it is null): synthetic noise is "
+                          "only for clean-only images")
+    if not index.inputs and val_noise_config(cfg) is None:
+        raise ConfigError(f"data.val: '{source}' holds clean images only: set val.noise_sigma (e.g. 25) or the "
+                          "training noise (data.noise_sigma / data.noise_sigma_range)")
+
+
 def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, position: int) -> StreamSettings:
     """The training stream of one progressive-learning stage, starting at global sample `position`."""
     return StreamSettings(
@@ -147,7 +166,7 @@ def val_images(cfg: Config, source: str, rank: int, world_size: int):
         source,
         rank=rank,
         world_size=world_size,
-        noise=noise_config(cfg),
+        noise=val_noise_config(cfg),
         max_images=cfg.val.max_images,
         strict=cfg.data.strict,
     )
