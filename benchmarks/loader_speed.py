@@ -30,7 +30,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from data_shards.codec import read_image, to_channels
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, paired_crop
+from data_shards.geometry import dihedral
 from data_shards.demo import TRAIN_FILES, VAL_FILES
 from data_shards.index import ShardIndex
 from data_shards.pack import PackConfig, pack

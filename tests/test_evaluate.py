@@ -1,4 +1,4 @@
-"""python -m train.evaluate: paired folders, clean + seeded Gaussian noise, shards; CSV and summary."""
+"""python -m tools.evaluate: paired folders, clean + seeded Gaussian noise, shards; CSV and summary."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 
 from data_shards.codec import encode_png
 from model import build_model, save_safetensors
-from train.evaluate import main, noisy_copy
+from tools.evaluate import main, noisy_copy
 
 TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
 TINY_ARGS = ["--preset", "default", "--dim", "8", "--num-blocks", "1", "1", "1", "1",

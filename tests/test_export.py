@@ -1,4 +1,4 @@
-"""python -m train.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
+"""python -m tools.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from model import build_model, read_state_dict, save_safetensors
-from train.export import check_onnx, export_onnx, main
-from train.loading import load_model
+from tools.export import check_onnx, export_onnx, main
+from tools.loading import load_model
 
 TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
 TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",

@@ -1,4 +1,4 @@
-"""python -m train.restore: pixels survive, inputs/outputs, self-ensemble, weights sources, errors."""
+"""python -m tools.restore: pixels survive, inputs/outputs, self-ensemble, weights sources, errors."""
 
 import json
 
@@ -9,8 +9,12 @@ import torch
 from data_shards.codec import encode_png, read_image
 from model import build_model, save_official_pth, save_safetensors
 from train.config import Config
-from train.loading import load_model, official_preset
-from train.restore import dihedral, main, restore, undo_dihedral
+from tools.loading import load_model, official_preset
+from data_shards.geometry import dihedral, undo_dihedral
+from model import restore
+from tools.restore import main
+
+SPATIAL = (-2, -1)  # the image axes of (B, C, H, W)
 
 TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
 TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
@@ -87,9 +91,9 @@ def test_dihedral_transforms_are_distinct_and_undone():
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
     seen = set()
     for k in range(8):
-        y = dihedral(x, k)
+        y = dihedral(x, k, SPATIAL)
         seen.add(tuple(y.flatten().tolist()) + tuple(y.shape))
-        assert torch.equal(undo_dihedral(y, k), x)
+        assert torch.equal(undo_dihedral(y, k, SPATIAL), x)
     assert len(seen) == 8
 
 
@@ -99,7 +103,7 @@ def test_self_ensemble_is_equivariant_and_differs_from_a_single_pass():
     ensemble = restore(model, x, self_ensemble=True)
     # Averaging over all 8 views makes the result commute with any of them.
     for k in (1, 6):
-        assert torch.allclose(undo_dihedral(restore(model, dihedral(x, k), self_ensemble=True), k), ensemble, atol=1e-5)
+        assert torch.allclose(undo_dihedral(restore(model, dihedral(x, k, SPATIAL), self_ensemble=True), k, SPATIAL), ensemble, atol=1e-5)
     assert not torch.allclose(restore(model, x), ensemble, atol=1e-4)
 
 

@@ -1,7 +1,7 @@
 """A run's charts and sample grids as local files, for anyone without W&B.
 
-    python -m train.report runs/demo            # writes runs/demo/report/
-    python -m train.report runs/demo -o /tmp/r --samples 5
+    python -m tools.report runs/demo            # writes runs/demo/report/
+    python -m tools.report runs/demo -o /tmp/r --samples 5
 
 Reads RUN_DIR/metrics.jsonl and RUN_DIR/samples/step_*.png, writes PNG charts (L1/L2 loss, validation
 PSNR and SSIM against the degraded input's, learning rate, images/s, data-wait share; progressive
@@ -212,7 +212,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder (runs/NAME) holding metrics.jsonl")
     parser.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write the report (default RUN_DIR/report)")

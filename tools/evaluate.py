@@ -1,8 +1,8 @@
 """Score a model on a test set: a per-image CSV and a summary table (PSNR/SSIM, RGB and Y channel).
 
-    python -m train.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
-    python -m train.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
-    python -m train.evaluate -w runs/demo --shards shards/val
+    python -m tools.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
+    python -m tools.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
+    python -m tools.evaluate -w runs/demo --shards shards/val
 
 Three kinds of test set:
 - paired folders (--input and --target): files matched by name (else by stem);
@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 from data_shards.degrade import NoiseConfig, add_noise
 from model import WeightsMismatchError
-from train.imageio import ImageError, collect_images, read_tensor, write_png
-from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
+from tools.imageio import ImageError, collect_images, read_tensor, write_png
+from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
 from train.metrics import psnr, ssim
-from train.restore import add_inference_args, check_inference_args, pair_right_views, read_input, restore
+from model import restore
+from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
 
 
 @dataclass
@@ -151,7 +152,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("test set")
     data.add_argument("--target", metavar="DIR", help="folder of ground-truth images")
