@@ -17,7 +17,8 @@ Contract of a remote read (http, s3, pipe):
 - A failure that may pass (connection refused or dropped, timeout, HTTP 408/429/5xx, S3 throttling,
   a stream that ends before the shard's known size) re-opens the source at the byte reached and
   carries on, after a pause that doubles from `backoff_s` (with jitter, capped at 30 s). The bound
-  `retries` counts failures in a row that made no progress; bytes read in between reset it.
+  `retries` counts failures in a row; 1 MiB read after a failure starts a new count, so a long shard
+  survives occasional drops while a server that trickles a few bytes per connection is given up.
 - Every connect and every read blocks at most `timeout_s`, so a stalled server is a failure, not a hang.
 - A failure that will not pass (missing object, refused credentials, a size unlike the index's), or
   `retries` exhausted, raises ShardReadError naming the shard (credentials redacted) and the cause:
@@ -55,6 +56,7 @@ __all__ = ["RemoteSettings", "ShardCache", "ShardReadError", "open_shard", "read
 
 _CHUNK = 1 << 20
 _MAX_PAUSE_S = 30.0
+_PROGRESS = 1 << 20  # bytes read after a failure that make the next one count from zero again
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,8 @@ def read_bytes(url: str, settings: RemoteSettings | None = None) -> bytes:
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<password>:[^/@\s]*)?@")
 _QUERY_VALUE = re.compile(r"(?P<name>[?&][^=&#\s]+)=[^&#\s'\"]*")
 _SECRET_ASSIGNMENT = re.compile(r"(?P<name>\b\w*(?:SECRET|TOKEN|PASSWORD|PASSWD|KEY)\w*=)[^\s&;'\"]+", re.IGNORECASE)
-_AUTH_HEADER = re.compile(r"(?P<name>Authorization:\s*\w+\s+)\S+", re.IGNORECASE)
-_USER_OPTION = re.compile(r"(?P<name>(?:^|\s)(?:-u|--user)\s+)\S+")  # curl/wget style user:password
+_AUTH_HEADER = re.compile(r"(?P<name>Authorization:\s*\w+\s+)[^\s'\"]+", re.IGNORECASE)
+_USER_OPTION = re.compile(r"(?P<name>(?:^|\s)(?:-u|--user)\s+)[^\s'\"]+")  # curl/wget style user:password
 
 
 def redact(text: str) -> str:
@@ -198,12 +200,13 @@ class _ResumingReader(io.RawIOBase):
         self._url, self._source, self._settings = url, source, settings
         self._position, self._size = offset, size
         self._stream: _Opened | None = None
+        self._failures = 0  # in a row: only _PROGRESS bytes read since the last failure start a new count
+        self._since_failure = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        failures = 0  # in a row, without progress: every call that returns made progress or hit the end
         while True:
             try:
                 data = self._read(len(buffer))
@@ -213,15 +216,18 @@ class _ResumingReader(io.RawIOBase):
                 self._drop()
                 if not self._source.transient(err):
                     raise ShardReadError(self._url, f"{_describe(err)} (at byte {self._position})") from None
-                failures += 1
-                if failures > self._settings.retries:
+                self._failures, self._since_failure = self._failures + 1, 0
+                if self._failures > self._settings.retries:
                     raise ShardReadError(self._url, f"gave up at byte {self._position} after "
                                                     f"{self._settings.retries} retries: {_describe(err)}") from None
-                pause = min(_MAX_PAUSE_S, self._settings.backoff_s * 2 ** (failures - 1))
+                pause = min(_MAX_PAUSE_S, self._settings.backoff_s * 2 ** (self._failures - 1))
                 time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: many workers do not retry in step
                 continue
             buffer[:len(data)] = data
             self._position += len(data)
+            self._since_failure += len(data)
+            if self._since_failure >= _PROGRESS:
+                self._failures = 0
             return len(data)
 
     def _read(self, n: int) -> bytes:
@@ -233,7 +239,9 @@ class _ResumingReader(io.RawIOBase):
                 raise ShardReadError(self._url, f"the source has {total} bytes but the index says {self._size}: "
                                                 "changed since it was packed; re-pack or re-upload")
             self._size = total if self._size is None else self._size
-        data = self._stream.read(n)
+        # read1 returns what has arrived instead of waiting for a full buffer: bytes received before a
+        # stall or a drop count as progress and are not fetched again.
+        data = getattr(self._stream, "read1", self._stream.read)(n)
         if not data and self._size is not None and self._position < self._size:
             raise _ShortRead(f"the stream ended at byte {self._position} of {self._size}")
         if self._size is not None and self._position + len(data) > self._size:
@@ -258,8 +266,9 @@ class _ShortRead(ConnectionError):
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error) or repr(error)
-    return redact(f"{type(error).__name__}: {text}")
+    if isinstance(error, (_ShortRead, _CommandFailed)):  # ours: the message says it all
+        return redact(str(error))
+    return redact(f"{type(error).__name__}: {str(error) or repr(error)}")
 
 
 # ------------------------------------------------------------------ http(s)
@@ -314,15 +323,16 @@ def _discard(stream: _Opened, count: int) -> None:
 
 _S3_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException",
                        "InternalError", "ServiceUnavailable"}
-_S3_CLIENTS: dict[tuple[int, float], object] = {}  # per process (a fork must not share a connection pool)
+_S3_CLIENTS: dict[tuple, object] = {}  # per process (a fork must not share a connection pool)
 _S3_LOCK = threading.Lock()
+_S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
 
 
 def _s3_client(timeout_s: float):
     import boto3
     from botocore.config import Config
 
-    key = (os.getpid(), timeout_s)
+    key = (os.getpid(), timeout_s, *(os.environ.get(name) for name in _S3_ENVIRONMENT))
     with _S3_LOCK:
         if key not in _S3_CLIENTS:
             # botocore's own retries are off: the reader's bound is the only one, and it resumes mid-shard.
@@ -502,8 +512,8 @@ class ShardCache:
                     digest.update(chunk)
                     copy.write(chunk)
             if sha256 is not None and digest.hexdigest() != sha256:
-                raise ShardReadError(url, f"downloaded sha256 {digest.hexdigest()[:16]}... differs from the "
-                                          f"index's {sha256[:16]}...: changed since it was packed; re-pack or re-upload")
+                raise ShardReadError(url, f"downloaded sha256 {digest.hexdigest()[:16]}... differs from the index's "
+                                          f"{sha256[:16]}...: changed since it was packed; re-pack or re-upload")
             stream = _open_local(url, tmp, offset, size)  # before the rename: no eviction can take it now
             fetched = os.fstat(stream.fileno()).st_size
             if fetched > self.limit:
