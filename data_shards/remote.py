@@ -63,7 +63,7 @@ _PROGRESS = 1 << 20  # bytes read after a failure that make the next one count f
 class RemoteSettings:
     """How remote shards are read. The defaults suit a data centre link; tests shrink them."""
 
-    retries: int = 5  # failures in a row without progress before ShardReadError
+    retries: int = 5  # failures in a row before ShardReadError (1 MiB of progress starts a new count)
     timeout_s: float = 60.0  # longest a connect or a single read may block
     backoff_s: float = 1.0  # first pause before a retry; doubles each failure in a row
     cache_dir: str | None = None  # whole-shard cache folder (None: no cache)
