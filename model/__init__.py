@@ -2,7 +2,7 @@
 from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image
 from .presets import PRESETS, build_model
 from .restormer import Restormer
-from .weights import (WeightsMismatchError, load_weights, read_state_dict, save_official_pth,
+from .weights import (WeightsMismatchError, infer_arch, load_weights, read_state_dict, save_official_pth,
                       save_safetensors)
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Restormer",
     "WeightsMismatchError",
     "build_model",
+    "infer_arch",
     "load_weights",
     "pad_to_multiple",
     "read_state_dict",

@@ -36,12 +36,12 @@ import torch
 from tqdm.auto import tqdm
 
 from data_shards.degrade import NoiseConfig, add_noise
-from model import WeightsMismatchError
+from model import WeightsMismatchError, restore
 from tools.imageio import ImageError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
-from train.metrics import psnr, ssim
-from model import restore
 from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
+from train.metrics import psnr, ssim
+from train.pixels import quantize
 
 
 @dataclass
@@ -115,14 +115,6 @@ def shard_samples(source: str, sigma: float | None, max_images: int | None) -> t
     except TypeError:  # a bare shard pattern has no index to count from
         total = None
     return total, (Sample(item["key"], item["input"], item["target"], None) for item in loader)
-
-
-def quantize(img: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """What saving as an 8/16-bit image would leave: round(clamp(x) * (2^bits - 1)) / (2^bits - 1)."""
-    if bits is None:
-        return img
-    top = float(2**bits - 1)
-    return (img.clamp(0, 1) * top).round() / top
 
 
 def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, border: int,
