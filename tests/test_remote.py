@@ -194,6 +194,10 @@ def test_credentials_in_the_url_are_sent_and_never_shown(http):
         assert "bob:***@" in message and "token=***" in message
         assert "s3cret" not in message and "wrong" not in message and "t0ps3cret" not in message
         assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    plan.files["/index.json"] = b"not json"
+    with pytest.raises(ValueError, match="not a valid shard index") as caught:
+        ShardIndex.load(url.replace("shard.tar", "index.json"))
+    assert "s3cret" not in str(caught.value) and "t0ps3cret" not in str(caught.value)
 
 
 def test_redact_masks_every_credential_shape():
@@ -419,6 +423,18 @@ def test_a_shard_larger_than_the_cache_is_streamed_not_kept(http, tmp_path):
     with pytest.warns(UserWarning, match="larger than the whole cache limit"):
         assert _read(f"{base}/shard.tar", 10, settings=settings) == DATA[10:]
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_temporary_files_of_dead_processes_are_cleaned(http, tmp_path):
+    settings = _cached(tmp_path)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    stale, fresh = folder / ".tmp-1-2-old.tar", folder / ".tmp-3-4-busy.tar"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    _read(f"{http[0]}/shard.tar", settings=settings)
+    assert not stale.exists() and fresh.exists()
 
 
 def _read_all_shards(base, settings, names, results):
