@@ -13,6 +13,9 @@ Sources (by URL form):
   pipe:CMD                                    webdataset's convention: CMD writes the shard to
                                               stdout; the first `offset` bytes are read and dropped
 
+`open_shard(url, offset, length=N)` reads one byte range (a sample): remote sources ask for just
+those bytes (a bounded Range), local and cached files are returned seekable as they are.
+
 Contract of a remote read (http, s3, pipe):
 - A failure that may pass (connection refused or dropped, timeout, HTTP 408/429/5xx, S3 throttling,
   a stream that ends before the shard's known size) re-opens the source at the byte reached and
@@ -90,24 +93,28 @@ class ShardReadError(OSError):
         super().__init__(f"shard {self.url}: {redact(reason)}")
 
 
-def open_shard(url: str, offset: int = 0, *, size: int | None = None, sha256: str | None = None,
-               settings: RemoteSettings | None = None) -> BinaryIO:
-    """A readable binary file positioned at byte `offset` of the shard at `url`.
+def open_shard(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
+               sha256: str | None = None, settings: RemoteSettings | None = None) -> BinaryIO:
+    """A readable binary file positioned at byte `offset` of the shard at `url`; the caller closes it.
 
+    `length`: the caller reads at most this many bytes (e.g. one sample's byte range). A remote
+    source then requests just that range and ends there, instead of sending the shard's rest; a
+    local or cached file is returned as it is (seekable, on to the shard's end).
     `size` and `sha256` (from the index, when known) make short reads and changed shards errors;
     sha256 is checked on cached copies (a direct stream is checked for its size only).
     """
     settings = settings or RemoteSettings()
-    if offset < 0:
-        raise ValueError(f"offset={offset} must be >= 0")
-    if size is not None and offset > size:
-        raise ShardReadError(url, f"offset {offset} is past the end of the shard ({size} bytes)")
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"offset={offset} and length={length} must be >= 0")
+    end = offset + length if length is not None else offset
+    if size is not None and end > size:
+        raise ShardReadError(url, f"bytes {offset}..{end} are past the end of the shard ({size} bytes)")
     if _local_path(url) is None and settings.cache_dir is not None:
         return ShardCache(settings).open(url, offset, size=size, sha256=sha256)
-    return open_uncached(url, offset, size=size, settings=settings)
+    return open_uncached(url, offset, length=length, size=size, settings=settings)
 
 
-def open_uncached(url: str, offset: int = 0, *, size: int | None = None,
+def open_uncached(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
                   settings: RemoteSettings | None = None) -> BinaryIO:
     """open_shard without the cache: a local file, or a retrying remote stream."""
     settings = settings or RemoteSettings()
@@ -115,7 +122,8 @@ def open_uncached(url: str, offset: int = 0, *, size: int | None = None,
     if path is not None:
         return _open_local(url, path, offset, size)
     source = _remote_source(url, settings)
-    return io.BufferedReader(_ResumingReader(url, source, offset, size, settings), buffer_size=_CHUNK)
+    end = offset + length if length is not None else None
+    return io.BufferedReader(_ResumingReader(url, source, offset, end, size, settings), buffer_size=_CHUNK)
 
 
 def read_bytes(url: str, settings: RemoteSettings | None = None) -> bytes:
@@ -187,18 +195,19 @@ class _Opened(Protocol):
 
 
 class _Source(Protocol):
-    def open(self, position: int) -> tuple[_Opened, int | None]:
-        """A stream at `position` and the object's total size when the source tells it."""
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
+        """A stream at `position` (that may stop at `end`) and the object's total size when the source tells it."""
 
     def transient(self, error: BaseException) -> bool:
         """True when re-opening may succeed."""
 
 
 class _ResumingReader(io.RawIOBase):
-    def __init__(self, url: str, source: _Source, offset: int, size: int | None, settings: RemoteSettings):
+    def __init__(self, url: str, source: _Source, offset: int, end: int | None, size: int | None,
+                 settings: RemoteSettings):
         super().__init__()
         self._url, self._source, self._settings = url, source, settings
-        self._position, self._size = offset, size
+        self._position, self._end, self._size = offset, end, size
         self._stream: _Opened | None = None
         self._failures = 0  # in a row: only _PROGRESS bytes read since the last failure start a new count
         self._since_failure = 0
@@ -230,22 +239,29 @@ class _ResumingReader(io.RawIOBase):
                 self._failures = 0
             return len(data)
 
+    def _stop(self) -> int | None:
+        """Where this stream ends, when known: the end of the range asked for, else of the shard."""
+        return self._end if self._end is not None else self._size
+
     def _read(self, n: int) -> bytes:
         if self._stream is None:
-            if self._size is not None and self._position == self._size:
+            if self._stop() is not None and self._position >= self._stop():
                 return b""
-            self._stream, total = self._source.open(self._position)
+            self._stream, total = self._source.open(self._position, self._end)
             if total is not None and self._size is not None and total != self._size:
                 raise ShardReadError(self._url, f"the source has {total} bytes but the index says {self._size}: "
                                                 "changed since it was packed; re-pack or re-upload")
             self._size = total if self._size is None else self._size
+        stop = self._stop()
+        if stop is not None:
+            if self._position >= stop:
+                return b""
+            n = min(n, stop - self._position)
         # read1 returns what has arrived instead of waiting for a full buffer: bytes received before a
         # stall or a drop count as progress and are not fetched again.
         data = getattr(self._stream, "read1", self._stream.read)(n)
-        if not data and self._size is not None and self._position < self._size:
-            raise _ShortRead(f"the stream ended at byte {self._position} of {self._size}")
-        if self._size is not None and self._position + len(data) > self._size:
-            raise ShardReadError(self._url, f"more than the {self._size} bytes the index gives")
+        if not data and stop is not None:
+            raise _ShortRead(f"the stream ended at byte {self._position}, before byte {stop}")
         return data
 
     def _drop(self) -> None:
@@ -290,12 +306,12 @@ class _HttpSource:
             url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         return cls(url, authorization, settings.timeout_s)
 
-    def open(self, position: int) -> tuple[_Opened, int | None]:
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
         request = urllib.request.Request(self.url)
         if self.authorization:
             request.add_unredirected_header("Authorization", self.authorization)
-        if position:
-            request.add_header("Range", f"bytes={position}-")
+        if position or end is not None:
+            request.add_header("Range", _byte_range(position, end))
         response = urllib.request.urlopen(request, timeout=self.timeout_s)  # noqa: S310 (http(s) only)
         length = response.headers.get("Content-Length")
         if response.status == 206:
@@ -309,6 +325,11 @@ class _HttpSource:
         if isinstance(error, urllib.error.HTTPError):
             return error.code in (408, 429) or error.code >= 500
         return isinstance(error, (OSError, HTTPException))  # URLError, timeouts, resets, IncompleteRead
+
+
+def _byte_range(position: int, end: int | None) -> str:
+    """The HTTP/S3 Range header value for bytes [position, end)."""
+    return f"bytes={position}-{end - 1 if end is not None else ''}"
 
 
 def _discard(stream: _Opened, count: int) -> None:
@@ -355,10 +376,10 @@ class _S3Source:
             raise ShardReadError(url, "an S3 shard URL looks like s3://bucket/path/shard.tar")
         return cls(parts.netloc, parts.path.lstrip("/"), settings.timeout_s)
 
-    def open(self, position: int) -> tuple[_Opened, int | None]:
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
         arguments = {"Bucket": self.bucket, "Key": self.key}
-        if position:
-            arguments["Range"] = f"bytes={position}-"
+        if position or end is not None:
+            arguments["Range"] = _byte_range(position, end)
         response = _s3_client(self.timeout_s).get_object(**arguments)
         total = response.get("ContentRange", "").rpartition("/")[2]
         if total.isdigit():
@@ -423,7 +444,7 @@ class _PipeSource:
     command: str
     timeout_s: float
 
-    def open(self, position: int) -> tuple[_Opened, int | None]:
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:  # the reader stops at end
         stream = _PipeStream(self.command, self.timeout_s)
         try:
             _discard(stream, position)

@@ -56,15 +56,18 @@ class _Handler(BaseHTTPRequestHandler):
         data = plan.files.get(self.path.split("?")[0])
         if data is None:
             return self.send_error(404)
-        requested = self.headers.get("Range")
-        start = 0 if requested is None or plan.ignore_range else int(requested.removeprefix("bytes=").rstrip("-"))
+        ranged = self.headers.get("Range") is not None and not plan.ignore_range
+        start, end = 0, len(data)
+        if ranged:
+            first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+            start, end = int(first), int(last) + 1 if last else len(data)
         if start > len(data):
             return self.send_error(416)
-        body = data[start:]
-        self.send_response(200 if start == 0 and (requested is None or plan.ignore_range) else 206)
+        body = data[start:end]
+        self.send_response(206 if ranged else 200)
         self.send_header("Content-Length", str(len(body)))
-        if self.headers.get("Range") and not plan.ignore_range:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if plan.drops > 0:
             plan.drops -= 1
@@ -123,6 +126,20 @@ def test_http_reads_from_any_offset(http, ignore_range):
         assert _read(f"{base}/shard.tar", offset, size=len(DATA)) == DATA[offset:]
     assert _read(f"{base}/shard.tar") == DATA  # the plain call, size from the server
     assert _read(f"{base}/shard.tar", 5) == DATA[5:]
+
+
+@pytest.mark.parametrize("ignore_range", [False, True])
+def test_http_reads_just_the_range_asked_for(http, ignore_range):
+    base, plan = http
+    plan.ignore_range = ignore_range
+    assert _read(f"{base}/shard.tar", 1000, length=500) == DATA[1000:1500]
+    assert _read(f"{base}/shard.tar", 0, length=7, size=len(DATA)) == DATA[:7]
+    assert [requested for _, requested, _ in plan.requests] == ["bytes=1000-1499", "bytes=0-6"]
+    plan.ignore_range, plan.drops, plan.drop_after = False, 1, 200
+    assert _read(f"{base}/shard.tar", 1000, length=500) == DATA[1000:1500]
+    assert [requested for _, requested, _ in plan.requests[2:]] == ["bytes=1000-1499", "bytes=1200-1499"]
+    with pytest.raises(ShardReadError, match=r"bytes 10\.\.20 are past the end of the shard \(15 bytes\)"):
+        _read(f"{base}/shard.tar", 10, length=10, size=15)
 
 
 def test_http_dropped_connection_resumes_from_the_byte_reached(http):
@@ -230,7 +247,7 @@ def test_pipe_reads_discard_the_head_and_fail_boundedly(tmp_path):
     path = tmp_path / "shard.tar"
     path.write_bytes(DATA)
     assert _read(f"pipe:cat {path}", 4321, size=len(DATA)) == DATA[4321:]
-    with pytest.raises(ShardReadError, match="after 3 retries: the stream ended at byte 1000 of"):
+    with pytest.raises(ShardReadError, match="after 3 retries: the stream ended at byte 1000, before byte 3000000"):
         _read(f"pipe:head -c 1000 {path}", size=len(DATA))  # a short pipe is never a silent loss
     with pytest.raises(ShardReadError, match="after 3 retries: the command exited with status 3"):
         _read("pipe:exit 3")
@@ -272,6 +289,7 @@ def test_s3_reads_from_any_offset(s3_server):
     for offset in (0, 9, 250_001, len(DATA)):
         assert _read("s3://shards/train/shard.tar", offset, size=len(DATA)) == DATA[offset:]
     assert read_bytes("s3://shards/train/shard.tar") == DATA
+    assert _read("s3://shards/train/shard.tar", 250_001, length=1000) == DATA[250_001:251_001]
 
 
 def test_s3_missing_key_or_bucket_is_a_clear_error(s3_server):
