@@ -481,8 +481,11 @@ class ShardCache:
       cache folder, checks its size and sha256 against the index's when given, and renames it into
       place: readers only ever see complete files, and two processes fetching the same shard at once
       both succeed (the rename is atomic; the last one wins, with identical bytes).
-    - A hit checks size and sha256 again (one sequential pass over a local file); a copy that fails is
-      deleted, named in a warning and fetched again.
+    - A hit checks the size every time, and the sha256 once per process and copy (a copy left by an
+      earlier run or another process is hashed before its first use here; hashing on every open
+      would cost a shard's read per sample for a reader that seeks). A copy that fails is deleted,
+      named in a warning and fetched again. Bytes changed in place after a process checked them
+      (the same file, the same size) go unseen by that process.
     - After each download the least recently used copies (hits touch the file's mtime) are deleted
       until the folder is within the limit; an open copy stays readable after its deletion (POSIX).
       Concurrent downloads can overshoot the limit by the shards in flight. A shard larger than the
@@ -536,6 +539,7 @@ class ShardCache:
                 raise ShardReadError(url, f"downloaded sha256 {digest.hexdigest()[:16]}... differs from the index's "
                                           f"{sha256[:16]}...: changed since it was packed; re-pack or re-upload")
             stream = _open_local(url, tmp, offset, size)  # before the rename: no eviction can take it now
+            _mark_verified(stream, sha256)
             fetched = os.fstat(stream.fileno()).st_size
             if fetched > self.limit:
                 warnings.warn(f"shard {redact(url)} ({fetched} bytes) is larger than the whole cache limit "
@@ -568,15 +572,26 @@ class ShardCache:
                 total -= size
 
 
+_VERIFIED: set[tuple[int, int, int, str]] = set()  # (device, inode, size, sha256) this process has hashed
+
+
 def _check_copy(stream: BinaryIO, size: int | None, sha256: str | None) -> str | None:
     """None when the open cached file matches what the index says, else what is wrong."""
-    actual = os.fstat(stream.fileno()).st_size
-    if size is not None and actual != size:
-        return f"has {actual} bytes, the index says {size}"
-    if sha256 is not None:
-        digest = hashlib.sha256()
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            return "does not match the index's sha256"
+    stat = os.fstat(stream.fileno())
+    if size is not None and stat.st_size != size:
+        return f"has {stat.st_size} bytes, the index says {size}"
+    if sha256 is None or (stat.st_dev, stat.st_ino, stat.st_size, sha256) in _VERIFIED:
+        return None
+    digest = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        return "does not match the index's sha256"
+    _mark_verified(stream, sha256)
     return None
+
+
+def _mark_verified(stream: BinaryIO, sha256: str | None) -> None:
+    if sha256 is not None:
+        stat = os.fstat(stream.fileno())
+        _VERIFIED.add((stat.st_dev, stat.st_ino, stat.st_size, sha256))

@@ -374,8 +374,11 @@ def _cached(tmp_path, limit=10 * len(DATA)):
                           cache_limit_bytes=limit)
 
 
+_real_sha256 = hashlib.sha256
+
+
 def _sha(data):
-    return hashlib.sha256(data).hexdigest()
+    return _real_sha256(data).hexdigest()
 
 
 def test_cache_miss_then_hit(http, tmp_path):
@@ -414,17 +417,48 @@ def test_cache_evicts_the_least_recently_used(http, tmp_path):
 def test_corrupt_cached_copy_is_detected_and_fetched_again(http, tmp_path):
     base, plan = http
     settings, url = _cached(tmp_path), f"{base}/shard.tar"
-    _read(url, settings=settings)
     copy = ShardCache(settings).path_for(url)
+    copy.parent.mkdir()
     flipped = bytearray(DATA)
     flipped[1000] ^= 1
-    copy.write_bytes(bytes(flipped))  # same size: only the sha256 can tell
+    copy.write_bytes(bytes(flipped))  # e.g. left by an earlier run, rotted on disk: only the sha256 can tell
     with pytest.warns(UserWarning, match="does not match the index's sha256: fetching it again"):
         assert _read(url, 3, size=len(DATA), sha256=_sha(DATA), settings=settings) == DATA[3:]
-    copy.write_bytes(DATA[:-1])
+    assert len(plan.requests) == 1 and copy.read_bytes() == DATA
+    with open(copy, "r+b") as stream:  # truncated in place: the size is checked on every open
+        stream.truncate(len(DATA) - 1)
     with pytest.warns(UserWarning, match=f"has {len(DATA) - 1} bytes, the index says {len(DATA)}"):
-        assert _read(url, size=len(DATA), settings=settings) == DATA
-    assert len(plan.requests) == 3 and copy.read_bytes() == DATA
+        assert _read(url, size=len(DATA), sha256=_sha(DATA), settings=settings) == DATA
+    assert len(plan.requests) == 2 and copy.read_bytes() == DATA
+
+
+def test_cache_hits_hash_a_copy_once_per_process(http, tmp_path, monkeypatch):
+    base, _ = http
+    settings, url, expected = _cached(tmp_path), f"{base}/shard.tar", _sha(DATA)
+    _read(url, sha256=expected, settings=settings)  # fetched, and hashed while written
+    hashed = []
+
+    class Counting:
+        def __init__(self, data=b""):
+            self.inner = _real_sha256(data)
+
+        def update(self, data):
+            hashed.append(len(data))
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    for offset in (0, 5000, 123):
+        with open_shard(url, offset, length=10, size=len(DATA), sha256=expected, settings=settings) as stream:
+            assert stream.read(10) == DATA[offset:offset + 10]
+    assert sum(hashed) == 0  # a reader seeking sample by sample does not re-hash the shard per sample
+    copy = ShardCache(settings).path_for(url)
+    copy.with_name("other").write_bytes(DATA)
+    os.replace(copy.with_name("other"), copy)  # another file now: hashed before its first use here
+    assert _read(url, size=len(DATA), sha256=expected, settings=settings) == DATA
+    assert sum(hashed) == len(DATA)
 
 
 def test_a_download_unlike_the_index_is_not_cached(http, tmp_path):
