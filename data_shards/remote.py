@@ -89,8 +89,11 @@ class ShardReadError(OSError):
     """A shard that could not be read; `url` is redacted, the message says why and what was tried."""
 
     def __init__(self, url: str, reason: str):
-        self.url = redact(url)
-        super().__init__(f"shard {self.url}: {redact(reason)}")
+        self.url, self.reason = redact(url), redact(reason)
+        super().__init__(f"shard {self.url}: {self.reason}")
+
+    def __reduce__(self):  # crosses process boundaries (loader workers) intact
+        return type(self), (self.url, self.reason)
 
 
 def open_shard(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
@@ -409,7 +412,7 @@ class _PipeStream:
         # Its own process group, so that closing a half-read shard also ends what the shell started.
         self._process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,  # noqa: S602 (the user's own)
                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        self._command, self._timeout_s = command, timeout_s
+        self._timeout_s = timeout_s
 
     def read(self, n: int) -> bytes:
         stdout = self._process.stdout

@@ -4,6 +4,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import pickle
 import socket
 import tarfile
 import threading
@@ -211,6 +212,8 @@ def test_credentials_in_the_url_are_sent_and_never_shown(http):
         assert "bob:***@" in message and "token=***" in message
         assert "s3cret" not in message and "wrong" not in message and "t0ps3cret" not in message
         assert caught.value.__cause__ is None and caught.value.__suppress_context__
+        again = pickle.loads(pickle.dumps(caught.value))  # as a loader worker hands it over
+        assert str(again) == message and again.url == caught.value.url
     plan.files["/index.json"] = b"not json"
     with pytest.raises(ValueError, match="not a valid shard index") as caught:
         ShardIndex.load(url.replace("shard.tar", "index.json"))
