@@ -103,8 +103,9 @@ def open_shard(url: str, offset: int = 0, *, length: int | None = None, size: in
     `length`: the caller reads at most this many bytes (e.g. one sample's byte range). A remote
     source then requests just that range and ends there, instead of sending the shard's rest; a
     local or cached file is returned as it is (seekable, on to the shard's end).
-    `size` and `sha256` (from the index, when known) make short reads and changed shards errors;
-    sha256 is checked on cached copies (a direct stream is checked for its size only).
+    `size` and `sha256` (from the index, when known) make short reads and changed shards errors: a
+    read to the end needs the whole shard at the index's size, a range needs only its own bytes (so
+    a truncated shard still serves the samples it holds). sha256 is checked on cached copies.
     """
     settings = settings or RemoteSettings()
     if offset < 0 or (length is not None and length < 0):
@@ -122,10 +123,10 @@ def open_uncached(url: str, offset: int = 0, *, length: int | None = None, size:
     """open_shard without the cache: a local file, or a retrying remote stream."""
     settings = settings or RemoteSettings()
     path = _local_path(url)
-    if path is not None:
-        return _open_local(url, path, offset, size)
-    source = _remote_source(url, settings)
     end = offset + length if length is not None else None
+    if path is not None:
+        return _open_local(url, path, offset, size, end)
+    source = _remote_source(url, settings)
     return io.BufferedReader(_ResumingReader(url, source, offset, end, size, settings), buffer_size=_CHUNK)
 
 
@@ -167,17 +168,27 @@ def _local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def _open_local(url: str, path: Path, offset: int, size: int | None) -> BinaryIO:
+def _open_local(url: str, path: Path, offset: int, size: int | None, end: int | None = None) -> BinaryIO:
     try:
         stream = open(path, "rb")  # noqa: SIM115 (the caller owns it)
     except OSError as err:
         raise ShardReadError(url, f"{type(err).__name__}: {err.strerror or err}") from None
-    actual = os.fstat(stream.fileno()).st_size
-    if size is not None and actual != size:
+    problem = _size_problem(os.fstat(stream.fileno()).st_size, offset, end, size)
+    if problem:
         stream.close()
-        raise ShardReadError(url, f"the file has {actual} bytes but the index says {size}: truncated or "
-                                  "replaced since it was packed; copy it again or re-pack")
+        raise ShardReadError(url, f"{problem}; copy it again or re-pack")
     return _positioned(url, stream, offset)
+
+
+def _size_problem(actual: int, offset: int, end: int | None, size: int | None) -> str | None:
+    """A range [offset, end) needs only its bytes; a read to the end needs the index's whole size."""
+    if end is not None:
+        if end > actual:
+            return f"bytes {offset}..{end} are past the end of the shard ({actual} bytes; truncated?)"
+        return None
+    if size is not None and actual != size:
+        return f"the shard has {actual} bytes but the index says {size}: truncated or replaced since it was packed"
+    return None
 
 
 def _positioned(url: str, stream: BinaryIO, offset: int) -> BinaryIO:
@@ -251,9 +262,9 @@ class _ResumingReader(io.RawIOBase):
             if self._stop() is not None and self._position >= self._stop():
                 return b""
             self._stream, total = self._source.open(self._position, self._end)
-            if total is not None and self._size is not None and total != self._size:
-                raise ShardReadError(self._url, f"the source has {total} bytes but the index says {self._size}: "
-                                                "changed since it was packed; re-pack or re-upload")
+            problem = _size_problem(total, self._position, self._end, self._size) if total is not None else None
+            if problem:
+                raise ShardReadError(self._url, f"{problem}; re-pack or re-upload")
             self._size = total if self._size is None else self._size
         stop = self._stop()
         if stop is not None:

@@ -192,9 +192,14 @@ def test_a_stalled_server_times_out_instead_of_hanging(http):
 
 
 def test_a_shard_unlike_the_index_is_an_error_not_a_short_read(http):
-    base, _ = http
-    with pytest.raises(ShardReadError, match=f"the source has {len(DATA)} bytes but the index says {len(DATA) + 1}"):
+    base, plan = http
+    with pytest.raises(ShardReadError, match=f"the shard has {len(DATA)} bytes but the index says {len(DATA) + 1}"):
         _read(f"{base}/shard.tar", size=len(DATA) + 1)
+    # One sample's range needs only its own bytes: the ranges a truncated shard still holds are served.
+    assert _read(f"{base}/shard.tar", 100, length=10, size=len(DATA) + 1) == DATA[100:110]
+    with pytest.raises(ShardReadError, match=r"past the end of the shard \(3000000 bytes; truncated\?\)"):
+        _read(f"{base}/shard.tar", len(DATA) - 5, length=6, size=len(DATA) + 1)
+    assert len(plan.requests) == 3  # none of it retried
     with pytest.raises(ShardReadError, match="past the end"):
         _read(f"{base}/shard.tar", len(DATA) + 1, size=len(DATA))
 
@@ -240,8 +245,11 @@ def test_local_and_file_urls_seek_and_check_the_size(tmp_path):
     path = tmp_path / "shard.tar"
     path.write_bytes(DATA)
     assert _read(str(path), 77) == DATA[77:] and _read(path.as_uri(), 77, size=len(DATA)) == DATA[77:]
-    with pytest.raises(ShardReadError, match="the index says 5: truncated or replaced"):
+    with pytest.raises(ShardReadError, match=f"the shard has {len(DATA)} bytes but the index says 5: truncated or"):
         _read(str(path), size=5)
+    assert _read(str(path), 10, length=5, size=len(DATA) + 9)[:5] == DATA[10:15]  # a range: its bytes suffice
+    with pytest.raises(ShardReadError, match=r"bytes 2999999\.\.3000001 are past the end of the shard"):
+        _read(str(path), len(DATA) - 1, length=2, size=len(DATA) + 9)
     with pytest.raises(ShardReadError, match="FileNotFoundError"):
         _read(str(tmp_path / "missing.tar"))
 
