@@ -14,10 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import pack_images
 from data_shards.index import ShardIndex
-from data_shards.pack import PackConfig, pack
 from data_shards.remote import RemoteSettings, ShardCache, ShardReadError, open_shard, read_bytes, redact
 from train.config import load_config
 from train.data import remote_settings
@@ -547,13 +546,9 @@ def test_config_fields_map_to_the_settings():
 
 @pytest.fixture(scope="module")
 def packed_split(tmp_path_factory):
-    root = tmp_path_factory.mktemp("packed")
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / f"src{i}.png")
-    report = pack(PackConfig(out=root / "out", source=root, split="train", shard_samples=2, progress=False))
-    assert len(report.splits["train"].shards) == 3
-    return root / "out" / "train"
+    split = pack_images(tmp_path_factory.mktemp("packed"), False, "--shard-samples", "3") / "train"
+    assert len(ShardIndex.load(split).shards) == 3
+    return split
 
 
 @pytest.mark.parametrize("where", ["http", "s3"])
