@@ -36,6 +36,8 @@ ShardCache.
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -493,8 +495,10 @@ class ShardCache:
 
     - A miss downloads the whole shard (through the retrying reader) to a temporary file in the
       cache folder, checks its size and sha256 against the index's when given, and renames it into
-      place: readers only ever see complete files, and two processes fetching the same shard at once
-      both succeed (the rename is atomic; the last one wins, with identical bytes).
+      place: readers only ever see complete files. One process per host downloads a given shard
+      while the others that miss it wait on a lock file (flock: released by the kernel if that
+      process dies) and then read its copy; without working flock (some network file systems) they
+      download it too, and the atomic rename still keeps every copy whole.
     - A hit checks the size every time, and the sha256 once per process and copy (a copy left by an
       earlier run or another process is hashed before its first use here; hashing on every open
       would cost a shard's read per sample for a reader that seeks). A copy that fails is deleted,
@@ -524,10 +528,20 @@ class ShardCache:
 
     def open(self, url: str, offset: int = 0, *, size: int | None = None, sha256: str | None = None) -> BinaryIO:
         path = self.path_for(url)
+        stream = self._hit(url, path, offset, size, sha256)
+        if stream is not None:
+            return stream
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".lock-{path.name}"), "ab") as lock:
+            _flock(lock)
+            stream = self._hit(url, path, offset, size, sha256)  # fetched by another process while we waited?
+            return stream if stream is not None else self._fetch(url, path, offset, size, sha256)
+
+    def _hit(self, url: str, path: Path, offset: int, size: int | None, sha256: str | None) -> BinaryIO | None:
         try:
             stream = open(path, "rb")  # noqa: SIM115 (opened first: an eviction from now on cannot hurt)
         except FileNotFoundError:
-            return self._fetch(url, path, offset, size, sha256)
+            return None
         problem = _check_copy(stream, size, sha256)
         if problem is None:
             try:
@@ -536,12 +550,11 @@ class ShardCache:
                 pass
             return _positioned(url, stream, offset)
         stream.close()
-        warnings.warn(f"cached copy of shard {redact(url)} ({path}) {problem}: fetching it again", stacklevel=2)
+        warnings.warn(f"cached copy of shard {redact(url)} ({path}) {problem}: fetching it again", stacklevel=3)
         path.unlink(missing_ok=True)
-        return self._fetch(url, path, offset, size, sha256)
+        return None
 
     def _fetch(self, url: str, path: Path, offset: int, size: int | None, sha256: str | None) -> BinaryIO:
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
         try:
             digest = hashlib.sha256()
@@ -575,7 +588,7 @@ class ShardCache:
             if entry.name.startswith(".tmp-"):
                 if now - stat.st_mtime > self._STALE_TMP_S:
                     Path(entry.path).unlink(missing_ok=True)
-            elif entry.is_file():
+            elif entry.is_file() and not entry.name.startswith(".lock-"):  # locks stay: a waiter may hold one
                 copies.append((stat.st_mtime, stat.st_size, Path(entry.path)))
         total = sum(size for _, size, _ in copies)
         for _, size, path in sorted(copies):
@@ -587,6 +600,15 @@ class ShardCache:
 
 
 _VERIFIED: set[tuple[int, int, int, str]] = set()  # (device, inode, size, sha256) this process has hashed
+
+
+def _flock(handle: BinaryIO) -> None:
+    """An exclusive lock on the open file, held until it is closed; a no-op where flock is unsupported."""
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _check_copy(stream: BinaryIO, size: int | None, sha256: str | None) -> str | None:

@@ -387,6 +387,11 @@ def _cached(tmp_path, limit=10 * len(DATA)):
 _real_sha256 = hashlib.sha256
 
 
+def _copies(tmp_path):
+    """The cached shards (not the lock or temporary files)."""
+    return sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+
+
 def _sha(data):
     return _real_sha256(data).hexdigest()
 
@@ -397,7 +402,7 @@ def test_cache_miss_then_hit(http, tmp_path):
     for offset in (0, 1234, 0):
         assert _read(f"{base}/shard.tar", offset, size=len(DATA), sha256=_sha(DATA), settings=settings) == DATA[offset:]
     assert len(plan.requests) == 1
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [ShardCache(settings).path_for(f"{base}/shard.tar").name]
+    assert _copies(tmp_path) == [ShardCache(settings).path_for(f"{base}/shard.tar")]
 
 
 def test_cache_names_ignore_credentials_and_query(tmp_path):
@@ -417,9 +422,9 @@ def test_cache_evicts_the_least_recently_used(http, tmp_path):
         _read(f"{base}/{name}.tar", settings=settings)
         time.sleep(0.02)  # file times tick coarsely
     _read(f"{base}/c.tar", settings=settings)
-    held = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir())
+    held = sorted(p.name.split("-", 1)[1] for p in _copies(tmp_path))
     assert held == ["a.tar", "c.tar"]
-    assert sum(p.stat().st_size for p in (tmp_path / "cache").iterdir()) <= settings.cache_limit_bytes
+    assert sum(p.stat().st_size for p in _copies(tmp_path)) <= settings.cache_limit_bytes
     fetched = [path for path, _, _ in plan.requests]
     assert fetched == ["/a.tar", "/b.tar", "/c.tar"]
 
@@ -476,7 +481,7 @@ def test_a_download_unlike_the_index_is_not_cached(http, tmp_path):
     settings = _cached(tmp_path)
     with pytest.raises(ShardReadError, match="downloaded sha256 .* differs from the index's"):
         _read(f"{base}/shard.tar", sha256=_sha(b"other"), settings=settings)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert _copies(tmp_path) == [] and not list((tmp_path / "cache").glob(".tmp-*"))
 
 
 def test_a_shard_larger_than_the_cache_is_streamed_not_kept(http, tmp_path):
@@ -484,7 +489,7 @@ def test_a_shard_larger_than_the_cache_is_streamed_not_kept(http, tmp_path):
     settings = _cached(tmp_path, limit=len(DATA) // 2)
     with pytest.warns(UserWarning, match="larger than the whole cache limit"):
         assert _read(f"{base}/shard.tar", 10, settings=settings) == DATA[10:]
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert _copies(tmp_path) == [] and not list((tmp_path / "cache").glob(".tmp-*"))
 
 
 def test_temporary_files_of_dead_processes_are_cleaned(http, tmp_path):
@@ -507,12 +512,13 @@ def _read_all_shards(base, settings, names, results):
     results.put(all(got))
 
 
-def test_concurrent_writers_share_one_cache(http, tmp_path):
+@pytest.mark.parametrize("room", [10, 2.5])  # shards the limit holds: all, or fewer (evicting while others write)
+def test_concurrent_readers_share_one_cache(http, tmp_path, room):
     base, plan = http
     names = [f"s{i}" for i in range(3)]
     for name in names:
         plan.files[f"/{name}.tar"] = DATA
-    settings = _cached(tmp_path, limit=int(2.5 * len(DATA)))  # and evicting while others write
+    settings = _cached(tmp_path, limit=int(room * len(DATA)))
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     workers = [context.Process(target=_read_all_shards, args=(base, settings, names[i % 3:] + names[:i % 3], results))
@@ -528,9 +534,11 @@ def test_concurrent_writers_share_one_cache(http, tmp_path):
     for thread in threads:
         thread.join(timeout=30)
     assert outcomes == [True] * 6 and all(worker.exitcode == 0 for worker in workers)
-    held = list((tmp_path / "cache").iterdir())
-    assert not [p for p in held if p.name.startswith(".tmp-")]
+    held = _copies(tmp_path)
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
     assert all(p.read_bytes() == DATA for p in held) and 1 <= len(held) <= 3
+    if room == 10:  # nothing evicted: each shard was downloaded once, the other readers waited for it
+        assert sorted(path for path, _, _ in plan.requests) == ["/s0.tar", "/s1.tar", "/s2.tar"]
 
 
 # ------------------------------------------------------------------ config and a packed split end to end
