@@ -10,6 +10,8 @@ import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from data_shards.remote import read_bytes, redact
+
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
@@ -81,14 +83,14 @@ class ShardIndex:
 
     @classmethod
     def load(cls, where: str | Path) -> ShardIndex:
-        """Loads from a split folder or an index file (local path or a webdataset URL: pipe:, http(s))."""
+        """Loads from a split folder or an index file (a local path or a URL that data_shards.remote opens)."""
         text, location = _read_index_text(str(where))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a valid shard index ({err})") from err
+            raise ValueError(f"{redact(str(where))}: not a valid shard index ({err})") from err
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{where}: index format_version {data.get('format_version')!r}, "
+            raise ValueError(f"{redact(str(where))}: index format_version {data.get('format_version')!r}, "
                              f"this code reads {FORMAT_VERSION}; re-pack with `restormer-pack`")
         data["shards"] = tuple(_shard_info(shard) for shard in data["shards"])
         for name in ("min_size", "median_size", "max_size"):
@@ -145,10 +147,7 @@ def add_offsets(folder: str | Path) -> Path:
 
 def _read_index_text(where: str) -> tuple[str, str]:
     if "://" in where or where.startswith("pipe:"):
-        from webdataset import gopen
-
-        with gopen.gopen(where, "rb") as stream:
-            return stream.read().decode("utf-8"), where
+        return read_bytes(where).decode("utf-8"), where
     path = Path(where)
     if path.is_dir():
         path = path / INDEX_NAME

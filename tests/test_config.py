@@ -43,6 +43,10 @@ def test_dotted_overrides_are_typed():
         ("train.dist_timeout_s=0", "train.dist_timeout_s must be >= 1"),
         ("train.best_metric=psnr_Y", "train.best_metric='psnr_Y' is not one of: psnr, ssim"),
         ("val.noise_sigma=-1", "val.noise_sigma must be >= 0"),
+        ("data.retries=-1", "data.retries=-1 must be >= 0"),
+        ("data.timeout_s=0", "data.timeout_s=0.0 must be a positive"),
+        ("data.cache_dir=/tmp/c", "data.cache_dir and data.cache_limit_gb go together"),
+        ("data.cache_limit_gb=10", "data.cache_dir and data.cache_limit_gb go together"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

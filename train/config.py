@@ -53,6 +53,11 @@ class DataConfig:
     mixup: bool = False
     augment: bool = True
     strict: bool = False  # a bad sample raises instead of being skipped and counted
+    # Remote shards (http(s)://, s3://, pipe:), see docs/remote_storage.md.
+    retries: int = 5  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
+    timeout_s: float = 60.0  # longest any connect or read may block
+    cache_dir: str | None = None  # local whole-shard cache of remote shards, e.g. a node's SSD
+    cache_limit_gb: float | None = None  # required with cache_dir: its size limit (10^9 bytes)
 
 
 @dataclass
@@ -350,6 +355,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.grad_clip must be positive (or null to disable clipping)")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
+    _validate_remote(cfg.data)
     for name in ("reference_world_size", "threads", "max_steps"):
         value = getattr(cfg.train, name)
         if value is not None and value < 1:
@@ -358,3 +364,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.dist_timeout_s must be >= 1 second")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
+
+
+def _validate_remote(data: DataConfig) -> None:
+    if data.retries < 0:
+        raise ConfigError(f"data.retries={data.retries} must be >= 0 (0: a failed read skips the shard at once)")
+    if not data.timeout_s > 0:
+        raise ConfigError(f"data.timeout_s={data.timeout_s} must be a positive number of seconds")
+    if (data.cache_dir is None) != (data.cache_limit_gb is None):
+        raise ConfigError("data.cache_dir and data.cache_limit_gb go together: give the cache folder and the most "
+                          "disk it may use (e.g. data.cache_dir=/local_ssd/shards data.cache_limit_gb=500)")
+    if data.cache_limit_gb is not None and not data.cache_limit_gb > 0:
+        raise ConfigError(f"data.cache_limit_gb={data.cache_limit_gb} must be positive")

@@ -10,6 +10,7 @@ from pathlib import Path
 from data_shards.demo import ensure_demo_data
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.pack import PackConfig, PackError, pack
+from data_shards.remote import RemoteSettings
 from data_shards.stream import (REINDEX, NoiseConfig, StreamSettings, build_train_loader, build_val_loader,
                                  noise_mismatch)
 from train.config import Config, ConfigError
@@ -82,6 +83,13 @@ def _local_index(source: str, what: str) -> ShardIndex | None:
         return ShardIndex.load(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.{what}: cannot read the shard index at '{source}': {err}") from err
+
+
+def remote_settings(cfg: Config) -> RemoteSettings:
+    """How the stream reads remote shards: data.retries, data.timeout_s, data.cache_dir, data.cache_limit_gb."""
+    d = cfg.data
+    limit = round(d.cache_limit_gb * 1e9) if d.cache_limit_gb is not None else None
+    return RemoteSettings(retries=d.retries, timeout_s=d.timeout_s, cache_dir=d.cache_dir, cache_limit_bytes=limit)
 
 
 def noise_config(cfg: Config) -> NoiseConfig | None:
