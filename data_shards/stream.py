@@ -50,8 +50,8 @@ from webdataset.shardlists import expand_urls
 from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
-from data_shards.index import ShardIndex, member_key
-from data_shards.remote import open_shard
+from data_shards.index import ShardIndex, ShardInfo, member_key
+from data_shards.remote import RemoteSettings, ShardReadError, open_shard, redact
 
 __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
            "noise_mismatch"]
@@ -82,6 +82,7 @@ class StreamSettings:
     augment: bool = True
     mixup: bool = False
     strict: bool = False
+    remote: RemoteSettings = RemoteSettings()  # retries, timeouts and cache for remote shards
 
     def __post_init__(self):
         if self.patch < 1 or self.batch < 1:
@@ -137,7 +138,7 @@ def build_train_loader(source, settings: StreamSettings, index: str | Path | Non
 
 def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: NoiseConfig | None = None,
                      max_images: int | None = None, strict: bool = False,
-                     index: str | Path | None = None) -> ValLoader:
+                     index: str | Path | None = None, remote: RemoteSettings | None = None) -> ValLoader:
     """Finite, deterministic whole images, one at a time: {'input': (1, Cin, H, W), 'target': (1, C, H, W),
     'key': str, 'bits': the target's stored bit depth (8 or 16)}. Rank r gets samples r, r + world_size,
     ... of the split's stored order (sorted by key), so the ranks together cover each of the first
@@ -150,7 +151,7 @@ def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: Noise
         problem = noise_mismatch(bool(shard_index.inputs), noise, str(source))
         if problem:
             raise ValueError(problem)
-    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict)
+    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict, remote or RemoteSettings())
 
 
 def resolve_source(source, index: str | Path | None = None) -> tuple[list[str], ShardIndex | None]:
@@ -177,6 +178,7 @@ class Catalog:
     """Where every training sample lives: sample i is bytes start[i]:end[i] of urls[shard[i]]."""
 
     urls: tuple[str, ...]
+    shards: tuple[ShardInfo, ...]  # sizes and checksums, for the remote reader
     shard: np.ndarray  # int32 (N,)
     start: np.ndarray  # int64 (N,)
     end: np.ndarray  # int64 (N,)
@@ -194,7 +196,8 @@ class Catalog:
                              f"them with `{REINDEX}` (reads only the tar headers) or re-pack")
         offsets = [np.asarray(shard.offsets, dtype=np.int64) for shard in shard_index.shards]
         counts = [len(o) - 1 for o in offsets]
-        return cls(urls=tuple(urls), shard=np.repeat(np.arange(len(urls), dtype=np.int32), counts),
+        return cls(urls=tuple(urls), shards=shard_index.shards,
+                   shard=np.repeat(np.arange(len(urls), dtype=np.int32), counts),
                    start=np.concatenate([o[:-1] for o in offsets]), end=np.concatenate([o[1:] for o in offsets]))
 
 
@@ -213,8 +216,8 @@ class ValLoader:
     """Iterable over this rank's validation images; re-iterable, and sized when an index is known."""
 
     def __init__(self, urls: list[str], shard_index: ShardIndex | None, rank: int, world_size: int,
-                 noise: NoiseConfig | None, max_images: int | None, strict: bool):
-        self.urls, self.shard_index = urls, shard_index
+                 noise: NoiseConfig | None, max_images: int | None, strict: bool, remote: RemoteSettings):
+        self.urls, self.shard_index, self.remote = urls, shard_index, remote
         self.rank, self.world_size = rank, world_size
         self.noise, self.max_images, self.strict = noise, max_images, strict
         self.skipped = 0
@@ -230,8 +233,9 @@ class ValLoader:
         log = _BadSampleLog(self.strict)
         inputs = self.shard_index.inputs if self.shard_index else None
         position = 0
-        for url in self.urls:
-            for sample in _tar_samples(url, log):
+        for number, url in enumerate(self.urls):
+            shard = self.shard_index.shards[number] if self.shard_index else None
+            for sample in _tar_samples(url, log, shard, self.remote):
                 if self.max_images is not None and position >= self.max_images:
                     return
                 mine = position % self.world_size == self.rank
@@ -263,7 +267,7 @@ class _TrainStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         s = self.settings
-        reader = _ShardReader(self.catalog.urls)
+        reader = _ShardReader(self.catalog, self.settings.remote)
         log = _BadSampleLog(s.strict)
         reported = 0
         try:
@@ -335,8 +339,8 @@ class _TrainStream(IterableDataset):
 class _ShardReader:
     """Reads byte ranges of shards; keeps up to _OPEN_SHARDS seekable handles open (least recently used out)."""
 
-    def __init__(self, urls: tuple[str, ...]):
-        self.urls = urls
+    def __init__(self, catalog: Catalog, remote: RemoteSettings):
+        self.catalog, self.remote = catalog, remote
         self.handles: OrderedDict[int, object] = OrderedDict()
 
     def read(self, shard: int, start: int, length: int) -> bytes:
@@ -344,7 +348,9 @@ class _ShardReader:
         if handle is not None:
             handle.seek(start)
         else:
-            handle = open_shard(self.urls[shard], start, length=length)
+            info = self.catalog.shards[shard]
+            handle = open_shard(self.catalog.urls[shard], start, length=length, size=info.bytes,
+                                sha256=info.sha256, settings=self.remote)
         try:
             data = handle.read(length)
         except BaseException:
@@ -385,11 +391,13 @@ def _members(data: bytes) -> dict:
     return sample
 
 
-def _tar_samples(url: str, log: _BadSampleLog) -> Iterator[dict]:
+def _tar_samples(url: str, log: _BadSampleLog, shard: ShardInfo | None, remote: RemoteSettings) -> Iterator[dict]:
     """The samples of one shard, front to back (members grouped by key). A read error ends the shard."""
     current: dict | None = None
+    size, sha256 = (shard.bytes, shard.sha256) if shard is not None else (None, None)
     try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with open_shard(url, size=size, sha256=sha256, settings=remote) as stream, \
+                tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -417,8 +425,10 @@ class _BadSampleLog:
         self.warned: set[tuple] = set()
 
     def __call__(self, error: BaseException, url: str, key: str | None = None, detail: str = "") -> None:
-        where = f"shard {url}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
-        message = f"{where}: {type(error).__name__}: {error.args[0] if error.args else error}"
+        where = f"shard {redact(url)}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
+        # A ShardReadError names the shard itself (redacted); the rest of it is the cause.
+        cause = error.reason if isinstance(error, ShardReadError) else error.args[0] if error.args else error
+        message = f"{where}: {type(error).__name__}: {cause}"
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import pack_images
 from data_shards.index import ShardIndex
@@ -581,3 +583,53 @@ def test_a_packed_split_reads_back_byte_identically(packed_split, http_server, s
             with open_shard(url, members[1][1], size=shard.bytes, settings=settings) as stream, \
                     tarfile.open(fileobj=stream, mode="r|") as tar:
                 assert [m.name for m in tar] == [name for name, _ in members[1:]]
+
+
+# ------------------------------------------------------------------ the stream over http and S3
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_the_stream_reads_remote_splits_like_local_ones(packed_split, http_server, s3_server, tmp_path, where):
+    from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
+
+    files = {path.name: path.read_bytes() for path in packed_split.iterdir()}
+    if where == "http":
+        http_server.plan = Plan(files={f"/train/{name}": data for name, data in files.items()})
+        index_url = f"http://127.0.0.1:{http_server.server_address[1]}/train/index.json"
+    else:
+        for name, data in files.items():
+            s3_server.put_object(Bucket="shards", Key=f"stream/train/{name}", Body=data)
+        index_url = "s3://shards/stream/train/index.json"
+    noise = NoiseConfig(sigma=25)
+
+    def train(source, remote):
+        loader = build_train_loader(source, StreamSettings(patch=16, batch=2, num_workers=0, noise=noise, remote=remote))
+        return [batch["target"] for batch in itertools.islice(iter(loader), 6)]
+
+    def val(source, remote=None):
+        return [(item["key"], item["target"]) for item in build_val_loader(source, noise=noise, remote=remote)]
+
+    local_train, local_val = train(packed_split, FAST), val(packed_split)
+    for remote in (FAST, _cached(tmp_path)):
+        assert all(torch.equal(a, b) for a, b in zip(train(index_url, remote), local_train, strict=True))
+        got = val(index_url, remote)
+        assert [k for k, _ in got] == [k for k, _ in local_val]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, local_val, strict=True))
+
+
+def test_a_missing_remote_shard_is_skipped_counted_and_named(packed_split, http_server):
+    from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader
+
+    files = {path.name: path.read_bytes() for path in packed_split.iterdir()}
+    index = ShardIndex.load(packed_split)
+    gone = index.shards[1].name
+    http_server.plan = Plan(files={f"/train/{name}": data for name, data in files.items() if name != gone},
+                            auth="Basic Ym9iOnMzY3JldA==")
+    url = f"http://bob:s3cret@127.0.0.1:{http_server.server_address[1]}/train/index.json"
+    settings = StreamSettings(patch=16, batch=2, num_workers=0, noise=NoiseConfig(sigma=25), remote=FAST)
+    with pytest.warns(UserWarning) as caught:
+        batches = list(itertools.islice(iter(build_train_loader(url, settings)), 3))
+    assert sum(int(b["skipped"]) for b in batches) >= index.shards[1].samples  # one epoch: each drawn once
+    messages = [str(w.message) for w in caught]
+    assert any(gone in m and "HTTP Error 404" in m for m in messages)
+    assert not any("s3cret" in m for m in messages)

@@ -160,7 +160,7 @@ def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, posit
     return StreamSettings(
         patch=stage.patch, batch=stage.batch, seed=cfg.train.seed, rank=rank, world_size=world_size,
         num_workers=cfg.data.num_workers, start=position, noise=noise_config(cfg), augment=cfg.data.augment,
-        mixup=cfg.data.mixup, strict=cfg.data.strict,
+        mixup=cfg.data.mixup, strict=cfg.data.strict, remote=remote_settings(cfg),
     )
 
 
@@ -177,4 +177,5 @@ def val_images(cfg: Config, source: str, rank: int, world_size: int):
         noise=val_noise_config(cfg),
         max_images=cfg.val.max_images,
         strict=cfg.data.strict,
+        remote=remote_settings(cfg),
     )
