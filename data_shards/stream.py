@@ -97,14 +97,19 @@ class StreamSettings:
         return self.world_size * self.batch
 
 
-def noise_mismatch(paired: bool, noise: NoiseConfig | None, where: str) -> str | None:
+TRAIN_NOISE_SETTINGS = "(data.noise_sigma, e.g. 25, or data.noise_sigma_range, e.g. [0, 50])"
+
+
+def noise_mismatch(paired: bool, noise: NoiseConfig | None, where: str,
+                   settings: str = TRAIN_NOISE_SETTINGS) -> str | None:
     """The one rule tying data to synthetic noise: paired data must not get it, clean-only data needs
-    it. Returns what is wrong (for the caller's error type), or None."""
+    it. `settings` names where the noise is set. Returns what is wrong (for the caller's error
+    type), or None."""
     if paired and noise is not None:
-        return f"{where} holds degraded inputs: synthetic noise is only for clean-only data; drop the noise setting"
+        return (f"{where} holds degraded inputs but noise is set {settings}: synthetic noise is only for "
+                "clean-only data; drop the noise setting")
     if not paired and noise is None:
-        return (f"{where} holds clean images only, so inputs must be synthesised: give a noise level "
-                "(data.noise_sigma, e.g. 25, or data.noise_sigma_range, e.g. [0, 50])")
+        return f"{where} holds clean images only, so inputs must be synthesised: set a noise level {settings}"
     return None
 
 

@@ -143,16 +143,15 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
             )
 
 
+VAL_NOISE_SETTINGS = "for validation (val.noise_sigma, e.g. 25, or data.noise_* when it is null)"
+
+
 def _check_val(cfg: Config, source: str, index: ShardIndex | None) -> None:
     if index is None:
         return
-    if index.inputs and val_noise_config(cfg) is not None:
-        raise ConfigError(f"data.val: '{source}' holds degraded inputs ({', '.join(index.inputs)}), but noise is set "
-                          "for validation (val.noise_sigma, or data.noise_* when it is null): synthetic noise is "
-                          "only for clean-only images")
-    if not index.inputs and val_noise_config(cfg) is None:
-        raise ConfigError(f"data.val: '{source}' holds clean images only: set val.noise_sigma (e.g. 25) or the "
-                          "training noise (data.noise_sigma / data.noise_sigma_range)")
+    problem = noise_mismatch(bool(index.inputs), val_noise_config(cfg), f"data.val: '{source}'", VAL_NOISE_SETTINGS)
+    if problem:
+        raise ConfigError(problem)
 
 
 def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, position: int) -> StreamSettings:
