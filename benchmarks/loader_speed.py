@@ -30,8 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from data_shards.codec import read_image, to_channels
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, paired_crop
 from data_shards.demo import TRAIN_IMAGES, VAL_IMAGES
+from data_shards.geometry import dihedral
 from data_shards.index import ShardIndex
 from data_shards.pack import PackConfig, pack
 from data_shards.stream import build_train_loader

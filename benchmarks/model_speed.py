@@ -1,4 +1,4 @@
-"""Train-step speed and peak memory of model.Restormer, optionally side by side with the official formulation.
+"""Train-step speed and peak memory of model.Restormer, optionally side by side with the official code.
 
 Every (implementation, patch) pair runs in a fresh subprocess so its peak RSS (ru_maxrss) is its
 own (VmHWM of the child, which unlike ru_maxrss does not inherit the parent's high-water mark); it
@@ -7,11 +7,17 @@ AdamW; times are medians over --steps after one warm-up step. Other jobs on a sh
 wall-clock times, so the process CPU time of each step is reported too, and --rounds repeats every
 configuration alternately (official, ours, official, ...) and keeps each one's fastest round.
 
-    python benchmarks/model_speed.py --patch 64 128 --batch 2 --compare-official
+    python benchmarks/model_speed.py --patch 64 128 --batch 2
+    python benchmarks/model_speed.py --patch 64 128 --official path/to/restormer_arch.py
+
+The comparison needs the official implementation's file, which this project does not ship (it is
+published under its own, non-commercial license): take basicsr/models/archs/restormer_arch.py from
+a checkout of https://github.com/swz30/Restormer and pass its path with --official.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -23,23 +29,33 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT)]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _build(impl: str, preset: str, checkpointing: bool) -> torch.nn.Module:
+def _official_class(path: str) -> type:
+    """The Restormer class of the official restormer_arch.py at `path`."""
+    spec = importlib.util.spec_from_file_location("official_restormer_arch", path)
+    if spec is None or not Path(path).is_file():
+        raise SystemExit(f"--official {path}: no such file (give the official restormer_arch.py)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Restormer"):
+        raise SystemExit(f"--official {path}: defines no Restormer class")
+    return module.Restormer
+
+
+def _build(impl: str, preset: str, checkpointing: bool, official: str | None) -> torch.nn.Module:
     from model import PRESETS, build_model
 
     torch.manual_seed(0)
     ours = build_model(preset, checkpointing=checkpointing)
     if impl == "ours":
         return ours
-    import official_restormer
-
-    official = official_restormer.Restormer(**PRESETS[preset])
-    official.load_state_dict(ours.state_dict())
-    return official
+    net = _official_class(official)(**PRESETS[preset])
+    net.load_state_dict(ours.state_dict())
+    return net
 
 
 def _inputs(preset: str, patch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the measurements."""
     torch.set_num_threads(args.threads)
     idle = _peak_rss_mib()
-    model = _build(args.impl, args.preset, args.checkpointing).train()
+    model = _build(args.impl, args.preset, args.checkpointing, args.official).train()
     opt = _optimizer(model.parameters(), args.optimizer)
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     x, target = _inputs(args.preset, args.one_patch, args.batch)
@@ -93,11 +109,11 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_mib": peak, "idle_mib": idle}
 
 
-def _max_diff(preset: str, patch: int, batch: int) -> float:
+def _max_diff(preset: str, patch: int, batch: int, official: str) -> float:
     """Largest |ours - official| of a forward pass with the same weights and input."""
     x, _ = _inputs(preset, patch, batch)
     with torch.no_grad():
-        return (_build("ours", preset, False)(x) - _build("official", preset, False)(x)).abs().max().item()
+        return (_build("ours", preset, False, None)(x) - _build("official", preset, False, official)(x)).abs().max().item()
 
 
 def main() -> None:
@@ -115,7 +131,8 @@ def main() -> None:
                         help="AdamW implementation for ours (and for official unless --official-optimizer)")
     parser.add_argument("--official-optimizer", choices=OPTIMIZERS,
                         help="AdamW implementation for official; BasicSR's plain torch.optim.AdamW is 'loop' on CPU")
-    parser.add_argument("--compare-official", action="store_true")
+    parser.add_argument("--official", metavar="PATH",
+                        help="the official restormer_arch.py: time it side by side (see the top of this file)")
     parser.add_argument("--impl", choices=["ours", "official"], help=argparse.SUPPRESS)
     parser.add_argument("--one-patch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,11 +141,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    impls = ["official", "ours"] if args.compare_official else ["ours"]
+    impls = ["official", "ours"] if args.official else ["ours"]
     shared = [f"--{k}={v}" for k, v in [("preset", args.preset), ("batch", args.batch), ("dtype", args.dtype),
                                         ("steps", args.steps), ("threads", args.threads)]]
     optimizers = {"ours": args.optimizer, "official": args.official_optimizer or args.optimizer}
     shared += ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
+    shared += [f"--official={Path(args.official).resolve()}"] if args.official else []
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} "
           f"AdamW: ours={optimizers['ours']} official={optimizers['official']} "
           f"checkpointing={args.checkpointing} compile={args.compile} steps={args.steps} (median)")
@@ -136,7 +154,7 @@ def main() -> None:
           "| idle RSS (MiB) | max abs diff vs official |")
     print("|---|---|---|---|---|---|---|---|---|")
     for patch in args.patch:
-        diff = f"{_max_diff(args.preset, patch, args.batch):.2e}" if args.compare_official else "-"
+        diff = f"{_max_diff(args.preset, patch, args.batch, args.official):.2e}" if args.official else "-"
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for impl in impls:

@@ -61,13 +61,6 @@ def paired_crop(images: list[np.ndarray], patch: int, rng: np.random.Generator) 
     return [image[y:y + patch, x:x + patch] for image in images]
 
 
-def dihedral(image: np.ndarray, mode: int) -> np.ndarray:
-    """One of the 8 flips/rotations of the square (mode 0 is the identity); returns a view."""
-    if mode >= 4:
-        image = image[::-1]
-    return np.rot90(image, k=mode % 4)
-
-
 def mixup(inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Restormer's mixing augmentation on a batch: lam ~ Beta(1.2, 1.2), mixed with a permuted copy.
 

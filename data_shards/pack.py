@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_shards.codec import ImageError, encode_npy, encode_png, read_image, to_channels
+from data_shards.geometry import tile_positions
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.sources import SampleSpec, Scan, SourceError, read_manifest, scan_clean, scan_paired
 from data_shards.tar_writer import ShardWriter
@@ -153,15 +154,6 @@ def pack(config: PackConfig) -> PackReport:
             indexes[split] = ShardIndex.load(index_path)
     return PackReport(indexes, skipped, notes, scan.ignored, len(scan.samples), time.perf_counter() - start)
 
-
-def tile_positions(length: int, tile: int, stride: int) -> list[int]:
-    """Tile origins along one axis: every `stride` pixels, plus one flush with the far edge."""
-    if length <= tile:
-        return [0]
-    positions = list(range(0, length - tile + 1, stride))
-    if positions[-1] != length - tile:
-        positions.append(length - tile)
-    return positions
 
 
 def _scan(config: PackConfig) -> Scan:

@@ -34,7 +34,8 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, mixup, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
+from data_shards.geometry import dihedral
 from data_shards.index import ShardIndex
 
 __all__ = ["BadSampleError", "NoiseConfig", "build_train_loader", "build_val_loader"]

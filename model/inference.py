@@ -1,12 +1,20 @@
-"""Whole-image inference: pad to the network's stride, optionally in overlapping tiles."""
+"""Network-level inference: padding to the network's stride, overlapping tiles, the 8-view
+self-ensemble, autocast precisions, and a padded copy of the network for tracing (ONNX)."""
 from __future__ import annotations
+
+import contextlib
+import copy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_shards.geometry import dihedral, tile_positions, undo_dihedral
+
 # Three 2x downsamplings: H and W must be multiples of 8.
 MULTIPLE = 8
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SPATIAL = (-2, -1)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -20,12 +28,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Te
         mode = "reflect" if pad_h < h and pad_w < w else "replicate"
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
     return x, (h, w)
-
-
-def _starts(size: int, tile: int, stride: int) -> list[int]:
-    """Tile origins covering [0, size): regular steps, the last tile flush with the end."""
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
 
 
 def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, like: torch.Tensor) -> torch.Tensor:
@@ -63,9 +65,9 @@ def restore_image(model: nn.Module, x: torch.Tensor, tile: int | None = None, ov
                          f"with 0 <= overlap < tile")
     th, tw = min(tile, H), min(tile, W)
     out = weight_sum = None
-    for top in _starts(H, th, tile - overlap):
+    for top in tile_positions(H, th, tile - overlap):
         wy = _ramp(th, overlap, top == 0, top + th == H, padded)
-        for left in _starts(W, tw, tile - overlap):
+        for left in tile_positions(W, tw, tile - overlap):
             wx = _ramp(tw, overlap, left == 0, left + tw == W, padded)
             pred = model(padded[..., top:top + th, left:left + tw])
             if out is None:
@@ -75,3 +77,48 @@ def restore_image(model: nn.Module, x: torch.Tensor, tile: int | None = None, ov
             out[..., top:top + th, left:left + tw] += pred * weight
             weight_sum[top:top + th, left:left + tw] += weight
     return (out / weight_sum)[..., :h, :w]
+
+
+@torch.no_grad()
+def restore(model: nn.Module, x: torch.Tensor, tile: int | None = None, overlap: int = 32,
+            precision: str = "fp32", self_ensemble: bool = False) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> restored float32 on the model's device, not clamped.
+
+    precision: autocast dtype name (PRECISIONS). self_ensemble: average the outputs for the 8
+    flips/rotations of the input (each undone first); 8x the compute for typically +0.05-0.1 dB.
+    """
+    device = next(model.parameters()).device
+    x = x.to(device)
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    views = range(8) if self_ensemble else range(1)
+    total = None
+    for k in views:
+        with autocast:
+            out = restore_image(model, dihedral(x, k, _SPATIAL), tile=tile, overlap=overlap)
+        out = undo_dihedral(out.float(), k, _SPATIAL)
+        total = out if total is None else total + out
+    return total / len(views)
+
+
+class PaddedModel(nn.Module):
+    """The network plus reflect padding to a multiple of 8 and the crop back: takes any H and W.
+
+    Unlike pad_to_multiple it always pads (by 0 rows when nothing is missing): a Python branch on
+    the size would be frozen into a traced graph at the example's size.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def cpu_copy(cls, model: nn.Module) -> "PaddedModel":
+        """A float32 CPU copy in eval mode, leaving `model` (maybe on a GPU, maybe bf16) untouched."""
+        return cls(copy.deepcopy(model).float().cpu().eval())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % MULTIPLE, -width % MULTIPLE
+        out = self.model(F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"))
+        return out[..., :height, :width]

@@ -1,6 +1,7 @@
 """Reading and writing Restormer weights: official BasicSR .pth files, bare state dicts, safetensors."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -130,3 +131,61 @@ def save_official_pth(model_or_state: nn.Module | Mapping[str, torch.Tensor], pa
 def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     state = _cpu_state(model_or_state)
     _atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+_LEVELS = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
+    """Restormer's constructor arguments, read off the shapes of a state dict (official keys).
+
+    Every shape field is visible in the weights: channels in/out and dim from the first and last
+    convolutions, blocks per level from the block indices, heads from each level's attention
+    temperature, the GDFN width from its projection, bias and LayerNorm type from which
+    parameters exist, the dual-pixel task from its extra skip convolution. So an exported or official
+    file needs no preset or config file beside it. Raises ValueError for a state dict that is not a
+    Restormer's.
+    """
+    try:
+        embed = state["patch_embed.proj.weight"]
+        output = state["output.weight"]
+    except KeyError as err:
+        raise ValueError(f"not Restormer weights: no {err.args[0]!r} entry") from err
+
+    def blocks(stage: str) -> int:
+        indices = {int(k.split(".")[1]) for k in state if k.startswith(stage + ".") and k.split(".")[1].isdigit()}
+        return max(indices) + 1 if indices else 0
+
+    num_blocks = [blocks(stage) for stage in _LEVELS]
+    if 0 in num_blocks:
+        raise ValueError(f"not Restormer weights: no transformer blocks at {_LEVELS[num_blocks.index(0)]}")
+    dim = int(embed.shape[0])
+    heads = [int(state[f"{stage}.0.attn.temperature"].shape[0]) for stage in _LEVELS]
+    hidden = [int(state[f"{stage}.0.ffn.project_out.weight"].shape[1]) for stage in _LEVELS]
+    first = "encoder_level1.0"
+    return {
+        "inp_channels": int(embed.shape[1]),
+        "out_channels": int(output.shape[0]),
+        "dim": dim,
+        "num_blocks": num_blocks,
+        "num_refinement_blocks": blocks("refinement"),
+        "heads": heads,
+        "ffn_expansion_factor": _expansion_factor(hidden, [dim * 2**level for level in range(4)]),
+        "bias": f"{first}.attn.qkv.bias" in state,
+        "LayerNorm_type": "WithBias" if f"{first}.norm1.body.bias" in state else "BiasFree",
+        "dual_pixel_task": "skip_conv.weight" in state,
+    }
+
+
+def _expansion_factor(hidden: list[int], widths: list[int]) -> float:
+    """The shortest decimal f with int(width * f) == hidden at every level (2.66 for 127/48, 255/96, ...).
+
+    Each level confines f to [hidden / width, (hidden + 1) / width); the official configs' factors are
+    short decimals inside the intersection."""
+    low = max(h / w for h, w in zip(hidden, widths))
+    high = min((h + 1) / w for h, w in zip(hidden, widths))
+    for digits in range(7):
+        candidate = math.ceil(low * 10**digits) / 10**digits
+        if candidate < high and all(int(w * candidate) == h for h, w in zip(hidden, widths)):
+            return candidate
+    raise ValueError(f"GDFN widths {hidden} at channel widths {widths} fit no single expansion factor")

@@ -1,9 +1,15 @@
+"""Shared test helpers: launch lines, tiny networks and runs, synthetic images and shards."""
+
+import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +37,8 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
 
 
 def accelerate_cmd(num_processes: int = 1) -> list[str]:
-    """The launch line that really starts synced gloo processes on CPU (see ENVIRONMENT.md)."""
+    """The launch line that really starts synced gloo processes on CPU: `--cpu --num_processes 2`
+    would silently run one process, so 2 processes are `--multi_gpu` with ACCELERATE_USE_CPU=1."""
     base = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     if num_processes > 1:
@@ -55,3 +62,136 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is absent (it holds the reference data sets; users do not have it)")
     return SHARED
+
+
+# A network with every part of Restormer (4 levels, refinement) that runs in milliseconds.
+TINY_NET = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
+# The same network as the tools' command-line options.
+TINY_NET_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
+                 "--heads", "1", "2", "4", "8"]
+# Trainer overrides: TINY_NET, two 3-step stages, a validation and a checkpoint every 3 steps.
+TINY_RUN = [
+    "model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1",
+    "progressive.iters=[3,3]", "progressive.patch=[16,24]", "progressive.batch=[2,2]",
+    "data.num_workers=0", "data.noise_sigma=25", "train.threads=1", "train.log_every=1",
+    "val.every=3", "val.grid_crop=32", "train.ckpt_every=3", "tracking.wandb=disabled",
+    "lr.schedule=cosine", "optim.lr=1e-3",
+]
+
+
+def tiny_net(preset: str = "default", seed: int = 0, identity: bool = False):
+    """TINY_NET for `preset`, in eval mode. identity: the output convolution zeroed, so the global
+    residual makes output == input exactly."""
+    import torch
+
+    from model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(preset, **TINY_NET).eval()
+    if identity:
+        torch.nn.init.zeros_(model.output.weight)
+    return model
+
+
+def write_png(path: Path, array: np.ndarray) -> np.ndarray:
+    from data_shards.codec import encode_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(array))
+    return array
+
+
+def random_png(path: Path, height: int, width: int, channels: int = 3, bits: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 2**bits, (height, width, channels)).astype(np.uint16 if bits == 16 else np.uint8)
+    return write_png(path, array)
+
+
+def synthetic_images(folder: Path, count: int = 10, size: int = 40, flat: bool = False) -> list[Path]:
+    """Smooth colour fields with an edge, as 8-bit PNGs img0.png ... `flat`: each image one distinct
+    grey level (10, 30, ..., 190), so a training crop tells which image it came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / float(size)
+    paths = []
+    for i in range(count):
+        if flat:
+            img = np.full((size, size, 3), (10 + 20 * i) / 255.0)
+        else:
+            a, b, c = rng.uniform(0, 1, 3)
+            img = np.stack([a * xx + (1 - a) * yy, (b * xx * yy) % 1, (xx > c) * 0.8 + 0.1], -1)
+        paths.append(folder / f"img{i}.png")
+        write_png(paths[-1], np.round(img * 255).astype(np.uint8))
+    return paths
+
+
+def pack_images(out: Path, flat: bool = False, *pack_args: str) -> Path:
+    """synthetic_images packed as shards under out/shards: 8 train, 2 val."""
+    from data_shards.pack import main as pack_main
+
+    synthetic_images(out / "images", flat=flat)
+    assert pack_main([str(out / "images"), "--out", str(out / "shards"), "--val-fraction", "0.2",
+                      "--no-progress", *pack_args]) == 0
+    return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The shared tiny data set (read only): pack_images in a session folder."""
+    return pack_images(tmp_path_factory.mktemp("data"))
+
+
+def records(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, tolerating a last line that is being written while we read."""
+    path = run_dir / "metrics.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return found
+
+
+# ---------------------------------------------------------------- the commands of docs/scaling.md
+
+SCALING_DOC = ROOT / "docs" / "scaling.md"
+
+
+def doc_commands() -> list[str]:
+    """The commands in docs/scaling.md's ```bash blocks, one per line (comments skipped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", SCALING_DOC.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                commands.append(line.strip())
+    return commands
+
+
+def doc_command(key: str) -> list[str]:
+    """The one command of docs/scaling.md containing `key`, as argv (`accelerate` -> this Python)."""
+    found = [c for c in doc_commands() if key in c]
+    assert len(found) == 1, f"{len(found)} commands in {SCALING_DOC} contain {key!r}: {found}"
+    argv = shlex.split(found[0])
+    if argv[:2] == ["accelerate", "launch"]:
+        argv[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
+    return argv
+
+
+def recipe_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides that shrink the docs' recipe (gaussian_color_denoising_blind) to seconds on a CPU."""
+    return [f"data.train={shards}/train", f"data.val={shards}/val", f"output_dir={out}", *TINY_RUN,
+            "data.noise_sigma_range=null", *extra]
+
+
+def with_flags(argv: list[str], **flags) -> list[str]:
+    """Sets launcher flags (those before train/main.py) to test-sized values: replaced or added."""
+    script = argv.index("train/main.py")
+    head, tail = list(argv[:script]), argv[script:]
+    for name, value in flags.items():
+        flag = f"--{name}"
+        if flag in head:
+            head[head.index(flag) + 1] = str(value)
+        else:
+            head += [flag, str(value)]
+    return head + tail

@@ -1,17 +1,20 @@
-"""Shared bits of the model tests: tiny configs, the test vectors, the official transcription."""
+"""Shared bits of the model tests: tiny configs and the test vectors made with the official code."""
 from __future__ import annotations
 
-import importlib.util
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+from conftest import TINY_NET
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = Path(__file__).resolve().parent / "vectors"
 
-# The configuration the official test vectors were made with.
-TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
+# The configuration the official test vectors were made with: the suite's tiny network.
+TINY = TINY_NET
 VECTOR_SETS = {"WithBias": "tiny_", "BiasFree": "tiny_biasfree_"}
 
 
@@ -21,12 +24,11 @@ def load_vectors(layernorm_type: str) -> tuple[dict[str, torch.Tensor], torch.Te
     return state, load_file(f"{prefix}input.safetensors")["input"], load_file(f"{prefix}output.safetensors")["output"]
 
 
-def official_module():
-    """benchmarks/official_restormer.py (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("official_restormer", ROOT / "benchmarks" / "official_restormer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_gradient_vectors(folder: Path, case: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """-> (official weights, {'input', 'probe', 'output', 'grad.<name>'}, the constructor's arguments)."""
+    with safe_open(folder / f"{case}_io.safetensors", "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    return load_file(folder / f"{case}_state.safetensors"), load_file(folder / f"{case}_io.safetensors"), config
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

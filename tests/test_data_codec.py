@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data_shards.codec import ImageError, decode_npy, decode_png, encode_npy, encode_png, read_image, to_channels
-from data_shards.degrade import NoiseConfig, add_noise, dihedral, mixup, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
+from data_shards.geometry import dihedral
 
 
 def _png16_rgb_all_filters(image: np.ndarray) -> bytes:

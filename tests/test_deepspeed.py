@@ -5,17 +5,10 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from conftest import free_port, run
+from conftest import doc_command, free_port, recipe_args, records, run, with_flags
 from model import build_model, read_state_dict
-from test_launch import doc_command, pack_images, recipe_args, with_flags
-from test_trainer import records
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return pack_images(tmp_path_factory.mktemp("deepspeed"))
 
 
 def launch(argv, shards, out, *extra, resume=None):

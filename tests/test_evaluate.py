@@ -1,4 +1,4 @@
-"""python -m train.evaluate: paired folders, clean + seeded Gaussian noise, shards; CSV and summary."""
+"""python -m tools.evaluate: paired folders, clean + seeded Gaussian noise, shards; CSV and summary."""
 
 import math
 
@@ -7,28 +7,19 @@ import pandas as pd
 import pytest
 import torch
 
-from data_shards.codec import encode_png
-from model import build_model, save_safetensors
-from train.evaluate import main, noisy_copy
+from conftest import TINY_NET_ARGS, tiny_net, write_png
+from model import save_safetensors
+from tools.evaluate import main, noisy_copy
 
-TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
-TINY_ARGS = ["--preset", "default", "--dim", "8", "--num-blocks", "1", "1", "1", "1",
-             "--num-refinement-blocks", "1", "--heads", "1", "2", "4", "8"]
+TINY_ARGS = ["--preset", "default", *TINY_NET_ARGS]
 
 
 @pytest.fixture
 def identity_weights(tmp_path):
     """A model whose output equals its input: restored metrics must equal the degraded input's."""
-    model = build_model("default", **TINY)
-    torch.nn.init.zeros_(model.output.weight)
     path = tmp_path / "identity.safetensors"
-    save_safetensors(model, path)
+    save_safetensors(tiny_net(identity=True), path)
     return path
-
-
-def write_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(array))
 
 
 def smooth_image(seed, height=24, width=32):

@@ -1,22 +1,20 @@
-"""python -m train.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
+"""python -m tools.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from conftest import TINY_NET, TINY_NET_ARGS
 from model import build_model, read_state_dict, save_safetensors
-from train.export import check_onnx, export_onnx, main
-from train.loading import load_model
+from tools.export import check_onnx, export_onnx, main
+from tools.loading import load_model
 
-TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
-TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
-             "--heads", "1", "2", "4", "8"]
 
 
 def tiny(preset="default", seed=0):
     torch.manual_seed(seed)
-    model = build_model(preset, **TINY).eval()
+    model = build_model(preset, **TINY_NET).eval()
     # Perturb LayerNorm weights and biases, which start as ones/zeros, so a dropped tensor would show.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -28,7 +26,7 @@ def tiny(preset="default", seed=0):
 def test_weights_round_trip_and_the_folder_loads_as_is(tmp_path, capsys):
     model = tiny("real_denoising")
     save_safetensors(model, tmp_path / "in.safetensors")
-    assert main(["-w", str(tmp_path / "in.safetensors"), "--preset", "real_denoising", *TINY_ARGS,
+    assert main(["-w", str(tmp_path / "in.safetensors"), "--preset", "real_denoising", *TINY_NET_ARGS,
                  "-o", str(tmp_path / "out"), "--formats", "safetensors", "pth"]) == 0
     expected = model.state_dict()
     for name in ("model.safetensors", "model_official.pth"):
@@ -63,7 +61,7 @@ def test_onnx_static_export_matches_torch(tmp_path):
 def test_onnx_cli_reports_its_check(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     save_safetensors(tiny(seed=3), tmp_path / "w.safetensors")
-    assert main(["-w", str(tmp_path / "w.safetensors"), "--preset", "default", *TINY_ARGS, "-o", str(tmp_path / "o"),
+    assert main(["-w", str(tmp_path / "w.safetensors"), "--preset", "default", *TINY_NET_ARGS, "-o", str(tmp_path / "o"),
                  "--formats", "onnx", "--onnx-size", "16", "24"]) == 0
     out = capsys.readouterr().out
     assert "max |diff|" in out and out.rstrip().endswith("ok")

@@ -29,12 +29,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, accelerate_cmd, child_env
+from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, pack_images, records
 from model import read_state_dict
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
-from test_trainer import TINY
 
 LONG = ["progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000"]  # a run that a fault stops
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", ckpt.CONFIG_FILE, ckpt.STATE_FILE)
@@ -44,21 +43,8 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl",
 
 
 def make_shards(root: Path) -> Path:
-    """Ten 40x40 images (smooth colour fields with an edge): 8 train in 4 shards, 2 val."""
-    from data_shards.pack import main as pack_main
-
-    src = root / "images"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:40] / 40.0
-    for i in range(10):
-        a, b, c = rng.uniform(0, 1, 3)
-        img = np.stack([a * xx + (1 - a) * yy, (b * xx * yy) % 1, (xx > c) * 0.8 + 0.1], -1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(src / f"img{i}.png")
-    out = root / "shards"
-    code = pack_main([str(src), "--out", str(out), "--val-fraction", "0.2", "--shard-samples", "2", "--no-progress"])
-    assert code == 0
-    return out
+    """conftest's ten synthetic images: 8 train in 4 shards, 2 val."""
+    return pack_images(root, False, "--shard-samples", "2")
 
 
 class Launch:
@@ -93,7 +79,7 @@ class Launch:
 
 def launch(data: Path, out: Path, *extra: str, resume: str | None = "auto", processes: int = 1,
            script: Path | None = None, log: Path | None = None, preexec_fn=None) -> Launch:
-    args = [f"data.train={data}/train", f"data.val={data}/val", f"output_dir={out}", *TINY, *extra]
+    args = [f"data.train={data}/train", f"data.val={data}/val", f"output_dir={out}", *TINY_RUN, *extra]
     if resume is not None:
         args[:0] = ["--resume", resume]
     entry = str(script or "train/main.py")
@@ -103,16 +89,6 @@ def launch(data: Path, out: Path, *extra: str, resume: str | None = "auto", proc
         argv, env = [sys.executable, entry, *args], {}
     log = log or out.parent / f"{out.name}-launch{len(list(out.parent.glob(f'{out.name}-launch*.out')))}"
     return Launch(argv, log, preexec_fn=preexec_fn, **env)
-
-
-def records(run: Path) -> list[dict]:
-    """metrics.jsonl, tolerating a last line that is being written while we read."""
-    path = run / "metrics.jsonl"
-    found = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            found.append(json.loads(line))
-    return found
 
 
 def step_records(run: Path) -> list[dict]:
@@ -218,7 +194,7 @@ def scenario_kill9_resume(data: Path, work: Path, moments=("checkpoint", "step",
     """`kill -9` at the given moments, one after another on one run, each restart with --resume auto."""
     rng = random.Random(seed)
     run = work / "run"
-    cfg = load_config("demo", [*TINY, *KILL_RUN])  # train/main.py's default recipe
+    cfg = load_config("demo", [*TINY_RUN, *KILL_RUN])  # train/main.py's default recipe
     plan = plan_stages(cfg, 1)
     total = plan.total_steps
     hits, starts = [], []
@@ -633,7 +609,7 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         (["--config", str(scratch / "list.yaml")], [], "top level must be a mapping"),
         (["--resume", str(scratch / "empty")], [], "not a complete checkpoint"),
     ]
-    base = [f"data.train={data}/train", f"data.val={data}/val", f"output_dir={scratch}/run", *TINY]
+    base = [f"data.train={data}/train", f"data.val={data}/val", f"output_dir={scratch}/run", *TINY_RUN]
     return [([*options, *base, *overrides], message) for options, overrides, message in argvs]
 
 

@@ -1,85 +1,18 @@
 """Launch files: the accelerate/DeepSpeed configs parse, the shell scripts are clean, and every
-command in docs/scaling.md is run by a test (helpers here give the other tests those commands)."""
+command in docs/scaling.md is run by a test (conftest's doc_command gives the tests those commands)."""
 
 import json
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import ROOT, free_port, run
-from test_trainer import TINY
+from conftest import ROOT, SCALING_DOC, doc_command, doc_commands, free_port, recipe_args, run, with_flags
 
-DOC = ROOT / "docs" / "scaling.md"
 LAUNCH_CONFIGS = [ROOT / "accelerate_config.yaml", *sorted((ROOT / "launch").glob("*.yaml"))]
 SHELL_SCRIPTS = sorted(p for p in (ROOT / "launch").rglob("*") if p.suffix in (".sh", ".sbatch"))
-
-
-def doc_commands() -> list[str]:
-    """The commands in docs/scaling.md's ```bash blocks, one per line (comments skipped)."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                commands.append(line.strip())
-    return commands
-
-
-def doc_command(key: str) -> list[str]:
-    """The one command of docs/scaling.md containing `key`, as argv (`accelerate` -> this Python)."""
-    found = [c for c in doc_commands() if key in c]
-    assert len(found) == 1, f"{len(found)} commands in {DOC} contain {key!r}: {found}"
-    argv = shlex.split(found[0])
-    if argv[:2] == ["accelerate", "launch"]:
-        argv[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
-    return argv
-
-
-def pack_images(out: Path, flat: bool = False) -> Path:
-    """10 small images packed as shards (8 train, 2 val). `flat`: each image one distinct grey level
-    (levels 10, 30, ..., 190), so a training crop tells which image it came from."""
-    src = out / "images"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:40] / 40.0
-    for i in range(10):
-        if flat:
-            img = np.full((40, 40, 3), (10 + 20 * i) / 255.0)
-        else:
-            a, b, c = rng.uniform(0, 1, 3)
-            img = np.stack([a * xx + (1 - a) * yy, (b * xx * yy) % 1, (xx > c) * 0.8 + 0.1], -1)
-        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(src / f"img{i}.png")
-    from data_shards.pack import main as pack_main
-
-    assert pack_main([str(src), "--out", str(out / "shards"), "--val-fraction", "0.2", "--no-progress"]) == 0
-    return out / "shards"
-
-
-def recipe_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    """Overrides that shrink the docs' recipe (gaussian_color_denoising_blind) to seconds on a CPU."""
-    return [f"data.train={shards}/train", f"data.val={shards}/val", f"output_dir={out}", *TINY,
-            "data.noise_sigma_range=null", *extra]
-
-
-def with_flags(argv: list[str], **flags) -> list[str]:
-    """Sets launcher flags (those before train/main.py) to test-sized values: replaced or added."""
-    script = argv.index("train/main.py")
-    head, tail = list(argv[:script]), argv[script:]
-    for name, value in flags.items():
-        flag = f"--{name}"
-        if flag in head:
-            head[head.index(flag) + 1] = str(value)
-        else:
-            head += [flag, str(value)]
-    return head + tail
 
 
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
@@ -119,14 +52,13 @@ def test_every_doc_command_is_run_by_a_test():
     for key in keys:
         doc_command(key)  # each key picks exactly one command
     untested = [c for c in doc_commands() if not any(k in c for k in keys)]
-    assert not untested, f"commands in {DOC} that no test runs (call doc_command(...) in a test): {untested}"
+    assert not untested, f"commands in {SCALING_DOC} that no test runs (call doc_command(...) in a test): {untested}"
     assert len(doc_commands()) >= 8
 
 
 @pytest.mark.slow
-def test_one_machine_config_trains_on_cpu_processes(tmp_path):
+def test_one_machine_config_trains_on_cpu_processes(shards, tmp_path):
     """accelerate_config.yaml (MULTI_GPU, bf16) on a machine without GPUs: CPU ranks that see each other."""
-    shards = pack_images(tmp_path / "data")
     cmd = with_flags(doc_command("accelerate_config.yaml"), num_processes=2, main_process_port=free_port())
     proc = run(cmd + recipe_args(shards, tmp_path / "run", "train.max_steps=2", "data.val=null"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

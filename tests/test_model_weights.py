@@ -6,9 +6,9 @@ import pathlib
 import pytest
 import torch
 
-from model import (Restormer, WeightsMismatchError, build_model, load_weights, read_state_dict,
+from model import (Restormer, WeightsMismatchError, build_model, infer_arch, load_weights, read_state_dict,
                    save_official_pth, save_safetensors)
-from model_vectors import TINY, load_vectors, perturbed
+from model_vectors import TINY, VECTORS, load_vectors, perturbed
 
 
 def _tiny(**kw) -> Restormer:
@@ -126,3 +126,15 @@ def test_missing_file_and_non_dict_are_clear(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="not a dict of tensors"):
         read_state_dict(tmp_path / "tensor.pt")
+
+
+@pytest.mark.parametrize("tsv", sorted(VECTORS.glob("keys_*.tsv")), ids=lambda p: p.stem)
+def test_architecture_is_read_off_official_shapes(tsv):
+    """infer_arch on an official key/shape listing builds a network with exactly those shapes."""
+    shapes = {}
+    for line in tsv.read_text().splitlines():
+        key, shape = line.split("\t")
+        shapes[key] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    arch = infer_arch({k: torch.zeros(s) for k, s in shapes.items()})
+    assert {k: tuple(v.shape) for k, v in Restormer(**arch).state_dict().items()} == shapes
+    assert arch["ffn_expansion_factor"] == 2.66

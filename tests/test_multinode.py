@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, child_env, free_port, run
-from test_launch import doc_command, pack_images, recipe_args, with_flags
-from test_trainer import records
+from conftest import ROOT, child_env, doc_command, free_port, pack_images, recipe_args, records, run, with_flags
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""python -m train.report: charts, stage boundaries, resumed runs, sample grids, errors."""
+"""python -m tools.report: charts, stage boundaries, resumed runs, sample grids, errors."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.report import main, read_metrics
+from tools.report import main, read_metrics
 
 
 def train_record(step, stage, patch, batch, loss):

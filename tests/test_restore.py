@@ -1,4 +1,4 @@
-"""python -m train.restore: pixels survive, inputs/outputs, self-ensemble, weights sources, errors."""
+"""python -m tools.restore: pixels survive, inputs/outputs, self-ensemble, weights sources, errors."""
 
 import json
 
@@ -6,37 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.codec import encode_png, read_image
-from model import build_model, save_official_pth, save_safetensors
+from conftest import TINY_NET, TINY_NET_ARGS, random_png
+from conftest import tiny_net as tiny
+from data_shards.codec import read_image
+from model import save_official_pth, save_safetensors
 from train.config import Config
-from train.loading import load_model, official_preset
-from train.restore import dihedral, main, restore, undo_dihedral
+from tools.loading import ModelLoadError, load_model, official_preset
+from data_shards.geometry import dihedral, undo_dihedral
+from model import restore
+from tools.restore import main
 
-TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 2, 4, 8]}
-TINY_ARGS = ["--dim", "8", "--num-blocks", "1", "1", "1", "1", "--num-refinement-blocks", "1",
-             "--heads", "1", "2", "4", "8"]
-
-
-def tiny(preset="default", identity=False, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(preset, **TINY).eval()
-    if identity:  # output conv zeroed: the global residual makes output == input exactly
-        torch.nn.init.zeros_(model.output.weight)
-    return model
-
-
-def random_png(path, height, width, channels=3, bits=8, seed=0):
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 2**bits, (height, width, channels)).astype(np.uint16 if bits == 16 else np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(array))
-    return array
-
+SPATIAL = (-2, -1)  # the image axes of (B, C, H, W)
 
 def write_checkpoint(run_dir, model, ema=None, preset="default", step=10):
     cfg = Config()
     cfg.model.preset = preset
-    for key, value in TINY.items():
+    for key, value in TINY_NET.items():
         setattr(cfg.model, key, value)
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
@@ -62,7 +47,7 @@ def test_a_pixel_the_model_leaves_alone_is_saved_unchanged(tmp_path, preset, cha
     weights = tmp_path / "identity.safetensors"
     save_safetensors(tiny(preset, identity=True), weights)
     original = random_png(tmp_path / "in" / "img.png", 20, 28, channels, bits)
-    argv = [str(tmp_path / "in" / "img.png"), "-w", str(weights), "--preset", preset, *TINY_ARGS,
+    argv = [str(tmp_path / "in" / "img.png"), "-w", str(weights), "--preset", preset, *TINY_NET_ARGS,
             "-o", str(tmp_path / "out")]
     if tile:
         argv += ["--tile", str(tile), "--overlap", "8"]
@@ -76,7 +61,7 @@ def test_bits_option_overrides_the_input_depth(tmp_path):
     weights = tmp_path / "identity.safetensors"
     save_safetensors(tiny(identity=True), weights)
     original = random_png(tmp_path / "img.png", 16, 16, bits=8)
-    assert main([str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_ARGS,
+    assert main([str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_NET_ARGS,
                  "-o", str(tmp_path / "out"), "--bits", "16"]) == 0
     saved = read_image(tmp_path / "out" / "img.png")
     assert saved.dtype == np.uint16
@@ -87,9 +72,9 @@ def test_dihedral_transforms_are_distinct_and_undone():
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
     seen = set()
     for k in range(8):
-        y = dihedral(x, k)
+        y = dihedral(x, k, SPATIAL)
         seen.add(tuple(y.flatten().tolist()) + tuple(y.shape))
-        assert torch.equal(undo_dihedral(y, k), x)
+        assert torch.equal(undo_dihedral(y, k, SPATIAL), x)
     assert len(seen) == 8
 
 
@@ -99,7 +84,7 @@ def test_self_ensemble_is_equivariant_and_differs_from_a_single_pass():
     ensemble = restore(model, x, self_ensemble=True)
     # Averaging over all 8 views makes the result commute with any of them.
     for k in (1, 6):
-        assert torch.allclose(undo_dihedral(restore(model, dihedral(x, k), self_ensemble=True), k), ensemble, atol=1e-5)
+        assert torch.allclose(undo_dihedral(restore(model, dihedral(x, k, SPATIAL), self_ensemble=True), k, SPATIAL), ensemble, atol=1e-5)
     assert not torch.allclose(restore(model, x), ensemble, atol=1e-4)
 
 
@@ -119,7 +104,7 @@ def test_folders_and_globs_restore_every_image_once(tmp_path, capsys):
         random_png(tmp_path / "in" / name, 12, 12)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     argv = [str(tmp_path / "in"), str(tmp_path / "in" / "a*.png"), "-w", str(weights), "--preset", "default",
-            *TINY_ARGS, "-o", str(tmp_path / "out")]
+            *TINY_NET_ARGS, "-o", str(tmp_path / "out")]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
     assert "restored 3 image(s)" in capsys.readouterr().out
@@ -156,7 +141,7 @@ def test_official_file_names_imply_their_preset(tmp_path):
     assert official_preset(tmp_path / "dual_pixel_defocus_deblurring.pth") == "dual_pixel_defocus"
     assert official_preset(tmp_path / "my_model.pth") is None
     save_official_pth(tiny("real_denoising"), tmp_path / "real_denoising.pth")
-    loaded = load_model(tmp_path / "real_denoising.pth", dict(TINY))
+    loaded = load_model(tmp_path / "real_denoising.pth", dict(TINY_NET))
     assert loaded.arch["preset"] == "real_denoising"
 
 
@@ -164,23 +149,34 @@ def test_wrong_preset_names_the_mismatched_keys(tmp_path, capsys):
     save_official_pth(tiny("gaussian_color_denoising"), tmp_path / "denoise.pth")  # BiasFree LayerNorm
     random_png(tmp_path / "img.png", 8, 8)
     code = main([str(tmp_path / "img.png"), "-w", str(tmp_path / "denoise.pth"), "--preset", "deraining",
-                 *TINY_ARGS, "-o", str(tmp_path / "out")])
+                 *TINY_NET_ARGS, "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert "missing" in err and "norm1.body.bias" in err
 
 
-def test_weights_without_architecture_ask_for_a_preset(tmp_path, capsys):
-    save_official_pth(tiny(), tmp_path / "mystery.pth")
+def test_any_weights_file_loads_with_no_flags(tmp_path, capsys):
+    """The architecture is read off the weights: no preset, no config.yaml, any file name."""
+    cases = {"mystery.pth": tiny(seed=6), "gray.safetensors": tiny("gaussian_gray_denoising", seed=7),
+             "dual.pth": tiny("dual_pixel_defocus", seed=8)}
+    for name, model in cases.items():
+        path = tmp_path / name
+        (save_official_pth if name.endswith(".pth") else save_safetensors)(model, path)
+        loaded = load_model(path)
+        assert torch.equal(loaded.model.output.weight, model.output.weight)
+        assert loaded.in_channels == model.patch_embed.proj.weight.shape[1] and loaded.arch["dim"] == 8
+    assert load_model(tmp_path / "dual.pth").arch["preset"] == "dual_pixel_defocus"
     random_png(tmp_path / "img.png", 8, 8)
-    assert main([str(tmp_path / "img.png"), "-w", str(tmp_path / "mystery.pth"), "-o", str(tmp_path / "o")]) == 2
-    assert "--preset" in capsys.readouterr().err
+    assert main([str(tmp_path / "img.png"), "-w", str(tmp_path / "mystery.pth"), "-o", str(tmp_path / "o")]) == 0
+    with pytest.raises(ModelLoadError, match="not Restormer weights"):
+        save_safetensors({"conv.weight": torch.zeros(3, 3, 1, 1)}, tmp_path / "other.safetensors")
+        load_model(tmp_path / "other.safetensors")
 
 
 def test_missing_inputs_and_unreadable_images_are_reported(tmp_path, capsys):
     weights = tmp_path / "tiny.safetensors"
     save_safetensors(tiny(), weights)
-    common = ["-w", str(weights), "--preset", "default", *TINY_ARGS, "-o", str(tmp_path / "out")]
+    common = ["-w", str(weights), "--preset", "default", *TINY_NET_ARGS, "-o", str(tmp_path / "out")]
     assert main([str(tmp_path / "nope.png"), *common]) == 2
     assert "nope.png: no such file" in capsys.readouterr().err
     assert main([str(tmp_path / "none*.png"), *common]) == 2
@@ -197,7 +193,7 @@ def test_bad_tile_settings_are_rejected(tmp_path, capsys):
     weights = tmp_path / "tiny.safetensors"
     save_safetensors(tiny(), weights)
     random_png(tmp_path / "img.png", 8, 8)
-    common = [str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_ARGS, "-o", str(tmp_path / "o")]
+    common = [str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_NET_ARGS, "-o", str(tmp_path / "o")]
     assert main([*common, "--tile", "20"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
     assert main([*common, "--tile", "16", "--overlap", "16"]) == 2
@@ -209,7 +205,7 @@ def test_dual_pixel_takes_left_and_right_views(tmp_path, capsys):
     save_official_pth(model, weights)
     left = random_png(tmp_path / "left" / "x.png", 16, 16, seed=1)
     right = random_png(tmp_path / "right" / "x.png", 16, 16, seed=2)
-    common = ["-w", str(weights), *TINY_ARGS, "-o", str(tmp_path / "out")]
+    common = ["-w", str(weights), *TINY_NET_ARGS, "-o", str(tmp_path / "out")]
     assert main([str(tmp_path / "left"), "--right", str(tmp_path / "right"), *common]) == 0
     saved = read_image(tmp_path / "out" / "x.png")
     stacked = torch.from_numpy(np.concatenate([left, right], axis=2) / 255.0).float().permute(2, 0, 1)[None]
@@ -229,7 +225,7 @@ def test_an_input_is_never_overwritten(tmp_path, capsys):
     weights = tmp_path / "tiny.safetensors"
     save_safetensors(tiny(), weights)
     original = random_png(tmp_path / "img.png", 8, 8)
-    assert main([str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_ARGS,
+    assert main([str(tmp_path / "img.png"), "-w", str(weights), "--preset", "default", *TINY_NET_ARGS,
                  "-o", str(tmp_path), "--overwrite"]) == 2
     assert "overwrite its input" in capsys.readouterr().err
     np.testing.assert_array_equal(read_image(tmp_path / "img.png"), original)

@@ -11,45 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, accelerate_cmd, child_env, run
+from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, records, run
 from model import read_state_dict
-
-TINY = [
-    "model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1",
-    "progressive.iters=[3,3]", "progressive.patch=[16,24]", "progressive.batch=[2,2]",
-    "data.num_workers=0", "data.noise_sigma=25", "train.threads=1", "train.log_every=1",
-    "val.every=3", "val.grid_crop=32", "train.ckpt_every=3", "tracking.wandb=disabled",
-    "lr.schedule=cosine", "optim.lr=1e-3",
-]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """A tiny clean-image data set: smooth colour fields with edges, packed with 2 val images."""
-    src = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:40] / 40.0
-    for i in range(10):
-        a, b, c = rng.uniform(0, 1, 3)
-        img = np.stack([a * xx + (1 - a) * yy, (b * xx * yy) % 1, (xx > c) * 0.8 + 0.1], -1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(src / f"img{i}.png")
-    out = tmp_path_factory.mktemp("shards")
-    from data_shards.pack import main as pack_main
-
-    assert pack_main([str(src), "--out", str(out), "--overwrite", "--val-fraction", "0.2", "--no-progress"]) == 0
-    return out
-
 
 def train(shards, out, *extra, resume=None, timeout=240):
     cmd = [sys.executable, "train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
-           f"output_dir={out}", *TINY, *extra]
+           f"output_dir={out}", *TINY_RUN, *extra]
     if resume:
         cmd[2:2] = ["--resume", resume]
     return run(cmd, timeout=timeout)
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
@@ -105,7 +75,7 @@ def test_resume_with_another_model_shape_is_a_clear_error(shards, tmp_path):
 def test_sigterm_checkpoints_and_resume_continues(shards, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
-           f"output_dir={out}", *TINY, "progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000"]
+           f"output_dir={out}", *TINY_RUN, "progressive.iters=[400,400]", "val.every=1000", "train.ckpt_every=1000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -157,7 +127,7 @@ def test_wandb_offline_run_is_written_and_resumed(shards, tmp_path):
 def test_two_process_ddp_on_cpu(shards, tmp_path):
     out = tmp_path / "run"
     cmd = accelerate_cmd(2) + ["train/main.py", f"data.train={shards}/train", f"data.val={shards}/val",
-                               f"output_dir={out}", *TINY]
+                               f"output_dir={out}", *TINY_RUN]
     proc = run(cmd, timeout=300, ACCELERATE_USE_CPU="1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "weights identical on every process: yes" in proc.stdout

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         # A barrier after the last collective, then a pause before interpreter exit: gloo's threads
-        # otherwise free tensors while Python shuts down and the process aborts (ENVIRONMENT.md).
+        # otherwise free tensors while Python shuts down and the process aborts.
         if agreed:
             accelerator.wait_for_everyone()
         accelerator.end_training()

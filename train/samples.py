@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.pixels import to_array
+
 
 def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     h, w = img.shape[-2:]
@@ -15,19 +17,18 @@ def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     return img[..., top : top + size, left : left + size]
 
 
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8, rounding as image writers do."""
-    img = img.detach().float().clamp(0, 1)
+def to_rgb8(img: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8 as an 8-bit file would hold it."""
     if img.shape[0] == 1:
         img = img.expand(3, -1, -1)
     elif img.shape[0] > 3:  # dual-pixel inputs: show the first view
         img = img[:3]
-    return (img.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return to_array(img, 8)
 
 
 def save_grid(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path, crop: int, gap: int = 4) -> Path:
     """One row per image: degraded | restored | target, each center-cropped to `crop` pixels."""
-    tiles = [[to_uint8(center_crop(t, crop)) for t in row] for row in rows]
+    tiles = [[to_rgb8(center_crop(t, crop)) for t in row] for row in rows]
     height = max(t.shape[0] for row in tiles for t in row)
     width = max(t.shape[1] for row in tiles for t in row)
     canvas = np.full((len(tiles) * (height + gap) - gap, 3 * (width + gap) - gap, 3), 255, np.uint8)

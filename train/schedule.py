@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from train.config import Config, LRConfig
 
 
-def lr_at(lr_cfg: LRConfig, base_lr: float, total_steps: int, step: float) -> float:
-    """Rate for optimizer step `step` (0-based). `total_steps` is the run length for `cosine`."""
+def lr_at(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
+    """Rate at recipe iteration `step` (0-based; fractional when train.batch_rule=iterations stretches
+    the run: see StagePlan.step_scale). `recipe_iters`, the recipe's length (the sum of
+    progressive.iters), is the span of `cosine`; warmup_iters and periods count recipe iterations too."""
     if lr_cfg.warmup_iters and step < lr_cfg.warmup_iters:
         warm = (step + 1) / lr_cfg.warmup_iters
     else:
@@ -22,7 +24,7 @@ def lr_at(lr_cfg: LRConfig, base_lr: float, total_steps: int, step: float) -> fl
     if lr_cfg.schedule == "constant":
         return base_lr * warm
     if lr_cfg.schedule == "cosine":
-        progress = min(step / max(total_steps, 1), 1.0)
+        progress = min(step / max(recipe_iters, 1), 1.0)
         return warm * (lr_cfg.eta_min + 0.5 * (base_lr - lr_cfg.eta_min) * (1 + math.cos(math.pi * progress)))
     # restart_cosine (BasicSR's CosineAnnealingRestartCyclicLR with restart weights 1).
     start = 0

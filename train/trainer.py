@@ -416,7 +416,6 @@ class Trainer:
                 if signum:
                     stopped_by = signal.Signals(signum).name
                     break
-            bar.close()
             summary = {"step": self.step, "stopped_by": stopped_by, "replicas_in_sync": self.replicas_in_sync()}
             if stopped_by is None and self.val_source is not None:
                 self.validate()
@@ -559,7 +558,6 @@ class Trainer:
 
                 tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")}, step=self.step)
 
-    @torch.no_grad()
     def network(self) -> Restormer:
         """The plain Restormer being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
         (its state_dict keys are the official ones; whole validation images of every size would

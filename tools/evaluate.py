@@ -1,8 +1,8 @@
 """Score a model on a test set: a per-image CSV and a summary table (PSNR/SSIM, RGB and Y channel).
 
-    python -m train.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
-    python -m train.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
-    python -m train.evaluate -w runs/demo --shards shards/val
+    python -m tools.evaluate -w runs/demo --input rain/input --target rain/target --y-channel
+    python -m tools.evaluate -w gaussian_color_denoising_blind.pth --target CBSD68/ --sigma 25
+    python -m tools.evaluate -w runs/demo --shards shards/val
 
 Three kinds of test set:
 - paired folders (--input and --target): files matched by name (else by stem);
@@ -36,11 +36,12 @@ import torch
 from tqdm.auto import tqdm
 
 from data_shards.degrade import NoiseConfig, add_noise
-from model import WeightsMismatchError
-from train.imageio import ImageError, collect_images, read_tensor, write_png
-from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
+from model import WeightsMismatchError, restore
+from tools.imageio import ImageError, collect_images, read_tensor, write_png
+from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
+from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
 from train.metrics import psnr, ssim
-from train.restore import add_inference_args, check_inference_args, pair_right_views, read_input, restore
+from train.pixels import quantize
 
 
 @dataclass
@@ -116,14 +117,6 @@ def shard_samples(source: str, sigma: float | None, max_images: int | None) -> t
     return total, (Sample(item["key"], item["input"], item["target"], None) for item in loader)
 
 
-def quantize(img: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """What saving as an 8/16-bit image would leave: round(clamp(x) * (2^bits - 1)) / (2^bits - 1)."""
-    if bits is None:
-        return img
-    top = float(2**bits - 1)
-    return (img.clamp(0, 1) * top).round() / top
-
-
 def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, border: int,
           y_channel: bool) -> dict[str, float]:
     """One image's metrics: restored and degraded, on RGB and (3-channel images, when asked) on Y."""
@@ -151,7 +144,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("test set")
     data.add_argument("--target", metavar="DIR", help="folder of ground-truth images")

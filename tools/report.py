@@ -1,7 +1,7 @@
 """A run's charts and sample grids as local files, for anyone without W&B.
 
-    python -m train.report runs/demo            # writes runs/demo/report/
-    python -m train.report runs/demo -o /tmp/r --samples 5
+    python -m tools.report runs/demo            # writes runs/demo/report/
+    python -m tools.report runs/demo -o /tmp/r --samples 5
 
 Reads RUN_DIR/metrics.jsonl and RUN_DIR/samples/step_*.png, writes PNG charts (L1/L2 loss, validation
 PSNR and SSIM against the degraded input's, learning rate, images/s, data-wait share; progressive
@@ -76,37 +76,55 @@ def read_metrics(path: Path) -> RunMetrics:
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in points], [float(p[1]) for p in points]
+    """(steps, values) of the records that logged `key`."""
+    logged = [r for r in records if isinstance(r.get(key), (int, float))]
+    return [r["step"] for r in logged], [float(r[key]) for r in logged]
 
 
-# Each chart: title, y label, [(record list, key, label, style)], log-scale y.
-def _charts(run: RunMetrics) -> dict[str, tuple[str, str, list[tuple[list, str, str, str]], bool]]:
+@dataclass(frozen=True)
+class Line:
+    records: list[dict]
+    key: str
+    label: str
+    style: str  # matplotlib format string
+
+
+@dataclass(frozen=True)
+class Chart:
+    title: str
+    ylabel: str
+    lines: list[Line]
+    log_y: bool = False
+
+
+def _charts(run: RunMetrics) -> dict[str, Chart]:
+    t, v = run.train, run.val
     return {
-        "loss": ("Training loss", "loss", [(run.train, "l1", "L1", "-"), (run.train, "l2", "L2 (MSE)", "-")], True),
-        "psnr": ("Validation PSNR", "dB", [(run.val, "val/psnr", "restored", "o-"),
-                                          (run.val, "val/psnr_y", "restored (Y)", "s-"),
-                                          (run.val, "val/psnr_degraded", "degraded input", "--")], False),
-        "ssim": ("Validation SSIM", "SSIM", [(run.val, "val/ssim", "restored", "o-"),
-                                            (run.val, "val/ssim_y", "restored (Y)", "s-"),
-                                            (run.val, "val/ssim_degraded", "degraded input", "--")], False),
-        "lr": ("Learning rate", "lr", [(run.train, "lr", "lr", "-")], False),
-        "throughput": ("Throughput", "images/s", [(run.train, "images_per_s", "all processes", "-"),
-                                                  (run.train, "images_per_s_per_proc", "per process", ":")], False),
-        "data_wait": ("Share of step time waiting for data", "share", [
-            (run.train, "data_wait_share", "mean over processes", "-"),
-            (run.train, "data_wait_share_max", "slowest process", ":")], False),
+        "loss": Chart("Training loss", "loss", [Line(t, "l1", "L1", "-"), Line(t, "l2", "L2 (MSE)", "-")], log_y=True),
+        "psnr": Chart("Validation PSNR", "dB", [Line(v, "val/psnr", "restored", "o-"),
+                                               Line(v, "val/psnr_y", "restored (Y)", "s-"),
+                                               Line(v, "val/psnr_degraded", "degraded input", "--")]),
+        "ssim": Chart("Validation SSIM", "SSIM", [Line(v, "val/ssim", "restored", "o-"),
+                                                 Line(v, "val/ssim_y", "restored (Y)", "s-"),
+                                                 Line(v, "val/ssim_degraded", "degraded input", "--")]),
+        "lr": Chart("Learning rate", "lr", [Line(t, "lr", "lr", "-")]),
+        "throughput": Chart("Throughput", "images/s", [Line(t, "images_per_s", "all processes", "-"),
+                                                       Line(t, "images_per_s_per_proc", "per process", ":")]),
+        "data_wait": Chart("Share of step time waiting for data", "share", [
+            Line(t, "data_wait_share", "mean over processes", "-"),
+            Line(t, "data_wait_share_max", "slowest process", ":")]),
     }
 
 
-def _draw(ax, run: RunMetrics, title: str, ylabel: str, lines, log: bool) -> None:
+def _draw(ax, run: RunMetrics, chart: Chart) -> None:
     drawn = 0
-    for records, key, label, style in lines:
-        steps, values = _series(records, key)
+    log = chart.log_y
+    for line in chart.lines:
+        steps, values = _series(line.records, line.key)
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
             continue
-        ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2)
+        ax.plot(steps, values, line.style, label=line.label, markersize=3, linewidth=1.2)
         drawn += 1
         if log and min(finite) <= 0:
             log = False  # a log axis cannot show zeros (e.g. a loss that reached exactly 0)
@@ -121,9 +139,9 @@ def _draw(ax, run: RunMetrics, title: str, ylabel: str, lines, log: bool) -> Non
         ax.set_yscale("log")
     if drawn > 1:
         ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.set_title(chart.title)
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(chart.ylabel)
     ax.grid(alpha=0.3)
 
 
@@ -131,15 +149,15 @@ def write_charts(run: RunMetrics, out_dir: Path) -> list[Path]:
     """One PNG per chart plus overview.png with all of them."""
     charts = _charts(run)
     paths = []
-    for name, spec in charts.items():
+    for name, chart in charts.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
-        _draw(ax, run, *spec)
+        _draw(ax, run, chart)
         paths.append(out_dir / f"{name}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8), layout="constrained")
-    for ax, spec in zip(axes.flat, charts.values()):
-        _draw(ax, run, *spec)
+    for ax, chart in zip(axes.flat, charts.values()):
+        _draw(ax, run, chart)
     paths.append(out_dir / "overview.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
@@ -212,7 +230,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder (runs/NAME) holding metrics.jsonl")
     parser.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write the report (default RUN_DIR/report)")

@@ -1,10 +1,10 @@
 """Export weights for deployment: safetensors, the official `{'params': ...}` .pth, and ONNX.
 
-    python -m train.export -w runs/demo -o exported/
-    python -m train.export -w deraining.pth -o exported/ --formats onnx
+    python -m tools.export -w runs/demo -o exported/
+    python -m tools.export -w deraining.pth -o exported/ --formats onnx
 
 The ONNX graph takes any (1, C, H, W) float32 image in [0, 1]: it pads to a multiple of 8 by
-reflection and crops back, as `python -m train.restore` does (no tiling, no self-ensemble). The export
+reflection and crops back, as `python -m tools.restore` does (no tiling, no self-ensemble). The export
 is checked with onnxruntime (a test extra: pip install 'restormer-train[test]') on a random input.
 A config.yaml with the model section is written beside the weights, so the exported folder can be
 given to restore/evaluate as is.
@@ -13,18 +13,16 @@ given to restore/evaluate as is.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
-from model import WeightsMismatchError, save_official_pth, save_safetensors
-from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args
+from model import PaddedModel, WeightsMismatchError, save_official_pth, save_safetensors
+from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args
 
 FORMATS = ("safetensors", "pth", "onnx")
 FILE_NAMES = {"safetensors": "model.safetensors", "pth": "model_official.pth", "onnx": "model.onnx"}
@@ -34,30 +32,12 @@ class ONNXExportError(RuntimeError):
     pass
 
 
-class PaddedModel(torch.nn.Module):
-    """The network plus reflect padding to a multiple of 8 and the crop back: takes any H and W.
-
-    Unlike model.pad_to_multiple it always pads (by 0 rows when nothing is missing): a Python branch
-    on the size would be frozen into the traced graph at the example's size.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        pad_h, pad_w = (8 - height % 8) % 8, (8 - width % 8) % 8
-        out = self.model(F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"))
-        return out[..., :height, :width]
-
-
 def export_onnx(model: torch.nn.Module, path: str | Path, height: int = 64, width: int = 64,
                 opset: int = 17, dynamic: bool = True) -> Path:
     """Traces `model` (on a CPU fp32 copy) at (height, width); dynamic: H and W stay free in the graph."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    net = PaddedModel(copy.deepcopy(model).float().cpu().eval())
+    net = PaddedModel.cpu_copy(model)
     channels = model.patch_embed.proj.weight.shape[1]
     example = torch.rand(1, channels, height, width)
     axes = {"input": {2: "height", 3: "width"}, "output": {2: "height", 3: "width"}} if dynamic else None
@@ -82,7 +62,7 @@ def check_onnx(model: torch.nn.Module, path: str | Path, height: int, width: int
     except ImportError as err:
         raise ONNXExportError("checking the ONNX file needs onnxruntime: pip install 'restormer-train[test]' "
                               "(or pass --no-check)") from err
-    net = PaddedModel(copy.deepcopy(model).float().cpu().eval())
+    net = PaddedModel.cpu_copy(model)
     channels = model.patch_embed.proj.weight.shape[1]
     x = torch.rand(1, channels, height, width, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -112,7 +92,7 @@ def export(loaded: LoadedModel, out_dir: str | Path, formats: list[str]) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the exported files")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),

@@ -1,8 +1,8 @@
 """Restore images with a trained or official Restormer.
 
-    python -m train.restore photos/ -w runs/demo -o restored/
-    python -m train.restore 'rain/*.png' -w deraining.pth -o out/ --tile 512 --precision bf16
-    python -m train.restore left/ --right right/ -w dual_pixel_defocus_deblurring.pth -o out/
+    python -m tools.restore photos/ -w runs/demo -o restored/
+    python -m tools.restore 'rain/*.png' -w deraining.pth -o out/ --tile 512 --precision bf16
+    python -m tools.restore left/ --right right/ -w dual_pixel_defocus_deblurring.pth -o out/
 
 Images are padded by reflection to a multiple of 8 and cropped back. --tile restores a large image in
 overlapping tiles whose seams are blended, so memory stays bounded whatever the image size. The
@@ -12,7 +12,6 @@ output is a PNG with the input's bit depth (8 or 16) unless --bits says otherwis
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -20,46 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from model import WeightsMismatchError, restore_image
-from train.imageio import ImageError, collect_images, read_tensor, write_png
-from train.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 flips/rotations of the square (k in 0..7) on the last two axes."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-@torch.no_grad()
-def restore(model: torch.nn.Module, x: torch.Tensor, tile: int | None = None, overlap: int = 32,
-            precision: str = "fp32", self_ensemble: bool = False) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> restored float32 on the model's device, not clamped.
-
-    self_ensemble: average the outputs for the 8 flips/rotations of the input (each undone first);
-    8x the compute for typically +0.05-0.1 dB.
-    """
-    device = next(model.parameters()).device
-    x = x.to(device)
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    views = range(8) if self_ensemble else range(1)
-    total = None
-    for k in views:
-        with autocast:
-            out = restore_image(model, dihedral(x, k), tile=tile, overlap=overlap)
-        out = undo_dihedral(out.float(), k)
-        total = out if total is None else total + out
-    return total / len(views)
-
+from model import PRECISIONS, WeightsMismatchError, restore
+from tools.imageio import ImageError, collect_images, read_tensor, write_png
+from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
 
 def read_input(loaded: LoadedModel, path: Path, right: Path | None) -> tuple[torch.Tensor, int]:
     """The model's input for one image (a dual-pixel model takes left and right views stacked)."""
@@ -120,7 +82,7 @@ def check_inference_args(args: argparse.Namespace, loaded: LoadedModel) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.restore", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.restore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders (not recursive) or quoted glob patterns")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the restored PNGs (same file stems)")

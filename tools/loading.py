@@ -3,12 +3,12 @@
 Accepted:
 - a run folder (runs/<name>): its export/model.safetensors, else its newest complete checkpoint;
 - a checkpoint folder (runs/<name>/checkpoints/step_*): ema.safetensors when present (unless
-  prefer_ema=False), else model.safetensors; the architecture comes from its config.yaml;
-- a .safetensors file: the architecture from a config.yaml beside it or one level above (a run's
-  export/ folder), else from the preset given;
-- an official Restormer .pth (`{'params': ...}`): the preset given, or the one its official file name
-  implies (deraining.pth, real_denoising.pth, gaussian_color_denoising_blind.pth, ...).
-Explicit architecture arguments always override what a config.yaml says.
+  prefer_ema=False), else model.safetensors;
+- a .safetensors file or an official Restormer .pth (`{'params': ...}`), wherever it lies.
+The architecture is read off the weights themselves (model.infer_arch), so no file needs a preset or
+a config.yaml beside it. Explicit architecture arguments override what the weights say (and then
+must fit them); the preset name shown comes from --preset, a config.yaml beside the weights, the
+official release file name, or the first preset of the same kind.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from model import PRESETS, build_model, load_weights
+from model import PRESETS, Restormer, infer_arch, load_weights, read_state_dict
 
 from train import checkpoint as ckpt
 from train.config import ARCH_FIELDS
@@ -66,15 +66,24 @@ class LoadedModel:
         return f"{self.weights} (preset {self.arch['preset']}{', ' + extra if extra else ''}; {params / 1e6:.2f} M parameters)"
 
 
-def _read_arch(config_path: Path) -> dict[str, Any]:
+def _config_preset(config_path: Path | None) -> str | None:
+    """The preset name a run's config.yaml gives, if it is readable (a naming hint only)."""
+    if config_path is None:
+        return None
     try:
         data = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ModelLoadError(f"{config_path}: unreadable ({err})") from err
+    except (OSError, yaml.YAMLError):
+        return None
     section = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ModelLoadError(f"{config_path}: has no 'model' section; pass --preset (and shape options) instead")
-    return {k: section[k] for k in ARCH_FIELDS if section.get(k) is not None}
+    return section.get("preset") if isinstance(section, dict) else None
+
+
+def _preset_of_kind(kwargs: dict[str, Any]) -> str | None:
+    """The first preset whose fixed fields (channels, LayerNorm, dual-pixel) the architecture shares."""
+    for name, fixed in PRESETS.items():
+        if all(kwargs.get(k, False) == v for k, v in {"dual_pixel_task": False, **fixed}.items()):
+            return name
+    return None
 
 
 def resolve_weights(path: str | Path, prefer_ema: bool = True) -> tuple[Path, Path | None]:
@@ -117,26 +126,28 @@ def official_preset(path: Path) -> str | None:
 
 def load_model(path: str | Path, arch: dict[str, Any] | None = None, prefer_ema: bool = True,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """Finds the weights, works out the architecture, loads strictly, returns the model in eval mode.
+    """Finds the weights, reads the architecture off them, loads strictly, returns the model in eval mode.
 
-    arch: preset and shape overrides (ARCH_FIELDS); they win over a config.yaml. A shape mismatch
-    raises model.WeightsMismatchError, which names the keys that differ.
+    arch: preset and shape overrides (ARCH_FIELDS); they win over what the weights say. A shape
+    mismatch raises model.WeightsMismatchError, which names the keys that differ.
     """
     weights, config = resolve_weights(path, prefer_ema)
-    resolved = _read_arch(config) if config is not None else {}
-    resolved.update({k: v for k, v in (arch or {}).items() if v is not None})
-    if "preset" not in resolved:
-        guess = official_preset(weights)
-        if guess is None:
-            raise ModelLoadError(
-                f"{weights}: no config.yaml beside it says which architecture it is; pass --preset "
-                f"(one of {', '.join(PRESETS)}) and any shape options it was trained with")
-        resolved["preset"] = guess
-    if resolved["preset"] not in PRESETS:
-        raise ModelLoadError(f"unknown preset {resolved['preset']!r}; choose one of {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in resolved.items() if k != "preset"}
-    model = build_model(resolved["preset"], **overrides)
-    load_weights(model, weights)
+    try:
+        state = read_state_dict(weights)
+        kwargs = infer_arch(state)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{weights}: {err}") from err
+    given = {k: v for k, v in (arch or {}).items() if v is not None}
+    preset = given.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ModelLoadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        kwargs.update(PRESETS[preset])
+    kwargs.update(given)
+    name = preset or _config_preset(config) or official_preset(weights) or _preset_of_kind(kwargs) or "custom"
+    model = Restormer(**kwargs)
+    load_weights(model, state)
+    resolved = {"preset": name, **{k: kwargs[k] for k in ARCH_FIELDS if k in kwargs}}
     return LoadedModel(model.to(device).eval(), weights, resolved)
 
 
@@ -147,8 +158,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="run folder, checkpoint folder (runs/NAME/checkpoints/step_*), .safetensors file "
                             "or official .pth")
     group.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
-                       help=f"architecture preset ({', '.join(PRESETS)}); needed for weights without a "
-                            "config.yaml (official .pth files keeping their release names are recognised)")
+                       help=f"architecture preset ({', '.join(PRESETS)}); not needed: the architecture is read "
+                            "off the weights (this overrides its channels and LayerNorm type)")
     group.add_argument("--dim", type=int, metavar="N", help="override: channels of level 1")
     group.add_argument("--num-blocks", type=int, nargs=4, metavar="N", help="override: blocks per level")
     group.add_argument("--num-refinement-blocks", type=int, metavar="N", help="override: refinement blocks")

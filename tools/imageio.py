@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from data_shards.codec import IMAGE_SUFFIXES, ImageError, encode_png, read_image, to_channels
+from train.pixels import to_array
 
-__all__ = ["ImageError", "collect_images", "read_tensor", "to_array", "write_png"]
+__all__ = ["ImageError", "collect_images", "read_tensor", "write_png"]
 
 
 def read_tensor(path: str | Path, channels: int) -> tuple[torch.Tensor, int]:
@@ -33,19 +34,6 @@ def read_tensor(path: str | Path, channels: int) -> tuple[torch.Tensor, int]:
     # float64 for the division, so v / 65535 is the nearest float32 and rounds back to v on writing.
     scaled = array.astype(np.float64) / float(2**bits - 1)
     return torch.from_numpy(scaled.astype(np.float32)).permute(2, 0, 1).unsqueeze(0).contiguous(), bits
-
-
-def to_array(img: torch.Tensor, bits: int) -> np.ndarray:
-    """(C, H, W) or (1, C, H, W) float -> (H, W, C) uint8/uint16: round(clamp(x, 0, 1) * (2^bits - 1))."""
-    if bits not in (8, 16):
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
-    if img.dim() == 4:
-        if img.shape[0] != 1:
-            raise ValueError(f"to_array takes one image, got a batch of {img.shape[0]}")
-        img = img[0]
-    top = float(2**bits - 1)
-    values = (img.detach().double().clamp(0, 1) * top).round().permute(1, 2, 0).cpu().numpy()
-    return values.astype(np.uint16 if bits == 16 else np.uint8)
 
 
 def write_png(path: str | Path, img: torch.Tensor, bits: int) -> Path:

@@ -1,0 +1,51 @@
+"""The house's import rules, read from the source: each floor imports only from the floors below it."""
+
+import ast
+
+from conftest import ROOT
+
+# package -> the packages it may import from (itself included).
+FLOORS = {
+    "data_shards": {"data_shards"},
+    "model": {"model", "data_shards"},
+    "train": {"model", "data_shards", "train"},
+    "tools": {"model", "data_shards", "train", "tools"},
+}
+PROJECT = {*FLOORS, "benchmarks", "tests"}
+
+
+def imported_modules(path):
+    """Top-level project module names a file imports ('train.config', 'test_trainer', ...)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level:  # relative: inside its own package
+            names.add(path.relative_to(ROOT).parts[0])
+    return names
+
+
+def test_packages_import_only_downwards():
+    wrong = []
+    for package, allowed in FLOORS.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in imported_modules(path):
+                top = name.split(".")[0]
+                if top in PROJECT and top not in allowed:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    # model may use data_shards' pixel geometry only, so data_shards never needs model back.
+    for path in sorted((ROOT / "model").rglob("*.py")):
+        wrong += [f"{path.relative_to(ROOT)} imports {n}" for n in imported_modules(path)
+                  if n.startswith("data_shards") and n != "data_shards.geometry"]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_test_modules_do_not_import_each_other_or_benchmarks():
+    test_names = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    bench_names = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    wrong = [f"{path.name} imports {name}" for path in sorted((ROOT / "tests").glob("*.py"))
+             for name in imported_modules(path)
+             if name.split(".")[0] in test_names | bench_names or name.startswith("benchmarks")]
+    assert not wrong, "\n".join(wrong)
