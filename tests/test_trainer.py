@@ -140,12 +140,18 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
     """`accelerate launch train/main.py` with no recipe: the built-in demo, shrunk to a few steps."""
     out = tmp_path / "demo"
     cmd = accelerate_cmd(1) + ["train/main.py", f"output_dir={out}", "model.dim=8", "model.num_blocks=[1,1,1,1]",
-                               "progressive.iters=[2,2,2]", "val.every=1000", "train.log_every=2"]
-    proc = run(cmd, timeout=300)
+                               "progressive.iters=[2,2,2]", "val.every=1000", "val.max_images=1", "train.log_every=2"]
+    proc = run(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation on 3 images: PSNR degraded 20.56 dB -> restored" in proc.stdout
+    # The summary sets the model beside the noisy input and both classical filters, same images.
+    summary = proc.stdout[proc.stdout.index("validation on 1 whole image, sigma 25:"):]
+    for row in ("noisy input", "wavelet (BayesShrink)", "non-local means (best h = ", "restored (this model)"):
+        assert f"\n  {row}" in summary
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert baselines["images"] == 1 and baselines["nl_means/psnr"] > baselines["noisy/psnr"] + 5
+    assert f"{baselines['nl_means/psnr']:7.2f}" in summary and "dB vs the best classical filter" in summary
     recs = records(out)
-    assert [r["patch"] for r in recs if r.get("event") == "stage"] == [32, 48, 64]
+    assert [r["patch"] for r in recs if r.get("event") == "stage"] == [48, 64, 96]
     assert (out / "export" / "model_official.pth").is_file() and list((out / "samples").glob("*.png"))
 
 

@@ -165,7 +165,9 @@ def baseline_table(summary: dict, b) -> list[str]:
     best = max(b.wavelet.psnr, b.nl_means.psnr)
     rows = [("noisy input", b.noisy), ("wavelet (BayesShrink)", b.wavelet),
             (f"non-local means (best h = {b.nl_means_h:g} sigma)", b.nl_means)]
-    lines = [f"validation on {summary['val/images']} images, sigma {b.sigma:g}:".ljust(44) + "PSNR dB   SSIM"]
+    count = summary["val/images"]
+    lines = [f"validation on {count} whole image{'s' if count != 1 else ''}, sigma {b.sigma:g}:".ljust(44)
+             + "PSNR dB   SSIM"]
     lines += [f"  {name:42s}{score.psnr:7.2f}  {score.ssim:.4f}" for name, score in rows]
     lines.append(f"  {'restored (this model)':42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
                  f"({summary['val/psnr'] - best:+.2f} dB vs the best classical filter)")
