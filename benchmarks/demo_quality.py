@@ -53,6 +53,8 @@ def run_demo(seed: int, out: Path, overrides: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.time() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "console.txt").write_text(proc.stdout)  # the run's own closing summary, for the record
     if proc.returncode:
         raise SystemExit(f"seed {seed}: the demo failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +104,9 @@ def main() -> None:
             if cbsd is not None:
                 run["cbsd68"] = score_model(load_model(out / f"seed_{seed}").model, cbsd["loader"]())
             rows.append(run)
-            print(f"seed {seed} done: {run['steps']} steps, {run['wall']:.0f} s wall", flush=True)
+            cbsd_note = f", CBSD68 {run['cbsd68'][0]:.2f} dB" if cbsd is not None else ""
+            print(f"seed {seed}: {run['steps']} steps, {run['wall']:.0f} s wall, {run['cpu']:.0f} s CPU, held-out "
+                  f"{run['val']['val/psnr']:.2f} dB / {run['val']['val/ssim']:.4f}{cbsd_note}", flush=True)
     print_table(args.seeds, rows, cbsd)
 
 
