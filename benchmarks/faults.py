@@ -3,9 +3,10 @@
     python benchmarks/faults.py [--kills 6] [--only SUBSTRING] [--keep]
 
 Runs each scenario of tests/test_faults.py (kill -9 at random moments, SIGTERM/SIGUSR1, a killed or
-frozen DDP rank, damaged shards, pickle payloads, NaN losses, a full disk, every bad config and pack
-argument) against real train/main.py processes, and prints: scenario | expected | observed | pass,
-then the message each bad input gets. Takes about 3 minutes on 2 CPU cores. docs/reliability.md
+frozen DDP rank, damaged shards, pickle payloads, NaN losses, a full disk, damaged checkpoints, two runs
+on one folder, DeepSpeed on another process count, every bad config and pack argument) against real
+train/main.py processes, and prints: scenario | expected | observed | pass, then the message each bad
+input gets. Takes about 10 minutes on 2 CPU cores. docs/reliability.md
 explains the guarantees. Exit status 1 if any scenario failed.
 """
 
@@ -32,12 +33,12 @@ from PIL import Image  # noqa: E402
 import test_faults as faults  # noqa: E402
 
 
-def pytest_node(node: str) -> str:
-    """A scenario that another test file already covers, run as that test."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def pytest_node(*nodes: str) -> str:
+    """A scenario that another test file already covers, run as those tests."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:]
-    return f"`pytest {node}` passed"
+    return f"`pytest {' '.join(nodes)}` passed"
 
 
 def main() -> int:
@@ -53,6 +54,9 @@ def main() -> int:
     base = work / "base" / "run"
     proc = faults.launch(data, base, "train.max_steps=3", resume=None)
     assert proc.wait() == 0, proc.stderr[-3000:]
+    two = work / "two" / "run"  # step_3 and step_6, with EMA: what the damaged-checkpoint rows start from
+    proc = faults.launch(data, two, faults.EMA, resume=None)
+    assert proc.wait() == 0, proc.stderr[-3000:]
     moments = [("checkpoint", "step", "validation")[i % 3] for i in range(args.kills)]
     messages: dict[str, list[tuple[list[str], int, str]]] = {}
 
@@ -60,7 +64,7 @@ def main() -> int:
         def run(folder: Path) -> str:
             if kind == "config":
                 seen = faults.scenario_bad_inputs(faults.config_cases(data, folder), faults.run_main)
-                common = {*faults.TINY, f"data.train={data}/train", f"data.val={data}/val", f"output_dir={folder}/run"}
+                common = {*faults.TINY_RUN, f"data.train={data}/train", f"data.val={data}/val", f"output_dir={folder}/run"}
                 seen = [([a for a in argv if a not in common], code, line) for argv, code, line in seen]
             else:
                 src = folder / "src"
@@ -102,6 +106,18 @@ def main() -> int:
          lambda w: faults.scenario_disk_full(data, w, base, "tmpfs")),
         ("write fails while saving (RLIMIT_FSIZE)", "previous checkpoint valid, clear error, exit 2",
          lambda w: faults.scenario_disk_full(data, w, base, "rlimit")),
+        *[(f"newest checkpoint: {damage}", "--resume PATH refuses naming the file (exit 2); --resume auto resumes "
+           "the previous one, says why, keeps the damaged one in checkpoints/rejected/",
+           lambda w, d=damage: faults.scenario_damaged_newest(data, w, two, d)) for damage in faults.DAMAGES],
+        ("DDP x2: random_states_1.pkl damaged (only rank 1 reads it)", "both ranks refuse --resume PATH; "
+         "--resume auto heals on both", lambda w: faults.scenario_damage_seen_by_one_rank(data, w)),
+        ("checkpoint without manifest (older version)", "resumed with a warning that it is unverified",
+         lambda w: faults.scenario_checkpoint_without_manifest(data, w, base)),
+        ("two runs started on one run folder", "the second exits 2 naming host/pid/start of the first, which "
+         "is unharmed; a dead holder's lock is taken over", lambda w: faults.scenario_two_runs_one_folder(data, w)),
+        ("DeepSpeed ZeRO-2 resume 2 -> 1 and 1 -> 2 processes", "refused before the model is built, naming both "
+         "counts", lambda w: pytest_node("tests/test_deepspeed.py::test_zero2_gives_ddp_weights_and_resumes_its_checkpoint",
+                                         "tests/test_deepspeed.py::test_zero2_checkpoint_of_one_process_is_refused_on_two")),
         ("every bad config value", "exit 2, message names the key and the fix", bad_inputs("config")),
         ("every bad restormer-pack argument", "exit 2, message names the problem", bad_inputs("pack")),
     ]

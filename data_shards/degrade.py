@@ -5,6 +5,7 @@ All randomness comes from an explicit numpy Generator, so a stream is reproducib
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,12 @@ class NoiseConfig:
         return rng.uniform(low, high) / 255.0
 
 
+def key_seed(key: str, seed: int = 0) -> list[int]:
+    """Seed material for the noise of one named image (validation, evaluation): the user's seed and
+    a stable hash of the name, so an image gets the same noise in every tool, run and world size."""
+    return [seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")]
+
+
 def add_noise(clean: np.ndarray, noise: NoiseConfig, rng: np.random.Generator) -> np.ndarray:
     sigma = np.float32(noise.draw_sigma(rng))
     noisy = clean + sigma * rng.standard_normal(clean.shape, dtype=np.float32)
@@ -64,8 +71,12 @@ def paired_crop(images: list[np.ndarray], patch: int, rng: np.random.Generator) 
 def mixup(inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Restormer's mixing augmentation on a batch: lam ~ Beta(1.2, 1.2), mixed with a permuted copy.
 
-    The same lam and permutation apply to input and target, so every pair stays consistent.
+    As the official Mixing_Augment with `use_identity: true` (every official mixup recipe), the batch
+    is left as it is with probability 1/2. The same lam and permutation apply to input and target, so
+    every pair stays consistent.
     """
+    if rng.random() < 0.5:
+        return inputs, targets
     lam = np.float32(rng.beta(1.2, 1.2))
     order = rng.permutation(len(inputs))
     return lam * inputs + (1 - lam) * inputs[order], lam * targets + (1 - lam) * targets[order]

@@ -53,6 +53,7 @@ class PackConfig:
     stride: int | None = None
     shard_samples: int = 10_000
     shard_bytes: int = 256 << 20
+    spread_bytes: int = 512 << 20  # train split: tiles held back to spread one image over shards
     workers: int = 1
     val_fraction: float = 0.0
     split: str | None = None  # every sample into this one split (e.g. "val" for a test set)
@@ -130,6 +131,7 @@ def pack(config: PackConfig) -> PackReport:
             folder = config.out / split
             folder.mkdir(parents=True, exist_ok=True)
             writer = ShardWriter(folder, split, config.shard_samples, config.shard_bytes)
+            sink = _Spreader(writer, config.seed, config.spread_bytes) if split == TRAIN else writer
             tile = config.tile if split == TRAIN else None
             tasks = [(spec, config, tile) for spec in samples]
             stats = _SplitStats()
@@ -144,7 +146,9 @@ def pack(config: PackConfig) -> PackReport:
                         continue
                     stats.add(loaded)
                     for key, members, _ in loaded.items:
-                        writer.add(key, members)
+                        sink.add(key, members)
+                if sink is not writer:
+                    sink.flush()
             except BaseException:
                 writer.abort()
                 raise
@@ -232,8 +236,8 @@ def _assign_splits(samples: list[SampleSpec], val_fraction: float, seed: int,
     """--split puts everything in one split; else manifest splits win; else a seeded fraction of
     whole images goes to 'val'.
 
-    The train split is shuffled at pack time (seeded) so that consecutive shard members come from
-    different images; tiles of one image stay together, the stream's shuffle buffer mixes them.
+    The train split's images are shuffled at pack time (seeded); _Spreader then spreads the tiles of
+    each image over shards and positions.
     """
     rng = random.Random(seed)
     if only_split is not None:
@@ -343,6 +347,39 @@ class _SplitStats:
         )
 
 
+class _Spreader:
+    """A seeded shuffle buffer in front of the shard writer: it holds encoded samples up to `max_bytes`
+    and writes a randomly chosen one whenever it is full, so the tiles of one image, which arrive
+    together, land far apart (over about max_bytes of output). Samples arrive in input order whatever
+    the --workers count, so the output stays byte-identical."""
+
+    def __init__(self, writer: ShardWriter, seed: int, max_bytes: int):
+        self.writer, self.max_bytes = writer, max_bytes
+        self.rng = random.Random(f"spread-{seed}")
+        self.held: list[tuple[str, list[tuple[str, bytes]]]] = []
+        self.bytes = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        self.held.append((key, members))
+        self.bytes += _sample_bytes(members)
+        while self.held and self.bytes > self.max_bytes:
+            self._write(self.rng.randrange(len(self.held)))
+
+    def flush(self) -> None:
+        while self.held:
+            self._write(self.rng.randrange(len(self.held)))
+
+    def _write(self, pick: int) -> None:
+        self.held[pick], self.held[-1] = self.held[-1], self.held[pick]
+        key, members = self.held.pop()
+        self.bytes -= _sample_bytes(members)
+        self.writer.add(key, members)
+
+
+def _sample_bytes(members: list[tuple[str, bytes]]) -> int:
+    return sum(len(data) for _, data in members)
+
+
 class _Mapper:
     """Ordered map over a spawn pool (deterministic output whatever the worker count), or in-process."""
 
@@ -403,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--stride", type=int, metavar="S", help="tile step (default: SIZE, no overlap)")
     out.add_argument("--shard-samples", type=int, default=10_000, help="max samples per shard")
     out.add_argument("--shard-mb", type=float, default=256, help="max MB per shard (default %(default)s)")
+    out.add_argument("--spread-mb", type=float, default=512,
+                     help="train split: MB of samples held in memory to spread the tiles of one image over "
+                          "shards and positions (default %(default)s; 0 keeps them together)")
     split = parser.add_argument_group("split")
     split.add_argument("--val-fraction", type=float, default=0.0,
                        help="fraction of whole images held out into val/ (a manifest's split column replaces this)")
@@ -424,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tile must be at least 8")
     if args.stride is not None and (args.tile is None or not 0 < args.stride):
         parser.error("--stride needs --tile and must be positive")
-    if args.shard_samples < 1 or args.shard_mb <= 0:
-        parser.error("--shard-samples must be at least 1 and --shard-mb positive")
+    if args.shard_samples < 1 or args.shard_mb <= 0 or args.spread_mb < 0:
+        parser.error("--shard-samples must be at least 1, --shard-mb positive and --spread-mb >= 0")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 0 <= args.val_fraction < 1:
@@ -433,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     config = PackConfig(
         out=args.out, source=args.source, inputs=tuple(args.input), target=args.target, manifest=args.manifest,
         format=args.format, png_level=args.png_level, color=args.color, tile=args.tile, stride=args.stride,
-        shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * (1 << 20)), workers=args.workers,
+        shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * (1 << 20)),
+        spread_bytes=int(args.spread_mb * (1 << 20)), workers=args.workers,
         val_fraction=args.val_fraction, split=args.split, seed=args.seed, strict=args.strict, overwrite=args.overwrite,
         progress=not args.no_progress,
         command=shlex.join(["restormer-pack", *(sys.argv[1:] if argv is None else argv)]),

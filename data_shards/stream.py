@@ -1,95 +1,157 @@
-"""Stream packed shards into training (endless, batched in the workers) and validation (whole images).
+"""Stream packed shards into training (epochs, batched in the workers) and validation (whole images).
 
 Sources: a split folder or its index.json (local or URL), or a shard pattern: local paths, brace
-ranges ('train-{000000..000127}.tar'), 'pipe:CMD' (e.g. 'pipe:aws s3 cp s3://b/train-000000.tar -'),
-http(s) URLs; several patterns joined by '::'.
+ranges ('train-{000000..000127}.tar'), 'pipe:CMD', URLs; several patterns joined by '::'. Shard
+bytes are opened through data_shards.remote.open_shard. Training needs the index (sample counts and
+byte offsets); validation reads shards front to back and works from a pattern alone.
 
-Training (build_train_loader) splits the data into one disjoint part per (rank, worker) "slot":
-with at least as many shards as slots each slot owns whole shards, otherwise slots sharing a shard
-keep every m-th sample of it (they read the whole shard but decode only their part). Each slot then
-draws its shards at random with replacement, forever, so no rank ever runs out before the others
-(a stopped rank hangs DDP). All randomness is seeded from (seed, rank, worker, resume_count, stage):
-identical arguments give identical batches, and a resumed run (resume_count + 1) draws a fresh stream.
+Training (build_train_loader) is one endless sequence of positions 0, 1, 2, ... shared by every
+rank and worker. Position p is sample order(p // N)[p % N] of the N training samples, where
+order(e) is a permutation seeded by (seed, e): epoch e is positions e*N .. (e+1)*N - 1, so every
+sample is drawn exactly once per epoch. Epochs are concatenated, nothing is dropped: the last global
+batch of an epoch is filled with the first samples of the next one. With G = world_size * batch,
+micro-batch k of rank r (counting from the stream's `start`) holds positions
+start + k*G + r*batch + [0, batch), and DataLoader worker w builds the batches k = w, w + W, ...
+(the order in which the DataLoader hands them out). Every rank thus yields the same number of
+batches, forever, whatever the shard count and sizes; a run resumed at position `start` on any
+number of ranks or workers draws exactly the positions the interrupted run had not consumed. Each
+batch carries 'next_position' (where the next global batch starts) and 'epoch'.
 
-Only .png, .npy (allow_pickle=False) and .json members are ever decoded: a shard is untrusted input,
-and webdataset's default decoders would unpickle .pyd/.pickle members.
+Crop, flip and noise of a sample come from a generator seeded by (seed, epoch, sample id): the same
+sample at the same position gets the same augmentation on any topology. Mixup pairs the samples of a
+batch with a generator seeded by (seed, the batch's first position).
 
+Samples are read by seeking to their byte range (ShardInfo.offsets), one at a time, so a worker holds
+one batch of decoded samples plus at most _OPEN_SHARDS open files; it never decodes a skipped sample.
+
+Only .png, .npy (allow_pickle=False) and .json members are ever decoded: a shard is untrusted input.
 Bad samples (corrupt image, missing member, truncated tar) are skipped with a warning that names the
-shard and key, or raise BadSampleError with strict=True. Each training batch carries 'skipped', a
-0-d int64 tensor: the samples its worker skipped since its previous batch, so summing it over batches
-(and ranks) gives the total.
+shard and key, or raise BadSampleError with strict=True. A skipped training sample's place is taken
+by the next one in the epoch's order (which is thus drawn twice that epoch), so batches keep their
+size. Each training batch carries 'skipped', a 0-d int64 tensor: the samples its worker skipped since
+its previous batch, so summing it over batches (and ranks) gives the total.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
+import tarfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
+from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
-from data_shards.index import ShardIndex
+from data_shards.index import ShardIndex, ShardInfo, member_key
+from data_shards.remote import RemoteSettings, ShardReadError, open_shard, redact
 
-__all__ = ["BadSampleError", "NoiseConfig", "build_train_loader", "build_val_loader"]
+__all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
+           "noise_mismatch"]
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}
 _SCALE = {np.dtype(np.uint8): np.float32(255), np.dtype(np.uint16): np.float32(65535)}
-_SHUFFLE_SAMPLES = 512  # shuffle buffer: at most this many raw samples ...
-_SHUFFLE_BYTES = 64 << 20  # ... and this many bytes, per worker
+_OPEN_SHARDS = 8  # open file handles a worker keeps for seeking
+_BAD_RUN = 64  # a position whose sample and this many replacements are all bad: the data is unusable, stop
+REINDEX = "python -m data_shards.index SPLIT_DIR"
 
 
 class BadSampleError(RuntimeError):
     """A sample or shard that cannot be read (strict mode); the message names shard and key."""
 
 
-def build_train_loader(source, *, patch_size: int, batch_size: int, seed: int, rank: int = 0,
-                       world_size: int = 1, num_workers: int = 2, resume_count: int = 0, stage: int = 0,
-                       noise: NoiseConfig | None = None, augment: bool = True, mixup: bool = False,
-                       strict: bool = False, index: str | Path | None = None) -> DataLoader:
-    """Endless batches {'input': (B, Cin, P, P), 'target': (B, C, P, P), 'skipped': ()} float32 in [0, 1].
+@dataclass(frozen=True)
+class StreamSettings:
+    """Everything that shapes a training stream; two streams with equal settings are identical."""
+
+    patch: int
+    batch: int  # per rank, per micro-batch
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2
+    start: int = 0  # global position (samples) of the first batch: epoch * N + samples into it
+    noise: NoiseConfig | None = None  # for clean-only data
+    augment: bool = True
+    mixup: bool = False
+    strict: bool = False
+    remote: RemoteSettings = RemoteSettings()  # retries, timeouts and cache for remote shards
+
+    def __post_init__(self):
+        if self.patch < 1 or self.batch < 1:
+            raise ValueError(f"patch={self.patch} and batch={self.batch} must be positive")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} must be in [0, world_size={self.world_size})")
+        if self.start < 0 or self.num_workers < 0:
+            raise ValueError(f"start={self.start} and num_workers={self.num_workers} must be >= 0")
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch
+
+
+def noise_mismatch(paired: bool, noise: NoiseConfig | None, where: str) -> str | None:
+    """The one rule tying data to synthetic noise: paired data must not get it, clean-only data needs
+    it. Returns what is wrong (for the caller's error type), or None."""
+    if paired and noise is not None:
+        return f"{where} holds degraded inputs: synthetic noise is only for clean-only data; drop the noise setting"
+    if not paired and noise is None:
+        return (f"{where} holds clean images only, so inputs must be synthesised: give a noise level "
+                "(data.noise_sigma, e.g. 25, or data.noise_sigma_range, e.g. [0, 50])")
+    return None
+
+
+def build_train_loader(source, settings: StreamSettings, index: str | Path | None = None) -> DataLoader:
+    """Endless batches {'input': (B, Cin, P, P), 'target': (B, C, P, P)} float32 in [0, 1], plus 0-d int64
+    'skipped', 'next_position' and 'epoch' (see the module docstring).
 
     Cin = C for paired data and clean data with noise; for several named inputs (dual-pixel) they
     are concatenated along channels in the index's order (the --input order at pack time). Collation
     happens in the workers (batch_size=None on the DataLoader); num_workers=0 runs in-process.
     `index` gives the index file for a shard pattern (a folder or index.json source brings its own).
     """
-    if patch_size < 1 or batch_size < 1:
-        raise ValueError(f"patch_size={patch_size} and batch_size={batch_size} must be positive")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     urls, shard_index = resolve_source(source, index)
-    _check_noise(shard_index, noise, source)
-    dataset = _TrainStream(
-        urls=urls, weights=[s.samples for s in shard_index.shards] if shard_index else [1] * len(urls),
-        inputs=shard_index.inputs if shard_index else None, patch=patch_size, batch=batch_size,
-        seed_parts=(seed, rank, resume_count, stage), rank=rank, world_size=world_size,
-        num_workers=num_workers, noise=noise, augment=augment, use_mixup=mixup, strict=strict,
-    )
+    if shard_index is None:
+        raise ValueError(f"{source}: a training stream needs the split's index.json (sample counts and byte "
+                         "offsets): give the split folder, its index.json, or index=")
+    problem = noise_mismatch(bool(shard_index.inputs), settings.noise, str(source))
+    if problem:
+        raise ValueError(problem)
+    catalog = Catalog.from_index(shard_index, urls, str(source))
+    if catalog.size < settings.global_batch:
+        raise ValueError(f"{source}: {catalog.size} samples cannot fill one global batch of {settings.global_batch} "
+                         f"({settings.world_size} rank(s) x {settings.batch}) without repeating samples; "
+                         "pack more data or lower the batch size")
+    dataset = _TrainStream(catalog, shard_index.inputs, settings)
+    workers = settings.num_workers
     # Pinned host memory makes the trainer's non_blocking copies to the GPU really asynchronous.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if num_workers > 0 else None)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=2 if workers > 0 else None)
 
 
 def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: NoiseConfig | None = None,
                      max_images: int | None = None, strict: bool = False,
-                     index: str | Path | None = None) -> ValLoader:
+                     index: str | Path | None = None, remote: RemoteSettings | None = None) -> ValLoader:
     """Finite, deterministic whole images, one at a time: {'input': (1, Cin, H, W), 'target': (1, C, H, W),
-    'key': str}. Rank r gets samples r, r + world_size, ... of the split's stored order (sorted by key),
-    so the ranks together cover each of the first `max_images` images exactly once. Noise is seeded by
-    the sample key: identical across runs and world sizes."""
+    'key': str, 'bits': the target's stored bit depth (8 or 16)}. Rank r gets samples r, r + world_size,
+    ... of the split's stored order (sorted by key), so the ranks together cover each of the first
+    `max_images` images exactly once. Noise is seeded by the sample key (degrade.key_seed): identical across runs and
+    world sizes."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     urls, shard_index = resolve_source(source, index)
-    _check_noise(shard_index, noise, source)
-    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict)
+    if shard_index is not None:
+        problem = noise_mismatch(bool(shard_index.inputs), noise, str(source))
+        if problem:
+            raise ValueError(problem)
+    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict, remote or RemoteSettings())
 
 
 def resolve_source(source, index: str | Path | None = None) -> tuple[list[str], ShardIndex | None]:
@@ -111,12 +173,51 @@ def resolve_source(source, index: str | Path | None = None) -> tuple[list[str], 
     return urls, shard_index
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """Where every training sample lives: sample i is bytes start[i]:end[i] of urls[shard[i]]."""
+
+    urls: tuple[str, ...]
+    shards: tuple[ShardInfo, ...]  # sizes and checksums, for the remote reader
+    shard: np.ndarray  # int32 (N,)
+    start: np.ndarray  # int64 (N,)
+    end: np.ndarray  # int64 (N,)
+
+    @property
+    def size(self) -> int:
+        return len(self.shard)
+
+    @classmethod
+    def from_index(cls, shard_index: ShardIndex, urls: list[str], where: str) -> Catalog:
+        if len(urls) != len(shard_index.shards):
+            raise ValueError(f"{where}: {len(urls)} shard URLs but the index lists {len(shard_index.shards)} shards")
+        if any(shard.offsets is None for shard in shard_index.shards):
+            raise ValueError(f"{where}: the index has no sample offsets (packed before they were recorded); add "
+                             f"them with `{REINDEX}` (reads only the tar headers) or re-pack")
+        offsets = [np.asarray(shard.offsets, dtype=np.int64) for shard in shard_index.shards]
+        counts = [len(o) - 1 for o in offsets]
+        return cls(urls=tuple(urls), shards=shard_index.shards,
+                   shard=np.repeat(np.arange(len(urls), dtype=np.int32), counts),
+                   start=np.concatenate([o[:-1] for o in offsets]), end=np.concatenate([o[1:] for o in offsets]))
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The sample ids of epoch `epoch` in the order they are drawn; identical on every rank and worker."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def batch_positions(settings: StreamSettings, k: int) -> range:
+    """The global positions of this rank's micro-batch k (k = 0 is the first after settings.start)."""
+    first = settings.start + k * settings.global_batch + settings.rank * settings.batch
+    return range(first, first + settings.batch)
+
+
 class ValLoader:
     """Iterable over this rank's validation images; re-iterable, and sized when an index is known."""
 
     def __init__(self, urls: list[str], shard_index: ShardIndex | None, rank: int, world_size: int,
-                 noise: NoiseConfig | None, max_images: int | None, strict: bool):
-        self.urls, self.shard_index = urls, shard_index
+                 noise: NoiseConfig | None, max_images: int | None, strict: bool, remote: RemoteSettings):
+        self.urls, self.shard_index, self.remote = urls, shard_index, remote
         self.rank, self.world_size = rank, world_size
         self.noise, self.max_images, self.strict = noise, max_images, strict
         self.skipped = 0
@@ -132,8 +233,9 @@ class ValLoader:
         log = _BadSampleLog(self.strict)
         inputs = self.shard_index.inputs if self.shard_index else None
         position = 0
-        for url in self.urls:
-            for sample in _shard_samples(url, log):
+        for number, url in enumerate(self.urls):
+            shard = self.shard_index.shards[number] if self.shard_index else None
+            for sample in _tar_samples(url, log, shard, self.remote):
                 if self.max_images is not None and position >= self.max_images:
                     return
                 mine = position % self.world_size == self.rank
@@ -145,146 +247,203 @@ class ValLoader:
                 if decoded is None:
                     continue
                 key, target, degraded = decoded
+                bits = target.dtype.itemsize * 8  # what the target was stored as: 8 or 16
                 target, degraded = _to_float(target), [_to_float(image) for image in degraded]
                 if not degraded:
-                    rng = np.random.default_rng(_key_seed(key))
+                    rng = np.random.default_rng(key_seed(key))
                     degraded = [add_noise(target, self.noise, rng)]
                 yield {"input": _to_tensor(np.concatenate(degraded, axis=2)[None]),
-                       "target": _to_tensor(target[None]), "key": key}
+                       "target": _to_tensor(target[None]), "key": key, "bits": bits}
             self.skipped = log.count
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, *, urls, weights, inputs, patch, batch, seed_parts, rank, world_size, num_workers,
-                 noise, augment, use_mixup, strict):
+    def __init__(self, catalog: Catalog, inputs: tuple[str, ...], settings: StreamSettings):
         super().__init__()
-        self.urls, self.weights, self.inputs = urls, weights, inputs
-        self.patch, self.batch = patch, batch
-        self.seed_parts, self.rank, self.world_size = seed_parts, rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.noise, self.augment, self.use_mixup, self.strict = noise, augment, use_mixup, strict
+        self.catalog, self.inputs, self.settings = catalog, inputs, settings
+        self._orders: dict[int, np.ndarray] = {}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        seed, rank, resume_count, stage = self.seed_parts
-        rng = np.random.default_rng([seed, rank, worker, resume_count, stage])
-        slot = self.rank * self.num_workers + worker
-        plan = slot_plan(len(self.urls), slot, self.world_size * self.num_workers)
-        log = _BadSampleLog(self.strict)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.settings
+        reader = _ShardReader(self.catalog, self.settings.remote)
+        log = _BadSampleLog(s.strict)
         reported = 0
-        samples = _shuffled(self._decoded_samples(plan, rng, log), rng)
-        while True:
-            inputs, targets = [], []
-            for _ in range(self.batch):
-                degraded, target = self._augment(next(samples), rng)
-                inputs.append(degraded)
-                targets.append(target)
-            batch_in, batch_target = np.stack(inputs), np.stack(targets)
-            if self.use_mixup:
-                batch_in, batch_target = mixup(batch_in, batch_target, rng)
-            yield {"input": _to_tensor(batch_in), "target": _to_tensor(batch_target),
-                   "skipped": torch.tensor(log.count - reported)}
-            reported = log.count
+        try:
+            for k in range(worker, 2**62, workers):
+                positions = batch_positions(s, k)
+                pairs = [self._sample(position, reader, log) for position in positions]
+                batch_in, batch_target = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+                if s.mixup:
+                    batch_in, batch_target = mixup(batch_in, batch_target,
+                                                   np.random.default_rng([s.seed, 1, positions[0]]))
+                next_position = s.start + (k + 1) * s.global_batch
+                yield {"input": _to_tensor(batch_in), "target": _to_tensor(batch_target),
+                       "skipped": torch.tensor(log.count - reported),
+                       "next_position": torch.tensor(next_position),
+                       "epoch": torch.tensor((next_position - 1) // self.catalog.size)}
+                reported = log.count
+        finally:
+            reader.close()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a batch spans at most two epochs
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self.settings.seed, epoch, self.catalog.size)
+        return self._orders[epoch]
+
+    def _sample(self, position: int, reader: _ShardReader, log: _BadSampleLog) -> tuple[np.ndarray, np.ndarray]:
+        """(input, target) crops for one position; a bad sample is replaced by the next in the order."""
+        size = self.catalog.size
+        epoch, index = divmod(position, size)
+        order = self._order(epoch)
+        for attempt in range(min(size, _BAD_RUN)):
+            sample_id = int(order[(index + attempt) % size])
+            decoded = _decode(self._read(sample_id, reader, log), self.inputs, log, self.settings.noise)
+            if decoded is not None:
+                rng = np.random.default_rng([self.settings.seed, 0, epoch, sample_id, attempt])
+                return self._augment(decoded, rng)
+        raise RuntimeError(
+            f"no usable sample: {min(size, _BAD_RUN)} samples in a row from position {position} were bad (see the "
+            "warnings above); check the shards with `restormer-verify`")
+
+    def _read(self, sample_id: int, reader: _ShardReader, log: _BadSampleLog) -> dict:
+        """The members of one sample as bytes plus __key__ and __url__; no __key__ after logging a read error."""
+        c = self.catalog
+        shard, start, end = int(c.shard[sample_id]), int(c.start[sample_id]), int(c.end[sample_id])
+        url = c.urls[shard]
+        try:
+            data = reader.read(shard, start, end - start)
+            if len(data) != end - start:
+                raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
+            sample = _members(data)
+        except (OSError, ValueError) as err:
+            log(err, url, detail=f"bytes {start}:{end}")
+            return {"__url__": url}
+        return {**sample, "__url__": url}
 
     def _augment(self, decoded, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _, target, degraded = decoded
-        crops = [_to_float(crop) for crop in paired_crop([target, *degraded], self.patch, rng)]
-        if self.augment:
+        crops = [_to_float(crop) for crop in paired_crop([target, *degraded], self.settings.patch, rng)]
+        if self.settings.augment:
             mode = int(rng.integers(8))
             crops = [dihedral(crop, mode) for crop in crops]
         target, degraded = crops[0], crops[1:]
         if not degraded:  # clean-only data: noise after the crop, as the official dataset does
-            degraded = [add_noise(np.ascontiguousarray(target), self.noise, rng)]
+            degraded = [add_noise(np.ascontiguousarray(target), self.settings.noise, rng)]
         return np.concatenate(degraded, axis=2), target
 
-    def _decoded_samples(self, plan: list[tuple[int, int, int]], rng: np.random.Generator,
-                         log: _BadSampleLog) -> Iterator[tuple[str, np.ndarray, list[np.ndarray]]]:
-        weights = np.array([self.weights[shard] for shard, _, _ in plan], dtype=np.float64)
-        weights /= weights.sum()
-        barren: set[int] = set()  # plan entries read since the last good sample: all-bad data must fail
-        while True:
-            pick = int(rng.choice(len(plan), p=weights))
-            shard, modulus, remainder = plan[pick]
-            good = False
-            for position, sample in enumerate(_shard_samples(self.urls[shard], log)):
-                if position % modulus == remainder:
-                    decoded = _decode(sample, self.inputs, log, self.noise)
-                    if decoded is not None:
-                        good = True
-                        yield decoded
-            barren = set() if good else barren | {pick}
-            if len(barren) == len(plan):
-                raise RuntimeError(
-                    f"no usable sample in shards {[self.urls[s] for s, _, _ in plan]} (this loader slot keeps "
-                    f"every {modulus}th sample of them): see the warnings above, check the shards with "
-                    "`restormer-verify`, or use fewer workers/ranks than samples per shard")
+
+class _ShardReader:
+    """Reads byte ranges of shards; keeps up to _OPEN_SHARDS seekable handles open (least recently used out)."""
+
+    def __init__(self, catalog: Catalog, remote: RemoteSettings):
+        self.catalog, self.remote = catalog, remote
+        self.handles: OrderedDict[int, object] = OrderedDict()
+
+    def read(self, shard: int, start: int, length: int) -> bytes:
+        handle = self.handles.pop(shard, None)
+        if handle is not None:
+            handle.seek(start)
+        else:
+            info = self.catalog.shards[shard]
+            handle = open_shard(self.catalog.urls[shard], start, length=length, size=info.bytes,
+                                sha256=info.sha256, settings=self.remote)
+        try:
+            data = handle.read(length)
+        except BaseException:
+            handle.close()
+            raise
+        if handle.seekable():
+            self.handles[shard] = handle
+            if len(self.handles) > _OPEN_SHARDS:
+                self.handles.popitem(last=False)[1].close()
+        else:
+            handle.close()
+        return data
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
 
 
-def slot_plan(num_shards: int, slot: int, slots: int) -> list[tuple[int, int, int]]:
-    """(shard, modulus, remainder) triples: `slot` keeps sample j of `shard` when j % modulus == remainder.
+def _members(data: bytes) -> dict:
+    """The members of one sample's tar bytes, {'__key__': key, 'target.png': bytes, ...}."""
+    mismatch = ("the index does not match the shard (replaced after packing?): check it with `restormer-verify`, "
+                f"then re-index with `{REINDEX}` or re-pack")
+    sample: dict = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, extension = member_key(info.name)
+                if sample.setdefault("__key__", key) != key:
+                    raise ValueError(f"the byte range holds keys {sample['__key__']} and {key}: {mismatch}")
+                sample[extension] = tar.extractfile(info).read()
+    except tarfile.TarError as err:
+        raise ValueError(f"no whole sample here ({err}): {mismatch}") from err
+    if not sample:
+        raise ValueError(f"no tar member here: {mismatch}")
+    return sample
 
-    The slots' parts are disjoint and together cover every sample exactly once.
-    """
-    if num_shards >= slots:
-        return [(shard, 1, 0) for shard in range(slot, num_shards, slots)]
-    shard = slot % num_shards
-    sharers = list(range(shard, slots, num_shards))
-    return [(shard, len(sharers), sharers.index(slot))]
+
+def _tar_samples(url: str, log: _BadSampleLog, shard: ShardInfo | None, remote: RemoteSettings) -> Iterator[dict]:
+    """The samples of one shard, front to back (members grouped by key). A read error ends the shard."""
+    current: dict | None = None
+    size, sha256 = (shard.bytes, shard.sha256) if shard is not None else (None, None)
+    try:
+        with open_shard(url, size=size, sha256=sha256, settings=remote) as stream, \
+                tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, extension = member_key(info.name)
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[extension] = tar.extractfile(info).read()
+    except (OSError, EOFError, tarfile.TarError) as err:
+        log(err, url, current["__key__"] if current else None)
+        return
+    if current is not None:
+        yield current
 
 
 class _BadSampleLog:
-    """webdataset exception handler: counts and names the shard, or raises in strict mode."""
+    """Counts bad samples and warns once per message, naming shard and key; raises in strict mode."""
 
     def __init__(self, strict: bool):
         self.strict, self.count = strict, 0
-        self.warned: set[str] = set()  # a resampled bad shard is counted every time, named once
+        # A bad sample drawn every epoch is counted every time, named once; an unreadable shard (no
+        # key) is named once per kind of error, not once per sample read from it.
+        self.warned: set[tuple] = set()
 
-    def __call__(self, error: BaseException, url: str, key: str | None = None) -> bool:
-        if isinstance(error, BadSampleError):  # an inner stage reported it; webdataset appended to its args
-            raise BadSampleError(error.args[0]) from error.__cause__
-        where = f"shard {url}" + (f", key {key}" if key else "")
-        message = f"{where}: {type(error).__name__}: {error.args[0] if error.args else error}"
+    def __call__(self, error: BaseException, url: str, key: str | None = None, detail: str = "") -> None:
+        where = f"shard {redact(url)}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
+        # A ShardReadError names the shard itself (redacted); the rest of it is the cause.
+        cause = error.reason if isinstance(error, ShardReadError) else error.args[0] if error.args else error
+        message = f"{where}: {type(error).__name__}: {cause}"
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1
-        if message not in self.warned:
-            self.warned.add(message)
+        topic = (url, key, type(error).__name__) if key is None else message
+        if topic not in self.warned:
+            self.warned.add(topic)
             warnings.warn(f"skipped bad sample: {message}", stacklevel=2)
-        return True
-
-
-def _shard_samples(url: str, log: _BadSampleLog) -> Iterator[dict]:
-    def handler(error: BaseException) -> bool:
-        return log(error, url)
-
-    streams = url_opener([{"url": url}], handler=handler)
-    yield from group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
-
-
-def _shuffled(samples: Iterator[tuple], rng: np.random.Generator) -> Iterator[tuple]:
-    """Shuffle buffer of decoded samples, bounded by sample count and bytes."""
-    buffer: list[tuple] = []
-    held = 0
-    for sample in samples:
-        buffer.append(sample)
-        held += _nbytes(sample)
-        if len(buffer) >= _SHUFFLE_SAMPLES or held >= _SHUFFLE_BYTES:
-            pick = int(rng.integers(len(buffer)))
-            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-            chosen = buffer.pop()
-            held -= _nbytes(chosen)
-            yield chosen
-
-
-def _nbytes(decoded: tuple[str, np.ndarray, list[np.ndarray]]) -> int:
-    return decoded[1].nbytes + sum(image.nbytes for image in decoded[2])
 
 
 def _decode(sample: dict, inputs: tuple[str, ...] | None, log: _BadSampleLog,
             noise: NoiseConfig | None) -> tuple[str, np.ndarray, list[np.ndarray]] | None:
     """-> (key, target, [inputs]) as stored (uint8/uint16 (H, W, C)), or None after logging a bad sample."""
-    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+    if "__key__" not in sample:
+        return None  # unreadable bytes, logged by the reader
+    key, url = sample["__key__"], sample.get("__url__", "?")
     try:
         target = _member(sample, "target")
         names = inputs if inputs is not None else sorted(
@@ -296,12 +455,9 @@ def _decode(sample: dict, inputs: tuple[str, ...] | None, log: _BadSampleLog,
     except Exception as err:  # any decode failure of untrusted bytes is a bad sample
         log(err, url, key)
         return None
-    if degraded and noise is not None:
-        raise ValueError(f"shard {url} holds degraded inputs ({', '.join(names)}): synthetic noise is "
-                         "only for clean-only data; pass noise=None")
-    if not degraded and noise is None:
-        raise ValueError(f"shard {url} holds clean images only: pass noise=NoiseConfig(sigma=25) "
-                         "(or sigma_range) so that inputs are synthesised")
+    problem = noise_mismatch(bool(degraded), noise, f"shard {url}")
+    if problem:
+        raise ValueError(problem)
     return key, target, degraded
 
 
@@ -323,17 +479,3 @@ def _to_float(image: np.ndarray) -> np.ndarray:
 def _to_tensor(batch: np.ndarray) -> torch.Tensor:
     """(B, H, W, C) -> contiguous (B, C, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
-
-
-def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-
-
-def _check_noise(shard_index: ShardIndex | None, noise: NoiseConfig | None, source) -> None:
-    if shard_index is None:
-        return  # checked per sample instead
-    if shard_index.inputs and noise is not None:
-        raise ValueError(f"{source} is paired data ({', '.join(shard_index.inputs)}): synthetic noise is only "
-                         "for clean-only data; pass noise=None")
-    if not shard_index.inputs and noise is None:
-        raise ValueError(f"{source} holds clean images only: pass noise=NoiseConfig(sigma=25) (or sigma_range)")

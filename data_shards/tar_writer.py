@@ -40,6 +40,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
+        self._offsets: list[int] = []
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """members: (extension, data) pairs, e.g. ("target.png", b"...")."""
@@ -48,6 +49,7 @@ class ShardWriter:
             self._finish()
         if self._tar is None:
             self._open()
+        self._offsets.append(self._tar.offset)
         for extension, data in members:
             info = tarfile.TarInfo(f"{key}.{extension}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -77,8 +79,10 @@ class ShardWriter:
     def _open(self) -> None:
         self._tar = tarfile.open(self._tmp_path(), "w", format=tarfile.PAX_FORMAT)
         self._count = self._bytes = 0
+        self._offsets: list[int] = []
 
     def _finish(self) -> None:
+        self._offsets.append(self._tar.offset)
         self._tar.close()
         self._tar = None
         tmp, final = self._tmp_path(), self.folder / self._name()
@@ -86,4 +90,4 @@ class ShardWriter:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
         self.shards.append(ShardInfo(name=final.name, samples=self._count, bytes=final.stat().st_size,
-                                     sha256=sha256_file(final)))
+                                     sha256=sha256_file(final), offsets=tuple(self._offsets)))

@@ -1,7 +1,8 @@
 """Check packed shards against their index: `python -m data_shards.verify DIR`.
 
 DIR is a split folder (with index.json) or a pack output holding several. Every shard must exist,
-match the index's size, sha256 and sample count, and every sample must decode with matching sizes.
+match the index's size, sha256, sample count and sample byte offsets, and every sample must decode
+with matching sizes.
 Prints one line per problem, naming shard and key; exit status 0 when all is well, 1 otherwise.
 """
 
@@ -13,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.index import INDEX_NAME, ShardIndex
+from data_shards.index import INDEX_NAME, ShardIndex, member_key, scan_offsets
 from data_shards.tar_writer import sha256_file
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}
@@ -54,14 +55,17 @@ def _verify_shard(path: Path, shard, index: ShardIndex) -> list[str]:
             for member in tar:
                 if not member.isfile():
                     continue
-                directory, _, base = member.name.rpartition("/")
-                stem, _, extension = base.partition(".")
-                key = f"{directory}/{stem}" if directory else stem
+                key, extension = member_key(member.name)
                 samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         problems.append(f"{path}: unreadable tar after {len(samples)} samples ({err})")
     if len(samples) != shard.samples:
         problems.append(f"{path}: {len(samples)} samples, index says {shard.samples}")
+    elif shard.offsets is None:
+        problems.append(f"{path}: the index has no sample offsets (training needs them): run "
+                        f"`python -m data_shards.index {path.parent}`")
+    elif size == shard.bytes and scan_offsets(path) != shard.offsets:
+        problems.append(f"{path}: sample offsets differ from the index (re-index or re-pack)")
     for key, members in samples.items():
         problem = _check_sample(members, index)
         if problem:

@@ -94,9 +94,11 @@ class LayerNorm(nn.Module):
         t = _tokens(x).float()
         if self.bias_free:
             var = t.var(dim=-1, keepdim=True, correction=0)
-            y = t * torch.rsqrt(var + _EPS) * self.body.weight
+            y = t * torch.rsqrt(var + _EPS) * self.body.weight.float()
         else:
-            y = F.layer_norm(t, self.body.weight.shape, self.body.weight, self.body.bias, _EPS)
+            # F.layer_norm needs weight and bias in the activations' dtype: under DeepSpeed bf16/fp16
+            # the parameters are low precision while the norm runs in fp32 (`.float()` is free in fp32).
+            y = F.layer_norm(t, self.body.weight.shape, self.body.weight.float(), self.body.bias.float(), _EPS)
         return y.to(x.dtype).permute(0, 3, 1, 2)
 
 
@@ -275,7 +277,11 @@ class Restormer(nn.Module):
                 module.checkpointing = bool(enabled)
 
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
-        x = inp_img.contiguous(memory_format=torch.channels_last)
+        # Under DeepSpeed bf16/fp16 the weights are low precision (no autocast): the convolutions take
+        # the input in their dtype, while the global residual adds the caller's (fp32) input, as under
+        # autocast, so outputs are not quantised to bf16's 2^-8 steps.
+        residual = inp_img.contiguous(memory_format=torch.channels_last)
+        x = residual.to(self.output.weight.dtype)
         inp_enc_level1 = self.patch_embed(x)
         out_enc_level1 = self.encoder_level1(inp_enc_level1)
         out_enc_level2 = self.encoder_level2(self.down1_2(out_enc_level1))
@@ -294,5 +300,5 @@ class Restormer(nn.Module):
         if self.dual_pixel_task:
             out = self.output(dec1 + _pointwise(inp_enc_level1, self.skip_conv.weight, self.skip_conv.bias))
         else:
-            out = self.output(dec1) + x
+            out = self.output(dec1) + residual
         return out.contiguous()

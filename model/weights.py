@@ -122,10 +122,14 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
         raise
 
 
-def save_official_pth(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save as the official release does: torch.save({'params': state_dict})."""
-    state = _cpu_state(model_or_state)
-    _atomic_write(path, lambda tmp: torch.save({"params": state}, tmp))
+def save_official_pth(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      params_ema: nn.Module | Mapping[str, torch.Tensor] | None = None) -> None:
+    """Save as BasicSR does: torch.save({'params': trained}), plus 'params_ema' for a run with EMA
+    (KAIR/SwinIR-style fine-tuning reads that key)."""
+    payload = {"params": _cpu_state(model_or_state)}
+    if params_ema is not None:
+        payload["params_ema"] = _cpu_state(params_ema)
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -1,43 +1,163 @@
+"""The Checkpointer's rules on tiny folders, in process: manifest, verification, choice, retention, lock."""
+
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 
 from train.checkpoint import (
-    CheckpointError, STATE_FILE, checkpoint_name, clean_stale_tmp, complete_checkpoints, prune, publish,
-    resolve_resume,
+    CONFIG_FILE, EMA_FILE, REJECTED_DIR, STATE_FILE, CheckpointError, Checkpointer, check_resume_arg,
+    checkpoint_name, choose, clean_stale_tmp, complete_checkpoints, is_sealed, move_aside, prune, publish,
+    read_state, seal, verify, write_json_atomic,
 )
+from train.run_lock import LOCK_FILE, RunLock, RunLockedError
 
 
-def make(root, step, complete=True):
+def make(root, step, sealed=True, complete=True, ranks=2):
+    """A checkpoint folder with the files accelerate and the trainer write (tiny tensors)."""
     path = root / checkpoint_name(step)
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x")
+    save_file({"w": torch.arange(256.0) * step}, str(path / "model.safetensors"))
+    save_file({"w": torch.arange(256.0) * step + 1}, str(path / EMA_FILE))
+    torch.save({"state": {0: {"exp_avg": torch.ones(256) * step}}, "param_groups": []}, path / "optimizer.bin")
+    for rank in range(ranks):
+        torch.save({"step": step, "rank": rank, "torch": torch.ones(64, dtype=torch.uint8)},
+                   path / f"random_states_{rank}.pkl")
+    (path / CONFIG_FILE).write_text("model: {dim: 8}\n")
+    state = {"step": step, "best_metric": 21.5, "world_size": ranks}
     if complete:
-        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        (seal if sealed else lambda p, s: write_json_atomic(p / STATE_FILE, s))(path, state)
     return path
 
 
-def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
-    make(tmp_path, 100)
-    newest = make(tmp_path, 300)
-    make(tmp_path, 400, complete=False)  # a folder without its state file is never chosen
-    (tmp_path / ".tmp-step_00000500").mkdir()
-    assert resolve_resume("auto", tmp_path) == newest
-    assert resolve_resume(None, tmp_path) is None
-    assert resolve_resume("auto", tmp_path / "nothing_here") is None
+def flip(path, name, at=0.5):
+    data = bytearray((path / name).read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    (path / name).write_bytes(bytes(data))
 
 
-def test_resume_path_must_be_complete(tmp_path):
-    partial = make(tmp_path, 100, complete=False)
+def truncate(path, name):
+    size = (path / name).stat().st_size
+    with open(path / name, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def edit_state(path):
+    (path / STATE_FILE).write_text((path / STATE_FILE).read_text().replace('"step": 3', '"step": 7'))
+
+
+DAMAGE = {
+    "model.safetensors flipped": (lambda p: flip(p, "model.safetensors"), "model.safetensors: blake3 hash differs"),
+    "model.safetensors truncated": (lambda p: truncate(p, "model.safetensors"),
+                                    r"model.safetensors: \d+ bytes, the manifest says \d+ \(truncated"),
+    "optimizer.bin flipped": (lambda p: flip(p, "optimizer.bin"), "optimizer.bin: blake3 hash differs"),
+    "ema.safetensors flipped": (lambda p: flip(p, EMA_FILE), "ema.safetensors: blake3 hash differs"),
+    "trainer_state.json flipped": (lambda p: flip(p, STATE_FILE, 0.3), f"{STATE_FILE}:"),
+    "trainer_state.json edited": (edit_state, f"{STATE_FILE}: its content does not match its own hash"),
+    "optimizer.bin deleted": (lambda p: (p / "optimizer.bin").unlink(), "optimizer.bin: missing"),
+    "a file added": (lambda p: (p / "scaler.pt").write_bytes(b"x"), "scaler.pt: not in the manifest"),
+}
+
+
+def test_a_sealed_checkpoint_verifies_and_keeps_its_state(tmp_path):
+    path = make(tmp_path, 3)
+    assert verify(path, 0) is None and verify(path, 1) is None
+    state = read_state(path)
+    assert state["step"] == 3 and state["best_metric"] == 21.5
+    files = state["manifest"]["files"]
+    assert sorted(files) == [CONFIG_FILE, EMA_FILE, "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                             "random_states_1.pkl"]
+    assert files["optimizer.bin"]["size"] == (path / "optimizer.bin").stat().st_size
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_damage_to_any_file_is_found_and_named(tmp_path, damage):
+    path = make(tmp_path, 3)
+    do, named = DAMAGE[damage]
+    do(path)
+    problem = verify(path, 0)
+    assert problem is not None and re.match(named, problem), problem
+
+
+def test_a_per_rank_file_is_checked_by_its_own_rank_only(tmp_path):
+    path = make(tmp_path, 3)
+    flip(path, "random_states_1.pkl")
+    assert verify(path, 0) is None  # rank 0 never reads it ...
+    assert verify(path, 1).startswith("random_states_1.pkl: blake3 hash differs")  # ... rank 1 does
+
+
+def test_resume_auto_takes_the_newest_that_verifies_and_says_why_it_passed_over_newer_ones(tmp_path):
+    paths = [make(tmp_path, s) for s in (1, 2, 3)]
+    make(tmp_path, 4, complete=False)  # a folder without its state file is never a candidate
+    (tmp_path / ".tmp-step_00000005").mkdir()
+    flip(paths[2], "model.safetensors")
+    truncate(paths[1], "optimizer.bin")
+    choice = choose("auto", complete_checkpoints(tmp_path), lambda p: verify(p, 0))
+    assert choice.path == paths[0] and choice.sealed
+    assert [(p.name, why.split(":")[0]) for p, why in choice.rejected] == [
+        ("step_00000003", "model.safetensors"), ("step_00000002", "optimizer.bin")]
+    assert choose(None, complete_checkpoints(tmp_path), lambda p: verify(p, 0)).path is None
+    assert choose("auto", [], lambda p: verify(p, 0)).path is None  # nothing yet: a fresh start
+
+
+def test_resume_auto_refuses_when_no_checkpoint_verifies_and_moves_nothing(tmp_path):
+    paths = [make(tmp_path, s) for s in (1, 2)]
+    for path in paths:
+        flip(path, "optimizer.bin")
+    with pytest.raises(CheckpointError, match="no checkpoint of this run verifies .*step_00000002: optimizer.bin"):
+        choose("auto", complete_checkpoints(tmp_path), lambda p: verify(p, 0))
+    assert complete_checkpoints(tmp_path) == paths
+
+
+def test_resume_path_refuses_a_damaged_checkpoint_with_the_cause(tmp_path):
+    path = make(tmp_path, 3)
+    truncate(path, "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"--resume .*: refused, model.safetensors: \d+ bytes, the manifest says"):
+        choose(str(path), [], lambda p: verify(p, 0))
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        resolve_resume(str(partial), tmp_path)
+        check_resume_arg(str(make(tmp_path, 4, complete=False)), tmp_path)
 
 
-def test_keep_last_k_and_the_best(tmp_path):
+def test_a_checkpoint_without_manifest_is_accepted_unverified(tmp_path):
+    """Written by a version before manifests: accepted (with a warning from the Checkpointer)."""
+    path = make(tmp_path, 3, sealed=False)
+    flip(path, "optimizer.bin")  # nothing to check it against
+    assert verify(path, 0) is None and not is_sealed(path)
+    choice = choose("auto", [path], lambda p: verify(p, 0))
+    assert choice.path == path and not choice.sealed
+
+
+def test_rejected_checkpoints_are_moved_aside_never_overwritten(tmp_path):
+    first = move_aside(make(tmp_path, 3))
+    second = move_aside(make(tmp_path, 3))
+    assert first == tmp_path / REJECTED_DIR / "step_00000003"
+    assert second == tmp_path / REJECTED_DIR / "step_00000003.1"
+    assert (second / "model.safetensors").is_file() and complete_checkpoints(tmp_path) == []
+
+
+def test_keep_last_the_best_and_the_one_just_written(tmp_path):
     paths = [make(tmp_path, s) for s in (100, 200, 300, 400, 500)]
     removed = prune(tmp_path, keep_last=2, keep={paths[1]})
     assert sorted(p.name for p in removed) == [paths[0].name, paths[2].name]
     assert complete_checkpoints(tmp_path) == [paths[1], paths[3], paths[4]]
+
+
+def test_retention_never_touches_a_later_timeline(tmp_path):
+    """Resumed (--resume PATH) from step 100 while 400 and 500 exist: the run saves 200 and keeps it."""
+    paths = [make(tmp_path, s) for s in (100, 400, 500)]
+    written = make(tmp_path, 200)
+    prune(tmp_path, keep_last=1, keep={written}, up_to=200)
+    assert complete_checkpoints(tmp_path) == [written, paths[1], paths[2]]
 
 
 def test_publish_replaces_and_stale_tmp_is_cleaned(tmp_path):
@@ -50,3 +170,96 @@ def test_publish_replaces_and_stale_tmp_is_cleaned(tmp_path):
     (tmp_path / ".tmp-step_00000200").mkdir()
     clean_stale_tmp(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _layout_checker(distributed_type, processes):
+    acc = SimpleNamespace(is_main_process=True, distributed_type=distributed_type, num_processes=processes)
+    return Checkpointer(Path("/nonexistent"), acc, keep_last=1)
+
+
+@pytest.mark.parametrize("saved,now", [(2, 1), (1, 2)])
+def test_deepspeed_resume_on_another_process_count_is_refused_up_front(tmp_path, saved, now):
+    path = make(tmp_path, 3, ranks=saved)
+    (path / "pytorch_model").mkdir()
+    checker = _layout_checker(DistributedType.DEEPSPEED, now)
+    with pytest.raises(CheckpointError, match=f"written by {saved} processes and this run has {now}.*Resume with {saved}"):
+        checker._check_layout(path, read_state(path))
+    _layout_checker(DistributedType.DEEPSPEED, saved)._check_layout(path, read_state(path))  # same count: fine
+    with pytest.raises(CheckpointError, match="written with DeepSpeed and this run is not under DeepSpeed"):
+        _layout_checker(DistributedType.MULTI_CPU, now)._check_layout(path, read_state(path))
+    (path / "pytorch_model").rmdir()  # a DDP checkpoint: any process count resumes it
+    _layout_checker(DistributedType.MULTI_CPU, now)._check_layout(path, read_state(path))
+
+
+# ---------------------------------------------------------------- the run lock
+
+
+def test_a_live_holder_keeps_the_folder_and_is_named(tmp_path):
+    held = RunLock(tmp_path)
+    assert held.acquire() is None
+    try:
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(host {socket.gethostname()}, "
+                                                 rf"pid {os.getpid()}, started 20"):
+            RunLock(tmp_path).acquire()
+    finally:
+        held.release()
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released: emptied, not deleted
+    second = RunLock(tmp_path)
+    assert second.acquire() is None  # a cleanly released lock is free, no message
+    second.release()
+
+
+def dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    pid = dead_pid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid,
+                                                  "started": "2026-01-01T00:00:00+00:00", "proc_start": "1"}))
+    lock = RunLock(tmp_path)
+    note = lock.acquire()
+    try:
+        assert note.startswith("took over the lock of a run that is no longer alive") and f"pid {pid}," in note
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+
+
+def test_a_lock_still_held_by_a_dead_holders_child_is_refused_and_says_so(tmp_path):
+    held = RunLock(tmp_path)  # stands for the data-loader worker the dead process forked
+    held.acquire()
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
+                                                      "started": "2026-01-01T00:00:00+00:00", "proc_start": "1"}))
+        with pytest.raises(RunLockedError, match="that process is gone but one it forked still holds the lock"):
+            RunLock(tmp_path).acquire()
+    finally:
+        held.release()
+
+
+def test_another_hosts_lock_counts_while_its_heartbeat_is_fresh(tmp_path):
+    """For file systems whose flock is per node: the holder's heartbeat (the file's mtime) decides."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 4242, "started": "2026-01-01T00:00:00+00:00",
+                                                  "proc_start": None}))
+    with pytest.raises(RunLockedError, match="host node-7, pid 4242.*last heartbeat"):
+        RunLock(tmp_path, stale_s=120).acquire()
+    old = time.time() - 600
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    lock = RunLock(tmp_path, stale_s=120)
+    assert "no heartbeat for 600 s" in lock.acquire()
+    lock.release()
+
+
+def test_the_holder_beats_while_it_runs(tmp_path):
+    lock = RunLock(tmp_path, heartbeat_s=0.05)
+    lock.acquire()
+    try:
+        old = time.time() - 600
+        os.utime(tmp_path / LOCK_FILE, (old, old))
+        time.sleep(0.3)
+        assert time.time() - (tmp_path / LOCK_FILE).stat().st_mtime < 5
+    finally:
+        lock.release()

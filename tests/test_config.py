@@ -1,6 +1,6 @@
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, load_config
+from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
 
 
 def test_defaults_are_the_official_recipe():
@@ -41,6 +41,12 @@ def test_dotted_overrides_are_typed():
         ("train.threads=0", "train.threads must be >= 1"),
         ("train.max_steps=0", "train.max_steps must be >= 1"),
         ("train.dist_timeout_s=0", "train.dist_timeout_s must be >= 1"),
+        ("train.best_metric=psnr_Y", "train.best_metric='psnr_Y' is not one of: psnr, ssim"),
+        ("val.noise_sigma=-1", "val.noise_sigma must be >= 0"),
+        ("data.retries=-1", "data.retries=-1 must be >= 0"),
+        ("data.timeout_s=0", "data.timeout_s=0.0 must be a positive"),
+        ("data.cache_dir=/tmp/c", "data.cache_dir and data.cache_limit_gb go together"),
+        ("data.cache_limit_gb=10", "data.cache_dir and data.cache_limit_gb go together"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
@@ -69,3 +75,41 @@ def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()  # e.g. a data folder in the working directory
     assert load_config("demo").run_name == "demo"
+
+
+def test_a_removed_key_is_explained_but_ignored_in_an_old_checkpoint_config():
+    with pytest.raises(ConfigError, match="'data.resume' .* was removed: resume is always exact"):
+        load_config(overrides=["data.resume=replay"])
+    old = load_config().to_dict()
+    old["data"]["resume"] = "fresh"  # what checkpoints saved before exact resume hold
+    assert config_from_dict(old, "old checkpoint") == load_config()
+
+
+def test_blind_denoising_recipes_validate_at_one_sigma():
+    for recipe in ("gaussian_color_denoising_blind", "gaussian_gray_denoising_blind"):
+        cfg = load_config(recipe)
+        assert cfg.data.noise_sigma_range == [0, 50] and cfg.val.noise_sigma == 25
+
+
+def test_validation_noise_is_fixed_where_set_and_refused_on_paired_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data_shards.degrade import NoiseConfig
+    from data_shards.pack import main as pack_main
+    from train.data import check_data, val_noise_config
+    from train.schedule import plan_stages
+
+    blind = load_config("gaussian_color_denoising_blind")
+    assert val_noise_config(blind) == NoiseConfig(sigma=25)
+    assert val_noise_config(load_config("gaussian_color_denoising_blind", ["val.noise_sigma=null"])) == \
+        NoiseConfig(sigma_range=(0.0, 50.0))
+    for folder in ("input", "target"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((16, 16, 3), 100, np.uint8)).save(tmp_path / folder / "a.png")
+    assert pack_main(["--input", str(tmp_path / "input"), "--target", str(tmp_path / "target"),
+                      "--out", str(tmp_path / "shards"), "--split", "val", "--no-progress"]) == 0
+    paired = tmp_path / "shards" / "val"
+    cfg = load_config("deraining", [f"data.train={paired}", f"data.val={paired}", "val.noise_sigma=25"])
+    with pytest.raises(ConfigError, match="holds degraded inputs .* noise is set for validation"):
+        check_data(cfg, plan_stages(cfg, 1), str(paired), str(paired))

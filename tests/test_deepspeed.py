@@ -11,27 +11,38 @@ from model import build_model, read_state_dict
 pytestmark = pytest.mark.slow
 
 
-def launch(argv, shards, out, *extra, resume=None):
-    """A docs/scaling.md command on 2 CPU processes with the tiny recipe."""
-    argv = with_flags(argv, num_processes=2, main_process_port=free_port())
+def launch(argv, shards, out, *extra, resume=None, processes=2, check=True):
+    """A docs/scaling.md command on CPU processes (2 by default) with the tiny recipe."""
+    argv = with_flags(argv, num_processes=processes, main_process_port=free_port())
     if resume:
         argv.insert(argv.index("train/main.py") + 1, f"--resume={resume}")
     proc = run(argv + recipe_args(shards, out, *extra), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def resume_refused_up_front(argv, shards, out, saved: int, now: int) -> None:
+    """Resuming `out` on `now` processes fails before any training, naming both process counts."""
+    logged = len(records(out))
+    proc = launch(argv, shards, out, resume="auto", processes=now, check=False)
+    assert proc.returncode != 0, proc.stderr[-4000:]  # the launcher's own traceback follows the ranks' exit 2
+    assert (f"error: cannot resume from {out / 'checkpoints'}" in proc.stderr and
+            f"this DeepSpeed checkpoint was written by {saved} processes and this run has {now}" in proc.stderr)
+    assert len(records(out)) == logged, "the refused run trained or logged"
 
 
 @pytest.fixture(scope="module")
 def ddp_export(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch(doc_command("launch/cpu.yaml"), shards, out, "data.resume=replay")
+    launch(doc_command("launch/cpu.yaml"), shards, out)
     return read_state_dict(out / "export" / "model.safetensors")
 
 
 def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, tmp_path):
     out = tmp_path / "run"
     zero2 = doc_command("launch/deepspeed_zero2.yaml")
-    first = launch(zero2, shards, out, "data.resume=replay", "train.max_steps=4")
+    first = launch(zero2, shards, out, "train.max_steps=4")
     assert "weights identical on every process: yes" in first.stdout
     assert "global batch 16 kept as 2 x 4 accum x 2 proc" in first.stdout  # DeepSpeed with accumulation
     saved = out / "checkpoints" / "step_00000004" / "pytorch_model"
@@ -39,7 +50,9 @@ def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, 
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
-    second = launch(zero2, shards, out, "data.resume=replay", resume="auto")
+    resume_refused_up_front(zero2, shards, out, saved=2, now=1)
+
+    second = launch(zero2, shards, out, resume="auto")
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
     exported = read_state_dict(out / "export" / "model.safetensors")
     assert exported.keys() == ddp_export.keys()
@@ -50,6 +63,13 @@ def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, 
     official = torch.load(out / "export" / "model_official.pth", weights_only=True)
     assert set(official) == {"params"}
     assert all(torch.equal(official["params"][k], v) for k, v in exported.items())
+
+
+def test_zero2_checkpoint_of_one_process_is_refused_on_two(shards, tmp_path):
+    out = tmp_path / "run"
+    zero2 = doc_command("launch/deepspeed_zero2.yaml")
+    launch(zero2, shards, out, "train.max_steps=2", "train.ckpt_every=2", processes=1)
+    resume_refused_up_front(zero2, shards, out, saved=1, now=2)
 
 
 def test_zero3_trains_in_bf16_and_exports_consolidated_weights(shards, ddp_export, tmp_path):

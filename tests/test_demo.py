@@ -5,7 +5,7 @@ import multiprocessing
 
 from data_shards.demo import DEMO_VERSION, DemoData, ensure_demo_data
 from data_shards.index import ShardIndex
-from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
 
 
 def _ensure(root):
@@ -26,8 +26,8 @@ def test_demo_is_packed_once_and_streams(tmp_path):
 
     val_keys = [item["key"] for item in build_val_loader(data.val, noise=NoiseConfig(sigma=25))]
     assert val_keys == ["val/chelsea", "val/coffee", "val/rocket"]
-    loader = build_train_loader(data.train, patch_size=48, batch_size=4, seed=0, num_workers=0,
-                                noise=NoiseConfig(sigma=25))
+    loader = build_train_loader(data.train, StreamSettings(patch=48, batch=4, num_workers=0,
+                                                           noise=NoiseConfig(sigma=25)))
     batch = next(iter(loader))
     assert batch["input"].shape == (4, 3, 48, 48)
 

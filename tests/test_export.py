@@ -7,6 +7,7 @@ import yaml
 
 from conftest import TINY_NET, TINY_NET_ARGS
 from model import build_model, read_state_dict, save_safetensors
+from train import checkpoint as ckpt
 from tools.export import check_onnx, export_onnx, main
 from tools.loading import load_model
 
@@ -40,6 +41,27 @@ def test_weights_round_trip_and_the_folder_loads_as_is(tmp_path, capsys):
     reloaded = load_model(tmp_path / "out" / "model.safetensors")
     assert torch.equal(reloaded.model.output.weight, model.output.weight)
     assert "model_official.pth" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_ema_exports_both_weights_and_deploys_the_ema(tmp_path):
+    trained, ema = tiny(seed=0), tiny(seed=1)
+    folder = tmp_path / "step_00000009"
+    folder.mkdir()
+    save_safetensors(trained, folder / ckpt.MODEL_FILE)
+    save_safetensors(ema, folder / ckpt.EMA_FILE)
+    (folder / ckpt.CONFIG_FILE).write_text(yaml.safe_dump({"model": {"preset": "default", **TINY_NET}}))
+    (folder / ckpt.STATE_FILE).write_text("{}")
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    out = tmp_path / "out"
+    assert main(["-w", str(folder), "-o", str(out), "--formats", "safetensors", "pth"]) == 0
+    official = torch.load(out / "model_official.pth", weights_only=True)
+    assert set(official) == {"params", "params_ema"}
+    assert same(official["params"], trained.state_dict()) and same(official["params_ema"], ema.state_dict())
+    assert same(read_state_dict(out / "model.safetensors"), ema.state_dict())
+    # The export folder, exported again, still knows both.
+    assert main(["-w", str(out / "model.safetensors"), "-o", str(tmp_path / "again"), "--formats", "pth"]) == 0
+    again = torch.load(tmp_path / "again" / "model_official.pth", weights_only=True)
+    assert same(again["params"], trained.state_dict()) and same(again["params_ema"], ema.state_dict())
 
 
 @pytest.mark.parametrize("preset", ["default", "gaussian_gray_denoising"])

@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -27,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, pack_images, records
 from model import read_state_dict
+from data_shards.index import add_offsets
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
@@ -394,6 +397,9 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
         with tarfile.open(shard) as tar:
             keys[fault] = next(n for n in tar.getnames() if n.endswith(".target.png")).split(".")[0]
         _rewrite_shard(shard, change)
+    # The rewritten shards hold their samples at other byte offsets: index them as a pack that wrote
+    # the bad content would have. The truncation below comes after, as it would on disk.
+    add_offsets(split)
     with tarfile.open(shards[1]) as tar:
         last = tar.getmembers()[-1]
     with open(shards[1], "r+b") as f:  # cut in the middle of the last member's data
@@ -444,6 +450,7 @@ def scenario_checkpoint_pickle(data: Path, work: Path, base: Path, target: str) 
     else:
         shutil.copytree(base, run)
         torch.save(payload, newest(run) / target)
+        reseal(newest(run))  # an attacker who rewrites the manifest too: torch.load(weights_only=True) still refuses
         proc = launch(data, run)
     code = proc.wait(120)
     assert not marker.exists(), f"the payload in {target} ran"  # ... and the trainer never let it
@@ -453,6 +460,126 @@ def scenario_checkpoint_pickle(data: Path, work: Path, base: Path, target: str) 
     wanted = "refused" if target == "init_weights" else f"{target} could not be read as plain tensors"
     assert wanted in line, line
     return f"payload not run; exit 2: {line[:200]}..."
+
+
+def reseal(folder: Path) -> None:
+    """Rewrites a checkpoint's manifest to match its files as they are now."""
+    state = ckpt.read_state(folder)
+    state.pop("manifest", None)
+    ckpt.seal(folder, state)
+
+
+# ---------------------------------------------------------------- damaged checkpoints, two runs on one folder
+
+
+def flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):  # a damaged sector's worth, not one bit
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate_half(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+DAMAGES = {  # what is done to the newest checkpoint: (file, how)
+    "bytes flipped in model.safetensors": ("model.safetensors", flip_middle),
+    "model.safetensors truncated": ("model.safetensors", truncate_half),
+    "bytes flipped in optimizer.bin": ("optimizer.bin", flip_middle),
+    "bytes flipped in ema.safetensors": (ckpt.EMA_FILE, flip_middle),
+    "bytes flipped in trainer_state.json": (ckpt.STATE_FILE, flip_middle),
+}
+EMA = "train.ema_decay=0.9"
+
+
+def scenario_damaged_newest(data: Path, work: Path, base: Path, damage: str) -> str:
+    """`base` holds step_3 and step_6 (with EMA). The damage is done to step_6: `--resume PATH` must refuse
+    it naming the file, `--resume auto` must resume from step_3 and keep step_6 aside, untouched."""
+    run = work / "run"
+    shutil.copytree(base, run)
+    older, damaged = ckpt.complete_checkpoints(run / "checkpoints")[-2:]
+    name, how = DAMAGES[damage]
+    how(damaged / name)
+    evidence = (damaged / name).read_bytes()
+    refused = launch(data, run, EMA, resume=str(damaged), log=work / "path")
+    code = refused.wait(120)
+    line = last_error_line(refused.stderr)
+    assert code == 2 and "Traceback" not in refused.stderr, f"exit {code}:\n{refused.stderr[-3000:]}"
+    assert f"refused, {name}:" in line, line
+    healed = launch(data, run, EMA, log=work / "auto")
+    assert healed.wait(120) == 0, healed.stderr[-3000:]
+    assert resumed_from(healed.stdout) == (str(older), 3), healed.stdout[-2000:]
+    note = next(l for l in healed.stderr.splitlines() if l.startswith("--resume auto: rejected"))
+    assert f"rejected {damaged.name} ({name}:" in note, note
+    aside = run / "checkpoints" / ckpt.REJECTED_DIR / damaged.name
+    assert (aside / name).read_bytes() == evidence, "the rejected checkpoint was changed"
+    assert [r["step"] for r in step_records(run)][-3:] == [4, 5, 6]
+    assert ckpt.verify(newest(run)) is None and step_of(newest(run)) == 6
+    return (f"--resume PATH: exit 2 `{line.split(': refused, ')[1][:90]}...`; --resume auto resumed from "
+            f"{older.name}, step_6 moved to checkpoints/rejected/ unchanged, run finished")
+
+
+def scenario_checkpoint_without_manifest(data: Path, work: Path, base: Path) -> str:
+    """A checkpoint written before manifests existed: resumed, with a warning that it is unverified."""
+    run = work / "run"
+    shutil.copytree(base, run)
+    folder = newest(run)
+    state = ckpt.read_state(folder)
+    state.pop("manifest")
+    ckpt.write_json_atomic(folder / ckpt.STATE_FILE, state)
+    proc = launch(data, run, log=work / "legacy")
+    assert proc.wait(120) == 0, proc.stderr[-3000:]
+    assert resumed_from(proc.stdout) == (str(folder), 3)
+    warning = next(l for l in proc.stderr.splitlines() if "has no manifest" in l)
+    assert ckpt.verify(newest(run)) is None and ckpt.is_sealed(newest(run)), "the new checkpoints carry one"
+    return f"resumed, warned: `{warning.replace(str(folder), folder.name)[:110]}...`; new checkpoints sealed"
+
+
+def scenario_two_runs_one_folder(data: Path, work: Path) -> str:
+    """A second start on a live run's folder exits 2 naming it; once the first is killed, a third takes over."""
+    run = work / "run"
+    first = launch(data, run, *LONG, resume=None, log=work / "first")
+    wait_for(lambda: len(step_records(run)) >= 2, first, "two logged steps")
+    second = launch(data, run, *LONG, log=work / "second")
+    code = second.wait(120)
+    line = last_error_line(second.stderr)
+    assert code == 2 and "Traceback" not in second.stderr, f"exit {code}:\n{second.stderr[-3000:]}"
+    holder = f"host {socket.gethostname()}, pid {first.proc.pid}, started "
+    assert "is in use by another run" in line and holder in line, line
+    assert first.proc.poll() is None, f"the first run died:\n{first.stderr[-3000:]}"
+    steps = [r["step"] for r in step_records(run)]
+    assert steps == list(range(1, len(steps) + 1)), f"two writers in metrics.jsonl: {steps}"
+    first.proc.send_signal(signal.SIGKILL)
+    first.wait(30)
+    third = launch(data, run, *LONG, "train.max_steps=2", log=work / "third")
+    assert third.wait(120) == 0, third.stderr[-3000:]
+    took = next((l for l in third.stderr.splitlines() if "took over the lock" in l), "")
+    assert f"no longer alive ({holder}" in took, third.stderr[-3000:]
+    return f"second start: exit 2 `{line[7:150]}...`; first run unharmed; after kill -9 of it: `{took[:110]}...`"
+
+
+def scenario_damage_seen_by_one_rank(data: Path, work: Path) -> str:
+    """2 processes; random_states_1.pkl of the newest checkpoint is damaged: only rank 1 reads it."""
+    run = work / "run"
+    base = launch(data, run, resume=None, processes=2, log=work / "base")
+    assert base.wait(240) == 0, base.stderr[-3000:]
+    older, damaged = ckpt.complete_checkpoints(run / "checkpoints")[-2:]
+    flip_middle(damaged / "random_states_1.pkl")
+    refused = launch(data, run, resume=str(damaged), processes=2, log=work / "path")
+    code = refused.wait(120)
+    line = next((l for l in refused.stderr.splitlines() if l.startswith("error: ")), "")
+    # The launcher exits 1 when its workers fail; each rank exited 2 (its summary lists both).
+    assert code == 1 and refused.stderr.count("exitcode  : 2") == 2, f"exit {code}:\n{refused.stderr[-3000:]}"
+    assert "refused, rank 1: random_states_1.pkl: blake3 hash differs" in line, refused.stderr[-3000:]
+    healed = launch(data, run, processes=2, log=work / "auto")
+    assert healed.wait(240) == 0, healed.stderr[-3000:]
+    assert resumed_from(healed.stdout) == (str(older), 3)
+    assert f"rejected {damaged.name} (rank 1: random_states_1.pkl: blake3 hash differs" in healed.stderr
+    assert "weights identical on every process: yes" in healed.stdout
+    return (f"--resume PATH: both ranks exit 2 (launcher 1) after {time.monotonic() - refused.started:.0f} s (rank 1's "
+            f"finding); --resume auto: both ranks resumed from {older.name}, in sync")
 
 
 # ---------------------------------------------------------------- non-finite loss
@@ -574,6 +701,11 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     (scratch / "broken.yaml").write_text("optim: [unclosed\n")
     (scratch / "list.yaml").write_text("- optim\n")
     (scratch / "empty").mkdir(exist_ok=True)
+    (scratch / "old").mkdir(exist_ok=True)  # an index written before sample offsets were recorded
+    old_index = json.loads((data / "train" / "index.json").read_text())
+    for shard in old_index["shards"]:
+        del shard["offsets"]
+    (scratch / "old" / "index.json").write_text(json.dumps(old_index))
     cases = [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"), ("optim.lr=fast", "expected a number, got 'fast'"),
         ("train.seed=1.5", "expected an integer"), ("model.compile=maybe", "expected true/false"),
@@ -584,7 +716,7 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("progressive.patch=[12,24]", "multiples of 8"),
         ("optim.name=adam", "optim.name='adam' is not one of: adamw, sgd"), ("lr.schedule=step", "lr.schedule='step'"),
         ("lr.warmup_iters=-1", "lr.warmup_iters must be >= 0"), ("loss.name=ssim", "loss.name='ssim'"),
-        ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=rewind", "data.resume='rewind'"),
+        ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=replay", "'data.resume' (from override 'data.resume=replay') was removed: resume is always exact"),
         ("train.batch_rule=scale", "train.batch_rule='scale'"),
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8'"),
         ("data.noise_sigma_range=[0,50]", "not both"), ("data.noise_sigma=-1", "data.noise_sigma must be >= 0"),
@@ -596,6 +728,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         (f"data.train={scratch}/empty", "cannot read the shard index"),
         ("data.noise_sigma=null", "holds clean images only"),
         ("progressive.patch=[16,64]", "larger than every training image"),
+        (f"data.train={scratch}/old", f"run `python -m data_shards.index {scratch}/old` once"),
+        ("progressive.batch=[2,1000]", "fewer than one micro-batch of stage 1 across all processes (1 process(es) x batch 1000 = 1000)"),
     ]
     cases += [(f"train.{name}=0", f"train.{name} must be >= 1")
               for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite")]
@@ -726,6 +860,48 @@ def base_run(data, tmp_path_factory) -> Path:
     assert proc.wait() == 0, proc.stderr[-3000:]
     assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000003"]
     return run
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data, tmp_path_factory) -> Path:
+    """A finished run with EMA: step_3 and step_6."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    proc = launch(data, run, EMA, resume=None)
+    assert proc.wait() == 0, proc.stderr[-3000:]
+    assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000003", "step_00000006"]
+    return run
+
+
+def test_an_ema_run_exports_the_trained_and_the_ema_weights(two_checkpoints):
+    official = torch.load(two_checkpoints / "export" / "model_official.pth", weights_only=True)
+    assert set(official) == {"params", "params_ema"}
+    last = ckpt.complete_checkpoints(two_checkpoints / "checkpoints")[-1]
+    for key, file in (("params", ckpt.MODEL_FILE), ("params_ema", ckpt.EMA_FILE)):
+        saved = read_state_dict(last / file)
+        assert all(torch.equal(official[key][k], v) for k, v in saved.items()), key
+    deployed = read_state_dict(two_checkpoints / "export" / "model.safetensors")
+    assert all(torch.equal(official["params_ema"][k], v) for k, v in deployed.items())
+    assert not all(torch.equal(official["params"][k], v) for k, v in deployed.items())
+    assert "preset" in yaml.safe_load((two_checkpoints / "export" / "config.yaml").read_text())["model"]
+
+
+@pytest.mark.parametrize("damage", ["bytes flipped in model.safetensors", "model.safetensors truncated"])
+def test_a_damaged_newest_checkpoint_is_refused_by_path_and_passed_over_by_auto(data, two_checkpoints, tmp_path,
+                                                                                damage):
+    scenario_damaged_newest(data, tmp_path, two_checkpoints, damage)
+
+
+def test_a_checkpoint_without_manifest_resumes_with_a_warning(data, base_run, tmp_path):
+    scenario_checkpoint_without_manifest(data, tmp_path, base_run)
+
+
+def test_a_second_run_on_a_live_folder_exits_2_and_a_dead_ones_lock_is_taken_over(data, tmp_path):
+    scenario_two_runs_one_folder(data, tmp_path)
+
+
+@pytest.mark.slow
+def test_damage_only_one_rank_sees_stops_both_and_auto_heals_on_both(data, tmp_path):
+    scenario_damage_seen_by_one_rank(data, tmp_path)
 
 
 @pytest.mark.slow

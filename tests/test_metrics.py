@@ -105,3 +105,23 @@ def test_psnr_agrees_with_numpy_on_8bit_images():
     expected = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))  # BasicSR's calculate_psnr on uint8 values
     to_tensor = lambda x: torch.from_numpy(x / 255.0).permute(2, 0, 1)[None]  # noqa: E731
     assert psnr(to_tensor(b), to_tensor(a)).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_score_rates_the_restored_image_as_saved_and_the_input_as_given():
+    from train.metrics import score, score_names
+    from train.pixels import quantize
+
+    torch.manual_seed(0)
+    target = (torch.rand(2, 3, 24, 24) * 255).round() / 255
+    restored = target + 0.0015  # off the 8-bit grid by less than half a step
+    restored[0, 0, 0, 0] = 1.2  # out of range: saving clamps it
+    degraded = target + 0.05 * torch.randn_like(target)
+    figures = score(restored, degraded, target, y_channel=True, bits=8)
+    assert tuple(figures) == score_names(True, 3) and all(v.shape == (2,) for v in figures.values())
+    # Rounded to 8 bits every pixel lands back on the target (the raw float output scores ~56 dB).
+    assert torch.equal(figures["psnr"], psnr(quantize(restored, 8), target))
+    assert figures["psnr"][1] == math.inf and (psnr(restored, target) < 60).all()
+    assert torch.equal(score(restored, degraded, target, bits=None)["psnr"], psnr(restored, target))
+    assert torch.equal(figures["psnr_degraded"], psnr(degraded, target))
+    assert torch.equal(quantize(restored, 16), (restored.clamp(0, 1) * 65535).round() / 65535)
+    assert score_names(True, 1) == ("psnr", "ssim", "psnr_degraded", "ssim_degraded")  # no Y of a gray image

@@ -132,3 +132,26 @@ def test_autocast_forward_backward_is_finite_and_close(dtype):
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
     (out - x).abs().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("layernorm_type", ["WithBias", "BiasFree"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_take_an_fp32_input_as_deepspeed_runs_them(layernorm_type, dtype):
+    """DeepSpeed bf16/fp16 keeps the weights in that dtype, without autocast: the LayerNorm runs in fp32
+    with its weights cast, and the global residual adds the caller's fp32 input (as under autocast)."""
+    torch.manual_seed(0)
+    ref = perturbed(Restormer(**TINY, LayerNorm_type=layernorm_type))
+    low = perturbed(Restormer(**TINY, LayerNorm_type=layernorm_type))
+    low.load_state_dict(ref.state_dict())
+    low = low.to(dtype)
+    x = torch.rand(2, 3, 16, 16)
+    out = low(x)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        assert (out - ref(x)).abs().max().item() < 0.05
+    out.abs().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in low.parameters())
+    # With the last convolution zeroed only the residual is left: the fp32 input, not its bf16 rounding.
+    with torch.no_grad():
+        low.output.weight.zero_()
+        assert torch.equal(low(x), x)

@@ -87,11 +87,13 @@ def test_two_node_job_on_one_machine_and_resume_across_node_counts(shards, tmp_p
     assert [r["step"] for r in recs if "event" not in r] == [1, 2, 3, 4, 5, 6]
     assert [(r["batch"], r["accum"]) for r in recs if r.get("event") == "stage"] == [(2, 2), (2, 1), (2, 1), (2, 2)]
 
-    # The nodes read disjoint parts of the data (images are told apart by their grey level).
+    # The nodes read disjoint parts of the data (images are told apart by their grey level). The 1-node
+    # run drew positions 0-7 (2 steps x 4): epoch 0 of the 8 training images; the 2-node run's 2 steps
+    # x 4 are exactly epoch 1, re-cut over the new process count: every image once.
     levels = [{v for line in (seen / f"rank{r}.jsonl").read_text().splitlines() for v in json.loads(line)}
               for r in (0, 1)]
     assert levels[0] and levels[1] and not levels[0] & levels[1]
-    assert levels[0] | levels[1] <= {10 + 20 * i for i in range(10)}
+    assert levels[0] | levels[1] <= {10 + 20 * i for i in range(10)} and len(levels[0] | levels[1]) == 8
 
     # One tracker run holds both nodes' figures: rank 0 logged them, resumed runs reuse its id.
     two_node_steps = [r for r in recs if r.get("step") in (3, 4) and "event" not in r]

@@ -1,5 +1,7 @@
 """restormer-pack and restormer-verify: layouts, bit-exactness, determinism and every bad-input case."""
 
+import io
+import re
 import tarfile
 
 import numpy as np
@@ -9,8 +11,8 @@ from PIL import Image
 
 from data_shards import pack as pack_module
 from data_shards import verify
-from data_shards.index import ShardIndex
-from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from data_shards.index import ShardIndex, add_offsets, scan_offsets
+from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
 
 
 def _save(path, image):
@@ -53,8 +55,8 @@ def test_pixels_survive_pack_and_stream_unchanged(tmp_path, fmt, dtype, channels
         seen += 1
     assert seen == 2
     # The training path too: a full-size patch without augmentation is the stored image itself.
-    loader = build_train_loader(tmp_path / "out" / "train", patch_size=40, batch_size=1, seed=0, num_workers=0,
-                                noise=NoiseConfig(sigma=0), augment=False)
+    loader = build_train_loader(tmp_path / "out" / "train", StreamSettings(
+        patch=40, batch=1, num_workers=0, noise=NoiseConfig(sigma=0), augment=False))
     batch = next(iter(loader))
     target = batch["target"][0].permute(1, 2, 0).numpy()
     assert any(np.array_equal(target, img.astype(np.float32)[:, x:x + 40] / scale)
@@ -78,7 +80,7 @@ def test_paired_folders_named_inputs_and_tiling(tmp_path):
     with tarfile.open(tmp_path / "out" / "train" / index.shards[0].name) as tar:
         names = tar.getnames()
     assert "sub/b_c-tile24x18.input_left.png" in names and "a-tile38x0.json" in names
-    loader = build_train_loader(tmp_path / "out" / "train", patch_size=16, batch_size=4, seed=0, num_workers=0)
+    loader = build_train_loader(tmp_path / "out" / "train", StreamSettings(patch=16, batch=4, num_workers=0))
     batch = next(iter(loader))
     assert batch["input"].shape == (4, 6, 16, 16) and batch["target"].shape == (4, 3, 16, 16)
     # left = 1 - target and right = target // 2 survive crop + flips/rotations in this channel order.
@@ -124,6 +126,33 @@ def test_shards_are_deterministic_across_worker_counts_and_limits_hold(tmp_path)
     assert _run(tmp_path / "src", "--out", tmp_path / "small", "--shard-mb", 0.01) == 0
     small = ShardIndex.load(tmp_path / "small" / "train")
     assert len(small.shards) == 7  # each ~7 KB sample exceeds half the 10 KB limit
+
+
+def test_index_offsets_locate_every_sample_and_tiles_are_spread(tmp_path):
+    _photos(tmp_path / "src", count=6)
+    assert _run(tmp_path / "src", "--out", tmp_path / "out", "--shard-samples", 10, "--tile", 20) == 0
+    folder = tmp_path / "out" / "train"
+    index = ShardIndex.load(folder)
+    shards_of: dict[str, set[int]] = {}
+    stored = []
+    for number, shard in enumerate(index.shards):
+        assert shard.offsets == scan_offsets(folder / shard.name) and len(shard.offsets) == shard.samples + 1
+        data = (folder / shard.name).read_bytes()
+        for start, end in zip(shard.offsets, shard.offsets[1:]):
+            with tarfile.open(fileobj=io.BytesIO(data[start:end])) as tar:  # each range is a whole sample
+                (key,) = {name.split(".")[0] for name in tar.getnames()}
+            source = key.split("-tile")[0]
+            shards_of.setdefault(source, set()).add(number)
+            stored.append(source)
+    assert index.total_samples == 6 * 6 and len(index.shards) == 4
+    spread = [len(shards) for shards in shards_of.values()]
+    assert min(spread) >= 2 and np.mean(spread) >= 2.5, spread  # an image's 6 tiles over several shards
+    assert np.mean([len(set(stored[i:i + 6])) for i in range(0, 36, 6)]) >= 3.5
+    together = tmp_path / "together"
+    assert _run(tmp_path / "src", "--out", together, "--shard-samples", 10, "--tile", 20, "--spread-mb", 0) == 0
+    names = [n.split("-tile")[0] for s in ShardIndex.load(together / "train").shards
+             for n in tarfile.open(together / "train" / s.name).getnames() if n.endswith(".json")]
+    assert [len(set(names[i:i + 6])) for i in range(0, 36, 6)] == [1] * 6  # without spreading: one image
 
 
 def test_bad_samples_are_skipped_and_listed(tmp_path, capsys):
@@ -218,6 +247,15 @@ def test_verify_accepts_good_shards_and_names_a_truncated_or_corrupted_one(tmp_p
     shard.write_bytes(data)
     assert verify.main([str(tmp_path / "out" / "train")]) == 1
     assert "unfinished shard" in capsys.readouterr().out
+    (tmp_path / "out" / "train" / "train-000001.tar.tmp").unlink()
+    index_file = tmp_path / "out" / "train" / "index.json"
+    good_index = index_file.read_text()
+    index_file.write_text(re.sub(r'"offsets": \[[^\]]*\],?', "", good_index))  # as packed before offsets
+    assert verify.main([str(tmp_path / "out" / "train")]) == 1
+    assert "no sample offsets" in capsys.readouterr().out
+    add_offsets(tmp_path / "out" / "train")
+    assert verify.main([str(tmp_path / "out" / "train")]) == 0
+    assert index_file.read_text() == good_index
 
 
 def test_split_puts_every_sample_into_one_split_and_parquet_manifests_work(tmp_path):

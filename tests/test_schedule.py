@@ -59,3 +59,34 @@ def test_iterations_rule_keeps_samples_seen_and_stretches_the_lr_curve():
 def test_user_grad_accum_multiplies():
     cfg = load_config("demo", ["train.grad_accum=3"])
     assert all(s.accum == 3 for s in plan_stages(cfg, 1).stages)
+
+
+def test_iterations_rule_resume_on_another_world_size_keeps_the_recipe_iteration():
+    from train.schedule import resume_step
+
+    cfg = load_config("deraining", ["train.batch_rule=iterations"])
+    recipe_total = sum(cfg.progressive.iters)
+
+    def position(step, world):  # (stage, lr) this step trains at on `world` processes
+        plan = plan_stages(cfg, world)
+        return plan.stage_at(step).index, lr_at(cfg.lr, cfg.optim.lr, recipe_total, step * plan.step_scale)
+
+    # The case: 2 processes at step 368000 = recipe iteration 92000, the start of stage 1.
+    up = resume_step(cfg, 368000, 2, 4)
+    assert up == 184000 and position(up, 4) == position(368000, 2)
+    assert position(368000, 2)[0] == 1
+    # And back down, from the middle of a stage.
+    down = resume_step(cfg, 200001, 4, 2)
+    assert down == 400002 and position(down, 2) == position(200001, 4)
+    # Same world size, or another batch rule: the step is the position already.
+    assert resume_step(cfg, 12345, 2, 2) == 12345
+    assert resume_step(load_config("deraining"), 12345, 2, 4) == 12345
+
+
+def test_iterations_rule_resume_refuses_a_position_between_steps():
+    from train.config import ConfigError
+    from train.schedule import resume_step
+
+    cfg = load_config("deraining", ["train.batch_rule=iterations"])
+    with pytest.raises(ConfigError, match=r"step 1001 \(2 processes.*on 4 processes.*Resume on 2 processes"):
+        resume_step(cfg, 1001, 2, 4)  # recipe iteration 250.25: no whole step on 4 processes

@@ -41,7 +41,8 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000003", "step_00000006"]
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["stage"] == 1 and state["data"]["seed"] == 0
+    assert state["step"] == 6 and state["stage"] == 1
+    assert state["data"] == {"seed": 0, "position": 12, "epoch": 1}  # 6 steps x 2 samples of 8
     official = torch.load(out / "export" / "model_official.pth", weights_only=True)
     assert set(official) == {"params"}
     exported = read_state_dict(out / "export" / "model.safetensors")
@@ -51,12 +52,15 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train(shards, straight, "data.resume=replay").returncode == 0
-    first = train(shards, split, "data.resume=replay", "train.max_steps=4")
+    assert train(shards, straight).returncode == 0
+    first = train(shards, split, "train.max_steps=4")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = train(shards, split, "data.resume=replay", resume="auto")
+    second = train(shards, split, resume="auto")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step 4" in second.stdout
+    # The stream went on at sample 8 (3 steps of stage 0 + 1 of stage 1, batch 2): same data, same weights.
+    state = json.loads((split / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["data"]["position"] == 8
     a = read_state_dict(straight / "export" / "model.safetensors")
     b = read_state_dict(split / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -179,3 +183,16 @@ def test_validation_on_a_plain_folder_of_images_or_pairs(shards, tmp_path):
     assert pack_val_folder(pairs, tmp_path / "cache") == split  # packed once, then reused
     for item in build_val_loader(split):
         assert torch.allclose(item["input"], 1 - item["target"], atol=1e-6)  # pairs stay matched
+
+
+def test_iterations_rule_resume_on_another_process_count_is_refused_before_any_work(shards, tmp_path):
+    out = tmp_path / "run"
+    rule = ["train.batch_rule=iterations", "train.reference_world_size=1", "train.max_steps=3"]
+    assert train(shards, out, *rule).returncode == 0
+    # Recipe iteration 3 is step 1.5 on 2 processes. WORLD_SIZE is what the launcher sets: the refusal
+    # comes from train/main.py before any process group exists.
+    cmd = [sys.executable, "train/main.py", "--resume", "auto", f"data.train={shards}/train",
+           f"data.val={shards}/val", f"output_dir={out}", *TINY_RUN, *rule]
+    proc = run(cmd, WORLD_SIZE="2")
+    assert proc.returncode == 2
+    assert "cannot resume the checkpoint of step 3" in proc.stderr and "Resume on 1 processes" in proc.stderr

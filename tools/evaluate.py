@@ -11,19 +11,20 @@ Three kinds of test set:
   the same noise in every run, in any order and in any subset. The official test scripts instead call
   np.random.seed(0) once and draw in file order; the noise realisations differ, the statistics don't
   (expect differences of a few hundredths of a dB). The noisy input is not clipped, as in the paper;
-- packed shards (--shards; clean-only shards need --sigma; noise there is seeded by the sample key).
+- packed shards (--shards; clean-only shards need --sigma; noise there is seeded by (0, the sample key),
+  the same rule (data_shards.degrade.key_seed) as the training run's validation).
 
-Metrics follow the official evaluation: the restored image is scored as it would be saved (clamped and
-rounded to the target's bit depth; --quantize), PSNR with data range 1, SSIM with an 11x11 Gaussian
+Metrics follow the official evaluation, through train.metrics.score (validation during training uses the
+same function): the restored image is scored as it would be saved (clamped and rounded to the target's
+bit depth; --quantize), PSNR with data range 1, SSIM with an 11x11 Gaussian
 window (sigma 1.5), the Y channel of ITU-R BT.601 (MATLAB rgb2ycbcr), --border pixels cropped from
-each side. The degraded input is scored the same way beside the restored one. For dual-pixel data the
+each side. The degraded input is scored as given, beside the restored one. For dual-pixel data the
 degraded image is the left view.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Iterator
@@ -35,13 +36,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from data_shards.degrade import NoiseConfig, add_noise
+from data_shards.degrade import NoiseConfig, add_noise, key_seed
 from model import WeightsMismatchError, restore
 from tools.imageio import ImageError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
 from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
-from train.metrics import psnr, ssim
-from train.pixels import quantize
+from train.metrics import score
 
 
 @dataclass
@@ -52,14 +52,9 @@ class Sample:
     bits: int | None  # the target's bit depth when known
 
 
-def noise_seed(seed: int, key: str) -> list[int]:
-    """Seed material for one image's noise: the user's seed and a stable hash of its name."""
-    return [seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")]
-
-
 def noisy_copy(clean: torch.Tensor, sigma: float, seed: int, key: str) -> torch.Tensor:
     """clean + N(0, (sigma/255)^2), unclipped, identical for the same (seed, key) on any machine."""
-    rng = np.random.default_rng(noise_seed(seed, key))
+    rng = np.random.default_rng(key_seed(key, seed))
     image = clean[0].permute(1, 2, 0).numpy()
     noisy = add_noise(image, NoiseConfig(sigma=sigma), rng)
     return torch.from_numpy(np.ascontiguousarray(noisy)).permute(2, 0, 1).unsqueeze(0)
@@ -114,20 +109,7 @@ def shard_samples(source: str, sigma: float | None, max_images: int | None) -> t
         total = len(loader)
     except TypeError:  # a bare shard pattern has no index to count from
         total = None
-    return total, (Sample(item["key"], item["input"], item["target"], None) for item in loader)
-
-
-def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, border: int,
-          y_channel: bool) -> dict[str, float]:
-    """One image's metrics: restored and degraded, on RGB and (3-channel images, when asked) on Y."""
-    row = {}
-    for name, img in (("", restored), ("_degraded", degraded)):
-        row[f"psnr{name}"] = psnr(img, target, border).item()
-        row[f"ssim{name}"] = ssim(img, target, border).item()
-        if y_channel and target.shape[1] == 3:
-            row[f"psnr_y{name}"] = psnr(img, target, border, y_channel=True).item()
-            row[f"ssim_y{name}"] = ssim(img, target, border, y_channel=True).item()
-    return row
+    return total, (Sample(item["key"], item["input"], item["target"], item["bits"]) for item in loader)
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
@@ -161,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also score the Y channel (deraining/deblurring convention)")
     scoring.add_argument("--quantize", choices=["auto", "8", "16", "off"], default="auto",
                          help="round restored images as saving would: auto = the target file's depth "
-                              "(8 for shards); off = score the raw float output")
+                              "(shards: the stored depth); off = score the raw float output")
     out = parser.add_argument_group("output")
     out.add_argument("--csv", default="evaluation.csv", metavar="PATH", help="per-image results (default evaluation.csv)")
     out.add_argument("--save-images", default=None, metavar="DIR", help="also write the restored images (PNG) to this folder")
@@ -211,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                                args.self_ensemble).cpu()
             seconds = time.perf_counter() - t0
             bits = {"auto": sample.bits or 8, "8": 8, "16": 16, "off": None}[args.quantize]
-            restored = quantize(restored, bits)
             degraded = sample.input[:, : sample.target.shape[1]]
+            figures = score(restored, degraded, sample.target, border=args.border, y_channel=args.y_channel,
+                            bits=bits)
             height, width = sample.target.shape[-2:]
             rows.append({"image": sample.key, "height": height, "width": width,
-                         **score(restored, degraded, sample.target, args.border, args.y_channel),
+                         **{name: value.item() for name, value in figures.items()},
                          "seconds": seconds})
             if args.save_images:
                 write_png(Path(args.save_images) / Path(sample.key).with_suffix(".png"), restored, bits or 8)

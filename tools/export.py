@@ -1,5 +1,9 @@
 """Export weights for deployment: safetensors, the official `{'params': ...}` .pth, and ONNX.
 
+The weight files and config.yaml are written by the trainer's own export writer (train/exporting.py):
+when the source holds EMA weights too (a checkpoint with ema.safetensors, a run's export/, an official
+.pth with 'params_ema'), model.safetensors is the EMA and model_official.pth keeps both keys.
+
     python -m tools.export -w runs/demo -o exported/
     python -m tools.export -w deraining.pth -o exported/ --formats onnx
 
@@ -13,19 +17,22 @@ given to restore/evaluate as is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from model import PaddedModel, WeightsMismatchError, save_official_pth, save_safetensors
+from model import PaddedModel, WeightsMismatchError, read_state_dict
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args
+from train import checkpoint as ckpt
+from train.exporting import OFFICIAL_FILE, SAFETENSORS_FILE, WEIGHT_FORMATS, Weights, write_export
 
-FORMATS = ("safetensors", "pth", "onnx")
-FILE_NAMES = {"safetensors": "model.safetensors", "pth": "model_official.pth", "onnx": "model.onnx"}
+FORMATS = (*WEIGHT_FORMATS, "onnx")
+ONNX_FILE = "model.onnx"
 
 
 class ONNXExportError(RuntimeError):
@@ -75,20 +82,25 @@ def check_onnx(model: torch.nn.Module, path: str | Path, height: int, width: int
 
 
 def export(loaded: LoadedModel, out_dir: str | Path, formats: list[str]) -> dict[str, Path]:
-    """Writes the weight formats asked for plus config.yaml; ONNX is left to export_onnx."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu() for k, v in loaded.model.state_dict().items()}
-    written = {}
-    if "safetensors" in formats:
-        written["safetensors"] = out_dir / FILE_NAMES["safetensors"]
-        save_safetensors(state, written["safetensors"])
-    if "pth" in formats:
-        written["pth"] = out_dir / FILE_NAMES["pth"]
-        save_official_pth(state, written["pth"])
-    written["config"] = out_dir / "config.yaml"
-    written["config"].write_text(yaml.safe_dump({"model": loaded.arch}, sort_keys=False))
-    return written
+    """Writes the weight formats asked for plus config.yaml (train/exporting.py); ONNX is left to export_onnx."""
+    kept = tuple(f for f in formats if f in WEIGHT_FORMATS)
+    return write_export(out_dir, replace(trained_and_ema(loaded), formats=kept))
+
+
+def trained_and_ema(loaded: LoadedModel) -> Weights:
+    """The loaded weights, with their partner when they are one half of a trained/EMA pair: a checkpoint's
+    ema.safetensors beside its model.safetensors, an export folder or official .pth holding 'params_ema'."""
+    state = loaded.model.state_dict()
+    path = loaded.weights
+    if path.name == ckpt.EMA_FILE and (path.parent / ckpt.MODEL_FILE).is_file():
+        return Weights(read_state_dict(path.parent / ckpt.MODEL_FILE), loaded.arch, state)
+    pair = path if path.suffix == ".pth" else path.with_name(OFFICIAL_FILE)
+    if pair.is_file() and (pair == path or path.name == SAFETENSORS_FILE):
+        with contextlib.suppress(KeyError, ValueError):  # no 'params_ema' in it: the weights stand alone
+            ema = read_state_dict(pair, key="params_ema")
+            params = read_state_dict(pair, key="params")
+            return Weights(params, loaded.arch, ema)
+    return Weights(state, loaded.arch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     height, width = args.onnx_size
     try:
-        path = export_onnx(loaded.model, Path(args.output) / FILE_NAMES["onnx"], height, width, args.opset,
+        path = export_onnx(loaded.model, Path(args.output) / ONNX_FILE, height, width, args.opset,
                            dynamic=not args.static)
         print(f"{'onnx':12s} {path} (input {'1 x C x H x W, any H, W' if not args.static else f'1 x C x {height} x {width}'})")
         if args.no_check:

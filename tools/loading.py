@@ -25,6 +25,7 @@ from model import PRESETS, Restormer, infer_arch, load_weights, read_state_dict
 
 from train import checkpoint as ckpt
 from train.config import ARCH_FIELDS
+from train.exporting import SAFETENSORS_FILE
 
 # File-name prefixes of the official release's weights and the preset each needs.
 OFFICIAL_NAMES = {
@@ -94,16 +95,16 @@ def resolve_weights(path: str | Path, prefer_ema: bool = True) -> tuple[Path, Pa
                              "a .safetensors file or an official .pth)")
     if path.is_dir():
         if (path / ckpt.STATE_FILE).is_file():  # a checkpoint folder
-            ema = path / "ema.safetensors"
-            weights = ema if prefer_ema and ema.is_file() else path / "model.safetensors"
+            ema = path / ckpt.EMA_FILE
+            weights = ema if prefer_ema and ema.is_file() else path / ckpt.MODEL_FILE
             if not weights.is_file():
                 raise ModelLoadError(f"{path}: checkpoint without model.safetensors (was it saved by DeepSpeed "
                                      "ZeRO-3? export the weights with the trainer first)")
             return weights, path / ckpt.CONFIG_FILE
-        exported = path / "export" / "model.safetensors"
+        exported = path / ckpt.EXPORT_DIR / SAFETENSORS_FILE
         if exported.is_file():
             return exported, path / ckpt.CONFIG_FILE if (path / ckpt.CONFIG_FILE).is_file() else None
-        found = ckpt.complete_checkpoints(path / "checkpoints")
+        found = ckpt.complete_checkpoints(path / ckpt.CHECKPOINTS_DIR)
         if found:
             return resolve_weights(found[-1], prefer_ema)
         raise ModelLoadError(f"{path}: neither a checkpoint folder (no {ckpt.STATE_FILE}) nor a run folder "

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
     """A config that cannot run, with what was wrong and how to fix it."""
 
 
+BEST_METRICS = ("psnr", "ssim")  # validation figures that can pick the best checkpoint
+
 # ModelConfig fields that fix the network's shape: weights only load into the same values.
 ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
 
@@ -51,9 +53,11 @@ class DataConfig:
     mixup: bool = False
     augment: bool = True
     strict: bool = False  # a bad sample raises instead of being skipped and counted
-    # "fresh": a resumed run draws a new stream (seeded with the resume count), starts instantly.
-    # "replay": it fast-forwards the same stream, so resume is bit-exact (costs re-reading data).
-    resume: str = "fresh"
+    # Remote shards (http(s)://, s3://, pipe:), see docs/remote_storage.md.
+    retries: int = 5  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
+    timeout_s: float = 60.0  # longest any connect or read may block
+    cache_dir: str | None = None  # local whole-shard cache of remote shards, e.g. a node's SSD
+    cache_limit_gb: float | None = None  # required with cache_dir: its size limit (10^9 bytes)
 
 
 @dataclass
@@ -98,6 +102,9 @@ class ValConfig:
     max_images: int | None = None
     y_channel: bool = False  # also report PSNR/SSIM on the Y channel (deraining convention)
     border: int = 0  # pixels cropped from each side before metrics
+    # Fixed Gaussian sigma (0-255) of clean-only validation images; null: the training noise
+    # (data.noise_*). Blind recipes validate at one sigma, as the official ones (sigma_test: 25).
+    noise_sigma: float | None = None
     tile: int | None = None  # tiled inference for validation images larger than memory
     grid_images: int = 4  # crops in the degraded | restored | target sample grid
     grid_crop: int = 128
@@ -123,7 +130,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3  # the best checkpoint is kept in addition
-    best_metric: str = "psnr"
+    best_metric: str = "psnr"  # psnr | ssim; with val.y_channel the Y-channel figure (paper's convention)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     threads: int | None = None  # torch intra-op threads on CPU; null keeps torch's default
     # The recipe's GPU count. On another world size `batch_rule` keeps the global batch
@@ -210,11 +217,23 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation} at {where}")
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+# Keys that existed once: a config that sets one gets this explanation; a checkpoint's saved config
+# (written by an older version) may still hold them, and there they are ignored.
+REMOVED_KEYS = {
+    "data.resume": "resume is always exact now: the stream's position is saved in every checkpoint and a "
+                   "resumed run continues with the samples the interrupted one would have drawn next; drop the key",
+}
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str, old: bool = False) -> None:
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         where = f"{prefix}{key}"
+        if where in REMOVED_KEYS:
+            if old:
+                continue
+            raise ConfigError(f"'{where}' (from {source}) was removed: {REMOVED_KEYS[where]}")
         if key not in valid:
             raise ConfigError(
                 f"unknown config key '{where}' (from {source}); valid keys here: {', '.join(valid)}"
@@ -223,7 +242,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{where}' (from {source}) is a section, give a mapping")
-            _merge(current, value, f"{where}.", source)
+            _merge(current, value, f"{where}.", source, old)
         else:
             setattr(obj, key, _coerce(value, hints[key], f"{where} (from {source})"))
 
@@ -269,8 +288,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A config saved by a run (a checkpoint's config.yaml); keys removed since are ignored."""
     cfg = Config()
-    _merge(cfg, data, "", source)
+    _merge(cfg, data, "", source, old=True)
     validate(cfg)
     return cfg
 
@@ -313,7 +333,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lr.warmup_iters must be >= 0")
     _choice(cfg.loss.name, ("l1", "l2", "charbonnier", "psnr"), "loss.name")
     _choice(cfg.tracking.wandb, ("auto", "online", "offline", "disabled"), "tracking.wandb")
-    _choice(cfg.data.resume, ("fresh", "replay"), "data.resume")
     _choice(cfg.train.batch_rule, ("accumulate", "iterations", "none"), "train.batch_rule")
     if cfg.train.mixed_precision is not None:
         _choice(cfg.train.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")
@@ -325,6 +344,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.noise_sigma_range={lo_hi}: give [low, high] with 0 <= low <= high")
     if cfg.data.noise_sigma is not None and cfg.data.noise_sigma < 0:
         raise ConfigError("data.noise_sigma must be >= 0")
+    if cfg.val.noise_sigma is not None and cfg.val.noise_sigma < 0:
+        raise ConfigError("val.noise_sigma must be >= 0")
+    _choice(cfg.train.best_metric, BEST_METRICS, "train.best_metric")
     for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
@@ -339,6 +361,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.grad_clip must be positive (or null to disable clipping)")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
+    _validate_remote(cfg.data)
     for name in ("reference_world_size", "threads", "max_steps"):
         value = getattr(cfg.train, name)
         if value is not None and value < 1:
@@ -347,3 +370,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.dist_timeout_s must be >= 1 second")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
+
+
+def _validate_remote(data: DataConfig) -> None:
+    if data.retries < 0:
+        raise ConfigError(f"data.retries={data.retries} must be >= 0 (0: a failed read skips the shard at once)")
+    if not data.timeout_s > 0:
+        raise ConfigError(f"data.timeout_s={data.timeout_s} must be a positive number of seconds")
+    if (data.cache_dir is None) != (data.cache_limit_gb is None):
+        raise ConfigError("data.cache_dir and data.cache_limit_gb go together: give the cache folder and the most "
+                          "disk it may use (e.g. data.cache_dir=/local_ssd/shards data.cache_limit_gb=500)")
+    if data.cache_limit_gb is not None and not data.cache_limit_gb > 0:
+        raise ConfigError(f"data.cache_limit_gb={data.cache_limit_gb} must be positive")

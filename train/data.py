@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +9,11 @@ from data_shards.demo import ensure_demo_data
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.pack import PackConfig, PackError, pack
 from data_shards.publish import build_once
-from data_shards.stream import NoiseConfig, build_train_loader, build_val_loader
+from data_shards.remote import RemoteSettings
+from data_shards.stream import (REINDEX, NoiseConfig, StreamSettings, build_train_loader, build_val_loader,
+                                noise_mismatch)
 from train.config import Config, ConfigError
-from train.schedule import StagePlan
+from train.schedule import Stage, StagePlan
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -75,6 +76,13 @@ def _local_index(source: str, what: str) -> ShardIndex | None:
         raise ConfigError(f"data.{what}: cannot read the shard index at '{source}': {err}") from err
 
 
+def remote_settings(cfg: Config) -> RemoteSettings:
+    """How the stream reads remote shards: data.retries, data.timeout_s, data.cache_dir, data.cache_limit_gb."""
+    d = cfg.data
+    limit = round(d.cache_limit_gb * 1e9) if d.cache_limit_gb is not None else None
+    return RemoteSettings(retries=d.retries, timeout_s=d.timeout_s, cache_dir=d.cache_dir, cache_limit_bytes=limit)
+
+
 def noise_config(cfg: Config) -> NoiseConfig | None:
     d = cfg.data
     if d.noise_sigma is None and d.noise_sigma_range is None:
@@ -83,21 +91,30 @@ def noise_config(cfg: Config) -> NoiseConfig | None:
     return NoiseConfig(sigma=d.noise_sigma, sigma_range=sigma_range, clip=d.noise_clip)
 
 
-def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None) -> None:
-    """Data-dependent config errors, raised before any training work starts."""
+def val_noise_config(cfg: Config) -> NoiseConfig | None:
+    """Noise of clean-only validation images: val.noise_sigma when set, else the training noise."""
+    if cfg.val.noise_sigma is None:
+        return noise_config(cfg)
+    return NoiseConfig(sigma=cfg.val.noise_sigma, clip=cfg.data.noise_clip)
+
+
+def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None,
+               world_size: int = 1) -> None:
+    """Data-dependent config errors, raised before any training work (or worker) starts."""
     index = _local_index(train_source, "train")
     if val_source is not None:
-        _local_index(val_source, "val")
+        _check_val(cfg, val_source, _local_index(val_source, "val"))
     if index is None:
         return
     if index.total_samples == 0:
         raise ConfigError(f"data.train: '{train_source}' holds no samples")
-    clean_only = not index.inputs
-    if clean_only and noise_config(cfg) is None:
-        raise ConfigError(
-            f"data.train: '{train_source}' holds clean images only (no inputs), so the degradation "
-            "must be synthesised: set data.noise_sigma (e.g. 25) or data.noise_sigma_range (e.g. [0, 50])"
-        )
+    problem = noise_mismatch(bool(index.inputs), noise_config(cfg), f"data.train: '{train_source}'")
+    if problem:
+        raise ConfigError(problem)
+    if any(shard.offsets is None for shard in index.shards):
+        raise ConfigError(f"data.train: the index of '{train_source}' has no sample offsets (packed before they "
+                          f"were recorded): run `{REINDEX.replace('SPLIT_DIR', train_source)}` once (reads only "
+                          "the tar headers), or re-pack")
     largest = max(index.max_size) if index.max_size else None
     for stage in plan.stages:
         if largest is not None and stage.patch > largest:
@@ -106,31 +123,41 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
                 f"image in '{train_source}' (largest side {largest} px); lower the patch size or pack "
                 "larger images (and a smaller --tile)"
             )
+        # One micro-batch of the whole job must not hold a sample twice (the stream refuses it too, but
+        # only once every process has started); an optimizer step may span epochs.
+        global_batch = world_size * stage.batch
+        if index.total_samples < global_batch:
+            raise ConfigError(
+                f"data.train: '{train_source}' holds {index.total_samples} samples, fewer than one micro-batch "
+                f"of stage {stage.index} across all processes ({world_size} process(es) x batch {stage.batch} = "
+                f"{global_batch}). Pack more data or lower progressive.batch"
+            )
 
 
-def train_batches(cfg: Config, source: str, stage_index: int, patch: int, batch: int, rank: int,
-                  world_size: int, resume_count: int, skip_batches: int) -> Iterator[dict]:
-    """An endless stream of training batches for one stage of progressive learning."""
-    loader = build_train_loader(
-        source,
-        patch_size=patch,
-        batch_size=batch,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.data.num_workers,
-        resume_count=resume_count,
-        stage=stage_index,
-        noise=noise_config(cfg),
-        augment=cfg.data.augment,
-        mixup=cfg.data.mixup,
-        strict=cfg.data.strict,
+def _check_val(cfg: Config, source: str, index: ShardIndex | None) -> None:
+    if index is None:
+        return
+    if index.inputs and val_noise_config(cfg) is not None:
+        raise ConfigError(f"data.val: '{source}' holds degraded inputs ({', '.join(index.inputs)}), but noise is set "
+                          "for validation (val.noise_sigma, or data.noise_* when it is null): synthetic noise is "
+                          "only for clean-only images")
+    if not index.inputs and val_noise_config(cfg) is None:
+        raise ConfigError(f"data.val: '{source}' holds clean images only: set val.noise_sigma (e.g. 25) or the "
+                          "training noise (data.noise_sigma / data.noise_sigma_range)")
+
+
+def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, position: int) -> StreamSettings:
+    """The training stream of one progressive-learning stage, starting at global sample `position`."""
+    return StreamSettings(
+        patch=stage.patch, batch=stage.batch, seed=cfg.train.seed, rank=rank, world_size=world_size,
+        num_workers=cfg.data.num_workers, start=position, noise=noise_config(cfg), augment=cfg.data.augment,
+        mixup=cfg.data.mixup, strict=cfg.data.strict, remote=remote_settings(cfg),
     )
-    stream = iter(loader)
-    if skip_batches:
-        # Replay: the same seeds give the same stream; drop what the checkpointed run consumed.
-        stream = itertools.islice(stream, skip_batches, None)
-    return stream
+
+
+def train_batches(source: str, settings: StreamSettings) -> Iterator[dict]:
+    """An endless stream of training batches (see data_shards.stream for what they carry)."""
+    return iter(build_train_loader(source, settings))
 
 
 def val_images(cfg: Config, source: str, rank: int, world_size: int):
@@ -138,7 +165,8 @@ def val_images(cfg: Config, source: str, rank: int, world_size: int):
         source,
         rank=rank,
         world_size=world_size,
-        noise=noise_config(cfg),
+        noise=val_noise_config(cfg),
         max_images=cfg.val.max_images,
         strict=cfg.data.strict,
+        remote=remote_settings(cfg),
     )

@@ -21,10 +21,10 @@ import time
 import torch
 
 from data_shards.stream import BadSampleError
-from train.checkpoint import CheckpointError, resolve_resume
+from train.checkpoint import CHECKPOINTS_DIR, CheckpointError, Checkpointer, check_resume_arg, complete_checkpoints, read_state
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
-from train.schedule import plan_stages
+from train.schedule import plan_stages, resume_step
 from train.tracking import wandb_mode
 
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="demo", help="recipe name in train/configs/ or a YAML path (default: demo)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint of this run, if any; or a checkpoint folder")
+                        help="'auto': newest checkpoint of this run that verifies, if any; or a checkpoint folder")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     return parser.parse_args(argv)
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         plan = plan_stages(cfg, world_size)
         train_source, val_source = resolve_sources(cfg)
-        check_data(cfg, plan, train_source, val_source)
-        resume_from = resolve_resume(args.resume, cfg.run_dir / "checkpoints")
+        check_data(cfg, plan, train_source, val_source, world_size)
+        check_resume_arg(args.resume, cfg.run_dir / CHECKPOINTS_DIR)
+        refuse_unmappable_resume(args.resume, cfg, world_size)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -61,38 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.train.threads)
 
     # Imported late: a config error should not pay for importing accelerate/deepspeed.
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     from train.trainer import NonFiniteError, Trainer
 
-    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
-    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
-    if cpu_ranks:
-        # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
-        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
-    else:
-        handlers = [InitProcessGroupKwargs(timeout=timeout)]
-    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
-    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(
-        cpu=cpu_ranks and not deepspeed,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
-        project_dir=str(cfg.run_dir),
-        kwargs_handlers=handlers,
-    )
+    accelerator = build_accelerator(cfg, world_size)
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    checkpointer = Checkpointer(cfg.run_dir, accelerator, cfg.train.keep_last)
     # The errors caught first are raised by every rank at the same step, so the closing barrier is
     # safe. Any other error may be this rank's alone (a bad sample, a dead peer): a barrier would keep
     # it waiting for ranks still training, where exiting lets the launcher stop them.
     agreed = True
     try:
-        trainer = Trainer(cfg, accelerator, train_source, val_source, resume_from)
+        check_precision(accelerator)  # same settings on every rank: all refuse together, before any work
+        checkpointer.open(cfg.to_yaml())  # the run folder's lock, held until the end
+        trainer = Trainer(cfg, accelerator, checkpointer, train_source, val_source, args.resume)
         started = time.time()
         summary = trainer.train()
     except NonFiniteError as err:
@@ -116,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         # otherwise free tensors while Python shuts down and the process aborts.
         if agreed:
             accelerator.wait_for_everyone()
+        checkpointer.close()
         accelerator.end_training()
         time.sleep(0.5)
 
@@ -133,11 +118,68 @@ def run_baselines(cfg, val_source: str):
     import json
 
     from train.baselines import classical_baselines
-    from train.data import val_images
+    from train.data import val_images, val_noise_config
 
-    baselines = classical_baselines(val_images(cfg, val_source, 0, 1), cfg.data.noise_sigma, cfg.val.border)
+    sigma = val_noise_config(cfg).sigma
+    baselines = classical_baselines(val_images(cfg, val_source, 0, 1), sigma, cfg.val.border)
     (cfg.run_dir / "baselines.json").write_text(json.dumps(baselines.to_dict(), indent=1) + "\n")
     return baselines
+
+
+def build_accelerator(cfg, world_size: int):
+    """The Accelerator for this launch: gloo between CPU ranks, DeepSpeed when launched with it."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
+    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
+    if cpu_ranks:
+        # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+    else:
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
+    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(
+        cpu=cpu_ranks and not deepspeed,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
+        project_dir=str(cfg.run_dir),
+        kwargs_handlers=handlers,
+    )
+
+
+def refuse_unmappable_resume(arg: str | None, cfg, world_size: int) -> None:
+    """Under train.batch_rule=iterations a resume on another process count must keep the recipe
+    iteration: refused here, before any process starts, when it cannot (the trainer maps the step
+    again on the checkpoint it verifies). A damaged newest checkpoint is left to --resume auto."""
+    if arg is None:
+        return
+    found = complete_checkpoints(cfg.run_dir / CHECKPOINTS_DIR) if arg == "auto" else [Path(arg)]
+    if not found:
+        return
+    try:
+        state = read_state(found[-1])
+    except CheckpointError:
+        if arg == "auto":
+            return
+        raise
+    resume_step(cfg, int(state["step"]), int(state["world_size"]), world_size)
+
+
+def check_precision(accelerator) -> None:
+    """Refuses a precision this device would not really run (ConfigError naming the setting)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.mixed_precision == "fp16" and not deepspeed and accelerator.scaler is None:
+        # accelerate runs fp16 only on accelerators: on a CPU it would silently train in fp32.
+        raise ConfigError(
+            f"mixed precision fp16 (--mixed_precision / train.mixed_precision) does not run on "
+            f"{accelerator.device.type}: accelerate gives it no autocast and no GradScaler there (it would train "
+            "in fp32). Use bf16 or no on this device, or fp16 under DeepSpeed"
+        )
 
 
 def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) -> None:
@@ -157,7 +199,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) 
     lines.append("weights identical on every process: " + in_sync[summary["replicas_in_sync"]])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
-        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['official_pth']}")
+        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['pth']}")
     print("\n".join(lines), flush=True)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.pixels import quantize
+
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) Y in [16/255, 235/255] (MATLAB's rgb2ycbcr)."""
@@ -61,3 +63,27 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     sigma_xy = blur(pred * target) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
     return ssim_map.flatten(1).mean(dim=1)
+
+
+def score_names(y_channel: bool, channels: int) -> tuple[str, ...]:
+    """The figures `score` returns, in its order: Y-channel ones only for 3-channel images."""
+    metrics = ("psnr", "ssim", "psnr_y", "ssim_y") if y_channel and channels == 3 else ("psnr", "ssim")
+    return tuple(f"{m}{suffix}" for suffix in ("", "_degraded") for m in metrics)
+
+
+def score(restored: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, *, border: int = 0,
+          y_channel: bool = False, bits: int | None = 8) -> dict[str, torch.Tensor]:
+    """Per-image figures (each of shape (B,)) of a restored batch and of its degraded input.
+
+    The one scoring rule of validation and of tools.evaluate, as the official scripts score: the
+    restored image as it would be saved (clamped and rounded to `bits`, the target's bit depth; None
+    scores the raw float output), the degraded input as given. Names: `score_names`.
+    """
+    figures = {}
+    for suffix, img in (("", quantize(restored, bits)), ("_degraded", degraded)):
+        figures[f"psnr{suffix}"] = psnr(img, target, border)
+        figures[f"ssim{suffix}"] = ssim(img, target, border)
+        if y_channel and target.shape[1] == 3:
+            figures[f"psnr_y{suffix}"] = psnr(img, target, border, y_channel=True)
+            figures[f"ssim_y{suffix}"] = ssim(img, target, border, y_channel=True)
+    return {name: figures[name] for name in score_names(y_channel, target.shape[1])}

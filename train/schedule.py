@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
-from train.config import Config, LRConfig
+from train.config import Config, ConfigError, LRConfig
 
 
 def lr_at(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
@@ -107,3 +108,32 @@ def plan_stages(cfg: Config, world_size: int) -> StagePlan:
     else:
         note = f"running the recipe as written on {world_size} process(es)"
     return StagePlan(tuple(stages), step_scale, note)
+
+
+def resume_step(cfg: Config, saved_step: int, saved_world_size: int, world_size: int) -> int:
+    """The optimizer step here that continues a checkpoint written at `saved_step` on `saved_world_size`
+    processes. The recipe iteration is the invariant: under train.batch_rule=iterations a step covers
+    world_size / reference_world_size recipe iterations, so the step count is rescaled; it must land on
+    a whole step of the same stage, or the resume is refused (ConfigError). Other rules keep the step."""
+    ref = cfg.train.reference_world_size
+    if cfg.train.batch_rule != "iterations" or ref is None or saved_world_size == world_size:
+        return saved_step
+    old, new = plan_stages(cfg, saved_world_size), plan_stages(cfg, world_size)
+    recipe_iteration = Fraction(saved_step * saved_world_size, ref)
+    step = recipe_iteration * ref / world_size
+    old_stage = old.stage_at(saved_step)
+    fits = step.denominator == 1 and new.stage_at(int(step)).index == old_stage.index
+    if fits:
+        # Stage lengths are rounded per world size: the position inside the stage must map too.
+        offset = Fraction(saved_step - old_stage.start, old_stage.end - old_stage.start)
+        new_stage = new.stages[old_stage.index]
+        fits = new_stage.start + offset * (new_stage.end - new_stage.start) == step
+    if not fits:
+        raise ConfigError(
+            f"cannot resume the checkpoint of step {saved_step} ({saved_world_size} processes, recipe iteration "
+            f"{float(recipe_iteration):g}) on {world_size} processes: with train.batch_rule=iterations one step "
+            f"here covers {world_size}/{ref} recipe iterations, so that position is step {float(step):g}, not a "
+            f"whole step of stage {old_stage.index}. Resume on {saved_world_size} processes, or on a number of "
+            f"processes that divides {saved_step * saved_world_size} (and the recipe's stage lengths)"
+        )
+    return int(step)

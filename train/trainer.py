@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,54 +14,23 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from model import Restormer, build_model, load_weights, restore_image, save_official_pth, save_safetensors
-from train import checkpoint as ckpt
+from model import Restormer, build_model, load_weights, restore_image
+from train.checkpoint import Checkpointer
 from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
-from train.data import train_batches, val_images
+from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
-from train.metrics import psnr, ssim
+from train.metrics import score, score_names
 from train.samples import save_grid
-from train.schedule import StagePlan, lr_at, plan_stages
+from train.schedule import StagePlan, lr_at, plan_stages, resume_step
 from train.tracking import MetricsFile, init_trackers, new_run_id
 
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
-def _load_failure(path: Path, failure: Exception | None, rank: int) -> str:
-    if failure is None:
-        cause = "another process could not load its part"
-    elif isinstance(failure, pickle.UnpicklingError):
-        # accelerate reads these with torch.load(weights_only=True): find which one it refused.
-        refused = [name for name in ("optimizer.bin", "scaler.pt", f"random_states_{rank}.pkl")
-                   if (path / name).is_file() and not _loads_safely(path / name)]
-        cause = (f"{', '.join(refused) or 'a file'} could not be read as plain tensors and arrays (a pickle "
-                 "that would run code, or a damaged file): torch.load(weights_only=True) refused it, nothing in it ran")
-    else:
-        cause = _first_line(failure)
-    return (f"cannot resume from {path}: {cause}. Resume from another checkpoint (--resume PATH), or delete "
-            "this one to let --resume auto pick the previous one")
-
-
-def _loads_safely(path: Path) -> bool:
-    from accelerate.utils.other import load  # torch.load(weights_only=True) + numpy's safe types
-
-    try:
-        load(path, map_location="cpu")
-    except Exception:  # whatever the reason, this is a file the resume could not use
-        return False
-    return True
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -101,18 +68,21 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, train_source: str, val_source: str | None,
-                 resume_from: Path | None = None):
+    def __init__(self, cfg: Config, accelerator: Accelerator, checkpointer: Checkpointer, train_source: str,
+                 val_source: str | None, resume: str | None = None):
+        """resume: None, 'auto' or a checkpoint folder (--resume); the checkpointer picks and verifies it."""
         self.cfg = cfg
         self.acc = accelerator
         self.train_source = train_source
         self.val_source = val_source
         self.run_dir = cfg.run_dir
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.checkpointer = checkpointer
         self.plan: StagePlan = plan_stages(cfg, accelerator.num_processes)
         self.recipe_total = sum(cfg.progressive.iters)
+        resume_from = checkpointer.resume_point(resume)
 
         arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+        self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
         net = self._build_net()
         if cfg.model.init_weights:
@@ -131,9 +101,9 @@ class Trainer:
             net = torch.compile(net, dynamic=not cfg.model.checkpointing)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-        # DeepSpeed keeps bf16/fp16 weights (no autocast): inputs must be cast to their type.
+        # DeepSpeed keeps bf16/fp16 weights (no autocast); the network casts its input to them itself.
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-        self.input_dtype = low if self.deepspeed and low is not None else torch.float32
+        self.weight_dtype = low if self.deepspeed and low is not None else torch.float32
         if self.deepspeed:
             fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.plan,
                                   accelerator.num_processes)
@@ -151,8 +121,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
+        self.data_position = 0  # global training samples consumed (all ranks): where the stream goes on
+        self.data_epoch = 0
         self.run_id = new_run_id()
-        self._saved_step: int | None = None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -174,116 +145,41 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "run_id": self.run_id,
             "world_size": self.acc.num_processes,
-            "data": {
-                "seed": self.cfg.train.seed,
-                "resume_count": self.resume_count,
-                "stage": stage.index,
-                "batches_into_stage": (self.step - stage.start) * stage.accum,
-            },
+            "data": {"seed": self.cfg.train.seed, "position": self.data_position, "epoch": self.data_epoch},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+        self.step = resume_step(self.cfg, int(state["step"]), int(state["world_size"]), self.acc.num_processes)
         self.best_metric = state["best_metric"]
         self.best_step = state["best_step"]
         self.nonfinite_total = int(state["nonfinite_total"])
         self.run_id = state["run_id"]
-        # Counts resumes: with data.resume=fresh each one draws a new stream and never replays samples.
         self.resume_count = int(state["resume_count"]) + 1
+        data = state.get("data", {})
+        if "position" not in data:
+            print("note: this checkpoint predates exact data resume; the stream starts again at epoch 0", flush=True)
+        self.data_position, self.data_epoch = int(data.get("position", 0)), int(data.get("epoch", 0))
 
     def save_checkpoint(self) -> Path:
-        """Every rank takes part (accelerate/DeepSpeed write per-rank state); the main rank publishes."""
-        name = ckpt.checkpoint_name(self.step)
-        if self.step == self._saved_step:
-            return self.ckpt_root / name
-        tmp = self.ckpt_root / f".tmp-{name}"
-        failure = self._write_checkpoint(tmp)
-        # Every rank learns whether any rank failed (this reduce is also the barrier before publishing).
-        if self._reduce_max(float(failure is not None)):
-            message = self._write_failure(tmp, failure)  # before the cleanup: the free space it reports is the cause
-            if self.acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.CheckpointError(message)
-        final = self.ckpt_root / name
-        if self.acc.is_main_process:
-            ckpt.publish(tmp, final)
-            keep = {self.ckpt_root / ckpt.checkpoint_name(self.best_step)} if self.best_step is not None else set()
-            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, keep)
-        self.acc.wait_for_everyone()
-        self._saved_step = self.step
-        return final
-
-    def _write_checkpoint(self, tmp: Path) -> Exception | None:
-        """Writes this rank's part of a checkpoint into `tmp`. Returns the error instead of raising: a
-        rank that raised alone would leave the others waiting in the next collective."""
-        failure = None
-        if self.acc.is_main_process:
-            try:
-                ckpt.clean_stale_tmp(self.ckpt_root)
-                tmp.mkdir(parents=True)
-            except OSError as err:
-                failure = err
-        self.acc.wait_for_everyone()
-        if failure is not None:
-            return failure
-        try:
-            self.acc.save_state(str(tmp), safe_serialization=True)
-            if self.acc.is_main_process:
-                if self.ema is not None:
-                    save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
-                (tmp / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-                ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, self.state_dict())  # last: marks it complete
-        except Exception as err:  # open(), torch.save and safetensors each report a full disk their own way
-            return err
-        return None
-
-    def _write_failure(self, tmp: Path, failure: Exception | None) -> str:
-        cause = _first_line(failure) if failure is not None else "another process could not write its part"
-        try:
-            free = f"{shutil.disk_usage(self.ckpt_root).free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        return (f"could not write the checkpoint of step {self.step} into {tmp} ({cause}; {free}). Nothing was "
-                f"published; the newest complete checkpoint is still {self._newest_checkpoint()}. Free disk "
-                "space (or lower train.keep_last, or move output_dir), then resume with --resume auto")
+        """Every rank takes part (accelerate/DeepSpeed write per-rank state); see train/checkpoint.py."""
+        return self.checkpointer.save(self.step, self.state_dict(), self.ema.state_dict() if self.ema else None,
+                                      self.cfg.to_yaml(), self.best_step)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = ckpt.read_state(path)
-        saved = yaml.safe_load((path / ckpt.CONFIG_FILE).read_text())
-        saved_cfg = config_from_dict(saved, str(path / ckpt.CONFIG_FILE))
-        changed = [
-            f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
-            for k in ARCH_FIELDS
-            if getattr(saved_cfg.model, k) != getattr(self.cfg.model, k)
-        ]
-        if changed:
-            raise ckpt.CheckpointError(
-                f"cannot resume from {path}: the network's shape changed ({'; '.join(changed)}). "
-                "Resume with the checkpoint's model settings, or start a new run that fine-tunes "
-                f"from its weights with model.init_weights={path}/model.safetensors"
-            )
-        failure = None
-        try:
-            self.acc.load_state(str(path))
-            rng_file = path / f"random_states_{self.acc.process_index}.pkl"
-            if rng_file.is_file() and not _loads_safely(rng_file):
-                # accelerate skips an RNG file it cannot load without a word: a tampered one must not pass.
-                raise pickle.UnpicklingError(f"{rng_file} was refused")
-            if self.ema is not None:
-                ema_file = path / "ema.safetensors"
-                if ema_file.exists():
-                    self.ema.load_state_dict(load_file(str(ema_file)))
-                else:
-                    self.ema.reset(self.network())
-        except Exception as err:  # a damaged file, or a pickle that torch.load(weights_only=True) refused
-            failure = err
-        # All ranks fail together: a rank that went on training alone would wait for the others forever.
-        if self._reduce_max(float(failure is not None)):
-            raise ckpt.CheckpointError(_load_failure(path, failure, self.acc.process_index))
-        self.load_state_dict(state)
-        self._saved_step = self.step
+        loaded = self.checkpointer.load(path, self._network_changes, with_ema=self.ema is not None)
+        if self.ema is not None:
+            if loaded.ema is not None:
+                self.ema.load_state_dict(loaded.ema)
+            else:
+                self.ema.reset(self.network())
+        self.load_state_dict(loaded.state)
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step} (resume #{self.resume_count})", flush=True)
+
+    def _network_changes(self, config_file: Path) -> list[str]:
+        saved = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+        return [f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
+                for k in ARCH_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
 
     # ------------------------------------------------------------------ training
 
@@ -292,14 +188,10 @@ class Trainer:
 
     def _stream_for(self, stage):
         if stage.index != self._stream_stage:
-            skip = 0
-            if self.cfg.data.resume == "replay" and self._stream_stage == -1:
-                skip = (self.step - stage.start) * stage.accum
-            self._stream = train_batches(
-                self.cfg, self.train_source, stage.index, stage.patch, stage.batch,
-                self.acc.process_index, self.acc.num_processes,
-                0 if self.cfg.data.resume == "replay" else self.resume_count, skip,
-            )
+            # The position counts samples, so a new stage just cuts the same sequence into other batches.
+            settings = stream_settings(self.cfg, stage, self.acc.process_index, self.acc.num_processes,
+                                       self.data_position)
+            self._stream = train_batches(self.train_source, settings)
             self._stream_stage = stage.index
         return self._stream
 
@@ -325,11 +217,12 @@ class Trainer:
             x, y = self._to_device(batch)
             data_wait += time.perf_counter() - t0
             self.bad_samples += int(batch["skipped"])
+            self.data_position, self.data_epoch = int(batch["next_position"]), int(batch["epoch"])
             last = micro == stage.accum - 1
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
             sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
             with sync:
-                out = self.model(x.to(self.input_dtype))
+                out = self.model(x)
                 losses = compute_losses(self.cfg.loss.name, out, y, self.cfg.loss.charbonnier_eps)
                 self._backward(losses["loss"] / stage.accum, last)
             # Summed on the device: one host sync per step, not three per micro-batch.
@@ -372,6 +265,17 @@ class Trainer:
     def _reduce_max(self, value: float) -> float:
         return self.acc.reduce(torch.tensor([value], device=self.acc.device, dtype=torch.float64), "max").item()
 
+    def _reduce_named(self, values: dict[str, float], op: str) -> dict[str, float]:
+        """Named figures reduced over the ranks in one collective (every rank passes the same names)."""
+        reduced = self.acc.reduce(torch.tensor(list(values.values()), device=self.acc.device, dtype=torch.float64), op)
+        return dict(zip(values, reduced.tolist()))
+
+    def _gather_named(self, values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Named figures of every rank in one collective: name -> (world_size,) tensor on the CPU."""
+        row = torch.tensor([list(values.values())], device=self.acc.device, dtype=torch.float64)
+        gathered = self.acc.gather(row).cpu()
+        return {name: gathered[:, i] for i, name in enumerate(values)}
+
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
         total = self.plan.total_steps if cfg.train.max_steps is None else min(cfg.train.max_steps, self.plan.total_steps)
@@ -403,7 +307,7 @@ class Trainer:
                     raise NonFiniteError(
                         f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
                         f"gradient (last at step {self.step}); stopped. The last good checkpoint is "
-                        f"{self._newest_checkpoint()}. Lower optim.lr, use bf16 instead of fp16, or "
+                        f"{self.checkpointer.newest()}. Lower optim.lr, use bf16 instead of fp16, or "
                         "check the data for NaN/Inf"
                     )
                 validated = False
@@ -444,10 +348,6 @@ class Trainer:
         gathered = self.acc.gather(sums.unsqueeze(0))
         return bool((gathered == gathered[0]).all().item())
 
-    def _newest_checkpoint(self) -> str:
-        found = ckpt.complete_checkpoints(self.ckpt_root)
-        return str(found[-1]) if found else "none (no checkpoint was written yet)"
-
     # ------------------------------------------------------------------ logging
 
     @staticmethod
@@ -470,12 +370,12 @@ class Trainer:
     def _flush_window(self, window, stage, bar) -> None:
         acc = self.acc
         elapsed = time.perf_counter() - window["t0"]
-        per_rank = torch.tensor(
-            [window["images"] / elapsed, window["pixels"] / elapsed, window["data_wait"] / max(elapsed, 1e-9),
-             peak_memory_gb(acc.device), self.bad_samples],
-            device=acc.device, dtype=torch.float64,
-        )
-        gathered = acc.gather(per_rank.unsqueeze(0)).cpu()  # (world, 5): every node's figures reach rank 0
+        # Every node's figures reach rank 0.
+        ranks = self._gather_named({
+            "images_per_s": window["images"] / elapsed, "pixels_per_s": window["pixels"] / elapsed,
+            "data_wait_share": window["data_wait"] / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(acc.device),
+            "bad_samples": self.bad_samples,
+        })
         if not acc.is_main_process:
             return
         n = max(window["steps"], 1)
@@ -487,12 +387,15 @@ class Trainer:
             "grad_norm": window["grad_norm"] / finite_steps,
             "step_time_s": window["step_time"] / n,  # rank 0's mean wall time per optimizer step
             "skipped_steps": self.nonfinite_total,
-            "images_per_s": float(gathered[:, 0].sum()), "images_per_s_per_proc": float(gathered[:, 0].mean()),
-            "pixels_per_s": float(gathered[:, 1].sum()), "pixels_per_s_per_proc": float(gathered[:, 1].mean()),
-            "data_wait_share": float(gathered[:, 2].mean()), "data_wait_share_max": float(gathered[:, 2].max()),
-            "peak_mem_gb_max": float(gathered[:, 3].max()),
-            "bad_samples_skipped": int(gathered[:, 4].sum()),
-            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(gathered[:, 3])},
+            "images_per_s": float(ranks["images_per_s"].sum()),
+            "images_per_s_per_proc": float(ranks["images_per_s"].mean()),
+            "pixels_per_s": float(ranks["pixels_per_s"].sum()),
+            "pixels_per_s_per_proc": float(ranks["pixels_per_s"].mean()),
+            "data_wait_share": float(ranks["data_wait_share"].mean()),
+            "data_wait_share_max": float(ranks["data_wait_share"].max()),
+            "peak_mem_gb_max": float(ranks["peak_mem_gb"].max()),
+            "bad_samples_skipped": int(ranks["bad_samples"].sum()),
+            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(ranks["peak_mem_gb"])},
         }
         self._log(record)
         bar.set_postfix(stage=stage.index, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -513,34 +416,28 @@ class Trainer:
         net = self._full_module()
         was_training = net.training
         net.eval()
-        y = cfg.val.y_channel
-        sums = torch.zeros(7, dtype=torch.float64)  # psnr, ssim, psnr_in, ssim_in, psnr_y, ssim_y, count
+        names = score_names(cfg.val.y_channel, net.output.out_channels)
+        sums = dict.fromkeys(names, 0.0) | {"images": 0.0}
         rows = []
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
             x, target = self._to_device(item)
             with acc.autocast():
-                # The network's own dtype: DeepSpeed's bf16/fp16 weights, or the fp32 EMA copy.
-                restored = restore_image(net, x.to(next(net.parameters()).dtype), tile=cfg.val.tile).float()
-            degraded = x[:, : target.shape[1]]
-            sums += torch.tensor([
-                psnr(restored, target, cfg.val.border).sum(), ssim(restored, target, cfg.val.border).sum(),
-                psnr(degraded, target, cfg.val.border).sum(), ssim(degraded, target, cfg.val.border).sum(),
-                psnr(restored, target, cfg.val.border, y).sum() if y else 0.0,
-                ssim(restored, target, cfg.val.border, y).sum() if y else 0.0,
-                target.shape[0],
-            ], dtype=torch.float64)
+                restored = restore_image(net, x, tile=cfg.val.tile).float()
+            figures = score(restored, x[:, : target.shape[1]], target, border=cfg.val.border,
+                            y_channel=cfg.val.y_channel, bits=item["bits"])
+            for name, values in figures.items():
+                sums[name] += values.sum().item()
+            sums["images"] += target.shape[0]
             if len(rows) < cfg.val.grid_images:
                 rows.append((x[0].cpu(), restored[0].cpu(), target[0].cpu()))
         net.train(was_training)
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-        count = max(sums[6].item(), 1.0)
-        result = {"val/psnr": sums[0].item() / count, "val/ssim": sums[1].item() / count,
-                  "val/psnr_degraded": sums[2].item() / count, "val/ssim_degraded": sums[3].item() / count,
-                  "val/images": int(sums[6].item())}
-        if y:
-            result.update({"val/psnr_y": sums[4].item() / count, "val/ssim_y": sums[5].item() / count})
+        sums = self._reduce_named(sums, "sum")
+        count = max(sums["images"], 1.0)
+        result = {f"val/{name}": sums[name] / count for name in names} | {"val/images": int(sums["images"])}
         self.last_validation = result
-        key = "val/psnr_y" if y and cfg.train.best_metric == "psnr" else f"val/{cfg.train.best_metric}"
+        # With val.y_channel the paper reports (and the official scripts select on) the Y-channel figure.
+        key = f"val/{cfg.train.best_metric}"
+        key = f"{key}_y" if f"{key}_y" in result else key
         improved = self.best_metric is None or result[key] > self.best_metric
         if improved:
             self.best_metric, self.best_step = result[key], self.step
@@ -578,30 +475,11 @@ class Trainer:
             state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         full = self._build_net()
         full.load_state_dict(state)
-        return full.to(self.acc.device, self.input_dtype).train(net.training)
+        return full.to(self.acc.device, self.weight_dtype).train(net.training)
 
     def export(self, checkpoint: Path) -> dict[str, str]:
-        """The trained weights alone: safetensors and the official `{'params': ...}` .pth.
-
-        Under DeepSpeed (any ZeRO stage) they are the fp32 master weights consolidated from
-        `checkpoint`, the DeepSpeed checkpoint just written."""
-        out = self.run_dir / "export"
-        net = self.ema.module if self.ema is not None else self.network()
-        if self.ema is not None:
-            state = net.state_dict()
-        elif self.deepspeed:
-            state = None  # read on the main process only, below
-        else:
-            state = self.acc.get_state_dict(net)
-        paths = {"safetensors": str(out / "model.safetensors"), "official_pth": str(out / "model_official.pth")}
-        if self.acc.is_main_process:
-            if state is None:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                # accelerate's save_state writes the DeepSpeed checkpoint under the tag "pytorch_model".
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
-            out.mkdir(parents=True, exist_ok=True)
-            save_safetensors(state, paths["safetensors"])
-            save_official_pth(state, paths["official_pth"])
-        self.acc.wait_for_everyone()
-        return paths
+        """export/: the trained weights (and the EMA's), see train/exporting.py. Under DeepSpeed (any ZeRO
+        stage) the trained ones are the fp32 master weights consolidated from `checkpoint`."""
+        trained = None if self.deepspeed else self.acc.get_state_dict(self.network())
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return self.checkpointer.export(checkpoint, trained, ema, self.arch)

@@ -1,0 +1,633 @@
+"""Open one shard, wherever it lives, as a binary file positioned at a byte offset.
+
+Sources (by URL form):
+  /path/shard.tar, file:///path/shard.tar    a local file, seeked to the offset
+  http://host/shard.tar, https://...          an HTTP GET with a Range header for the offset
+                                              (a server that ignores Range is read and the head
+                                              discarded); user:password@ in the URL is sent as
+                                              Basic authentication, never printed
+  s3://bucket/key                             boto3 GetObject with a Range; credentials, region,
+                                              profile and endpoint come from the usual AWS
+                                              environment/config (AWS_ACCESS_KEY_ID,
+                                              AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL)
+  pipe:CMD                                    webdataset's convention: CMD writes the shard to
+                                              stdout; the first `offset` bytes are read and dropped
+
+`open_shard(url, offset, length=N)` reads one byte range (a sample): remote sources ask for just
+those bytes (a bounded Range), local and cached files are returned seekable as they are.
+
+Contract of a remote read (http, s3, pipe):
+- A failure that may pass (connection refused or dropped, timeout, HTTP 408/429/5xx, S3 throttling,
+  a stream that ends before the shard's known size) re-opens the source at the byte reached and
+  carries on, after a pause that doubles from `backoff_s` (with jitter, capped at 30 s). The bound
+  `retries` counts failures in a row; 1 MiB read after a failure starts a new count, so a long shard
+  survives occasional drops while a server that trickles a few bytes per connection is given up.
+- Every connect and every read blocks at most `timeout_s`, so a stalled server is a failure, not a hang.
+- A failure that will not pass (missing object, refused credentials, a size unlike the index's), or
+  `retries` exhausted, raises ShardReadError naming the shard (credentials redacted) and the cause:
+  the stream skips the shard, counts it and names it. Bytes are never silently lost: a read that
+  ends short of the known size (the index's, else the server's) is an error.
+- Every message that shows a URL goes through `redact`.
+
+Optional cache (settings.cache_dir): whole shards under one folder, for data read many epochs; see
+ShardCache.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import random
+import re
+import select
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+__all__ = ["RemoteSettings", "ShardCache", "ShardReadError", "open_shard", "read_bytes", "redact"]
+
+_CHUNK = 1 << 20
+_MAX_PAUSE_S = 30.0
+_PROGRESS = 1 << 20  # bytes read after a failure that make the next one count from zero again
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How remote shards are read. The defaults suit a data centre link; tests shrink them."""
+
+    retries: int = 5  # failures in a row before ShardReadError (1 MiB of progress starts a new count)
+    timeout_s: float = 60.0  # longest a connect or a single read may block
+    backoff_s: float = 1.0  # first pause before a retry; doubles each failure in a row
+    cache_dir: str | None = None  # whole-shard cache folder (None: no cache)
+    cache_limit_bytes: int | None = None  # required with cache_dir: the most the cache may hold
+
+    def __post_init__(self):
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries} must be >= 0")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be positive")
+        if self.backoff_s < 0:
+            raise ValueError(f"backoff_s={self.backoff_s} must be >= 0")
+        if (self.cache_dir is None) != (self.cache_limit_bytes is None):
+            raise ValueError("give cache_dir and cache_limit_bytes together (or neither)")
+        if self.cache_limit_bytes is not None and self.cache_limit_bytes <= 0:
+            raise ValueError(f"cache_limit_bytes={self.cache_limit_bytes} must be positive")
+
+
+class ShardReadError(OSError):
+    """A shard that could not be read; `url` is redacted, the message says why and what was tried."""
+
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = redact(url), redact(reason)
+        super().__init__(f"shard {self.url}: {self.reason}")
+
+    def __reduce__(self):  # crosses process boundaries (loader workers) intact
+        return type(self), (self.url, self.reason)
+
+
+def open_shard(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
+               sha256: str | None = None, settings: RemoteSettings | None = None) -> BinaryIO:
+    """A readable binary file positioned at byte `offset` of the shard at `url`; the caller closes it.
+
+    `length`: the caller reads at most this many bytes (e.g. one sample's byte range). A remote
+    source then requests just that range and ends there, instead of sending the shard's rest; a
+    local or cached file is returned as it is (seekable, on to the shard's end).
+    `size` and `sha256` (from the index, when known) make short reads and changed shards errors: a
+    read to the end needs the whole shard at the index's size, a range needs only its own bytes (so
+    a truncated shard still serves the samples it holds). sha256 is checked on cached copies.
+    """
+    settings = settings or RemoteSettings()
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"offset={offset} and length={length} must be >= 0")
+    end = offset + length if length is not None else offset
+    if size is not None and end > size:
+        raise ShardReadError(url, f"bytes {offset}..{end} are past the end of the shard ({size} bytes)")
+    if _local_path(url) is None and settings.cache_dir is not None:
+        return ShardCache(settings).open(url, offset, size=size, sha256=sha256)
+    return open_uncached(url, offset, length=length, size=size, settings=settings)
+
+
+def open_uncached(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
+                  settings: RemoteSettings | None = None) -> BinaryIO:
+    """open_shard without the cache: a local file, or a retrying remote stream."""
+    settings = settings or RemoteSettings()
+    path = _local_path(url)
+    end = offset + length if length is not None else None
+    if path is not None:
+        return _open_local(url, path, offset, size, end)
+    source = _remote_source(url, settings)
+    return io.BufferedReader(_ResumingReader(url, source, offset, end, size, settings), buffer_size=_CHUNK)
+
+
+def read_bytes(url: str, settings: RemoteSettings | None = None) -> bytes:
+    """The whole object at `url` (e.g. an index.json), through the same sources and retries."""
+    with open_uncached(url, settings=settings) as stream:
+        return stream.read()
+
+
+# ------------------------------------------------------------------ redaction
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<password>:[^/@\s]*)?@")
+_QUERY_VALUE = re.compile(r"(?P<name>[?&][^=&#\s]+)=[^&#\s'\"]*")
+_SECRET_ASSIGNMENT = re.compile(r"(?P<name>\b\w*(?:SECRET|TOKEN|PASSWORD|PASSWD|KEY)\w*=)[^\s&;'\"]+", re.IGNORECASE)
+_AUTH_HEADER = re.compile(r"(?P<name>Authorization:\s*\w+\s+)[^\s'\"]+", re.IGNORECASE)
+_USER_OPTION = re.compile(r"(?P<name>(?:^|\s)(?:-u|--user)\s+)[^\s'\"]+")  # curl/wget style user:password
+
+
+def redact(text: str) -> str:
+    """`text` with every credential-shaped part of the URLs (and pipe: commands) in it masked:
+    passwords in user:password@, query values (tokens, presigned signatures), KEY=/TOKEN=/SECRET=
+    assignments, Authorization headers and -u/--user options."""
+    # A user name alone (https://TOKEN@host) is often the secret itself.
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["password"] else f"{m['scheme']}***@", text)
+    text = _QUERY_VALUE.sub(lambda m: f"{m['name']}=***", text)
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}***", text)
+    text = _AUTH_HEADER.sub(lambda m: f"{m['name']}***", text)
+    return _USER_OPTION.sub(lambda m: f"{m['name']}***", text)
+
+
+# ------------------------------------------------------------------ local files
+
+
+def _local_path(url: str) -> Path | None:
+    if url.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return Path(url)
+
+
+def _open_local(url: str, path: Path, offset: int, size: int | None, end: int | None = None) -> BinaryIO:
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 (the caller owns it)
+    except OSError as err:
+        raise ShardReadError(url, f"{type(err).__name__}: {err.strerror or err}") from None
+    problem = _size_problem(os.fstat(stream.fileno()).st_size, offset, end, size)
+    if problem:
+        stream.close()
+        raise ShardReadError(url, f"{problem}; copy it again or re-pack")
+    return _positioned(url, stream, offset)
+
+
+def _size_problem(actual: int, offset: int, end: int | None, size: int | None) -> str | None:
+    """A range [offset, end) needs only its bytes; a read to the end needs the index's whole size."""
+    if end is not None:
+        if end > actual:
+            return f"bytes {offset}..{end} are past the end of the shard ({actual} bytes; truncated?)"
+        return None
+    if size is not None and actual != size:
+        return f"the shard has {actual} bytes but the index says {size}: truncated or replaced since it was packed"
+    return None
+
+
+def _positioned(url: str, stream: BinaryIO, offset: int) -> BinaryIO:
+    actual = os.fstat(stream.fileno()).st_size
+    if offset > actual:
+        stream.close()
+        raise ShardReadError(url, f"offset {offset} is past the end of the file ({actual} bytes)")
+    stream.seek(offset)
+    return stream
+
+
+# ------------------------------------------------------------------ the retrying reader
+
+
+class _Opened(Protocol):
+    def read(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class _Source(Protocol):
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
+        """A stream at `position` (that may stop at `end`) and the object's total size when the source tells it."""
+
+    def transient(self, error: BaseException) -> bool:
+        """True when re-opening may succeed."""
+
+
+class _ResumingReader(io.RawIOBase):
+    def __init__(self, url: str, source: _Source, offset: int, end: int | None, size: int | None,
+                 settings: RemoteSettings):
+        super().__init__()
+        self._url, self._source, self._settings = url, source, settings
+        self._position, self._end, self._size = offset, end, size
+        self._stream: _Opened | None = None
+        self._failures = 0  # in a row: only _PROGRESS bytes read since the last failure start a new count
+        self._since_failure = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                data = self._read(len(buffer))
+            except ShardReadError:
+                raise
+            except Exception as err:  # noqa: BLE001 (each source says which of its errors pass)
+                self._drop()
+                if not self._source.transient(err):
+                    raise ShardReadError(self._url, f"{_describe(err)} (at byte {self._position})") from None
+                self._failures, self._since_failure = self._failures + 1, 0
+                if self._failures > self._settings.retries:
+                    raise ShardReadError(self._url, f"gave up at byte {self._position} after "
+                                                    f"{self._settings.retries} retries: {_describe(err)}") from None
+                pause = min(_MAX_PAUSE_S, self._settings.backoff_s * 2 ** (self._failures - 1))
+                time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: many workers do not retry in step
+                continue
+            buffer[:len(data)] = data
+            self._position += len(data)
+            self._since_failure += len(data)
+            if self._since_failure >= _PROGRESS:
+                self._failures = 0
+            return len(data)
+
+    def _stop(self) -> int | None:
+        """Where this stream ends, when known: the end of the range asked for, else of the shard."""
+        return self._end if self._end is not None else self._size
+
+    def _read(self, n: int) -> bytes:
+        if self._stream is None:
+            if self._stop() is not None and self._position >= self._stop():
+                return b""
+            self._stream, total = self._source.open(self._position, self._end)
+            problem = _size_problem(total, self._position, self._end, self._size) if total is not None else None
+            if problem:
+                raise ShardReadError(self._url, f"{problem}; re-pack or re-upload")
+            self._size = total if self._size is None else self._size
+        stop = self._stop()
+        if stop is not None:
+            if self._position >= stop:
+                return b""
+            n = min(n, stop - self._position)
+        # read1 returns what has arrived instead of waiting for a full buffer: bytes received before a
+        # stall or a drop count as progress and are not fetched again.
+        data = getattr(self._stream, "read1", self._stream.read)(n)
+        if not data and stop is not None:
+            raise _ShortRead(f"the stream ended at byte {self._position}, before byte {stop}")
+        return data
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 (a broken connection may fail to close; it is dropped anyway)
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+class _ShortRead(ConnectionError):
+    """The connection ended before the known size: retried like a dropped connection."""
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (_ShortRead, _CommandFailed)):  # ours: the message says it all
+        return redact(str(error))
+    return redact(f"{type(error).__name__}: {str(error) or repr(error)}")
+
+
+# ------------------------------------------------------------------ http(s)
+
+
+@dataclass(frozen=True)
+class _HttpSource:
+    url: str  # without user:password@
+    authorization: str | None
+    timeout_s: float
+
+    @classmethod
+    def parse(cls, url: str, settings: RemoteSettings) -> _HttpSource:
+        parts = urllib.parse.urlsplit(url)
+        authorization = None
+        if parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return cls(url, authorization, settings.timeout_s)
+
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
+        request = urllib.request.Request(self.url)
+        if self.authorization:
+            request.add_unredirected_header("Authorization", self.authorization)
+        if position or end is not None:
+            request.add_header("Range", _byte_range(position, end))
+        response = urllib.request.urlopen(request, timeout=self.timeout_s)  # noqa: S310 (http(s) only)
+        length = response.headers.get("Content-Length")
+        if response.status == 206:
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            return response, int(total) if total.isdigit() else None
+        total = int(length) if length and length.isdigit() else None
+        _discard(response, position)  # the server ignored Range: drop the head ourselves
+        return response, total
+
+    def transient(self, error: BaseException) -> bool:
+        if isinstance(error, urllib.error.HTTPError):
+            return error.code in (408, 429) or error.code >= 500
+        return isinstance(error, (OSError, HTTPException))  # URLError, timeouts, resets, IncompleteRead
+
+
+def _byte_range(position: int, end: int | None) -> str:
+    """The HTTP/S3 Range header value for bytes [position, end)."""
+    return f"bytes={position}-{end - 1 if end is not None else ''}"
+
+
+def _discard(stream: _Opened, count: int) -> None:
+    while count:
+        data = stream.read(min(count, _CHUNK))
+        if not data:
+            raise _ShortRead(f"the stream ended {count} bytes before the offset")
+        count -= len(data)
+
+
+# ------------------------------------------------------------------ s3
+
+_S3_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException",
+                       "InternalError", "ServiceUnavailable"}
+_S3_CLIENTS: dict[tuple, object] = {}  # per process (a fork must not share a connection pool)
+_S3_LOCK = threading.Lock()
+_S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
+
+
+def _s3_client(timeout_s: float):
+    import boto3
+    from botocore.config import Config
+
+    key = (os.getpid(), timeout_s, *(os.environ.get(name) for name in _S3_ENVIRONMENT))
+    with _S3_LOCK:
+        if key not in _S3_CLIENTS:
+            # botocore's own retries are off: the reader's bound is the only one, and it resumes mid-shard.
+            config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,
+                            retries={"total_max_attempts": 1})
+            _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+        return _S3_CLIENTS[key]
+
+
+@dataclass(frozen=True)
+class _S3Source:
+    bucket: str
+    key: str
+    timeout_s: float
+
+    @classmethod
+    def parse(cls, url: str, settings: RemoteSettings) -> _S3Source:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ShardReadError(url, "an S3 shard URL looks like s3://bucket/path/shard.tar")
+        return cls(parts.netloc, parts.path.lstrip("/"), settings.timeout_s)
+
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:
+        arguments = {"Bucket": self.bucket, "Key": self.key}
+        if position or end is not None:
+            arguments["Range"] = _byte_range(position, end)
+        response = _s3_client(self.timeout_s).get_object(**arguments)
+        total = response.get("ContentRange", "").rpartition("/")[2]
+        if total.isdigit():
+            return response["Body"], int(total)
+        return response["Body"], response.get("ContentLength")
+
+    def transient(self, error: BaseException) -> bool:
+        from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, NoRegionError,
+                                         ParamValidationError, PartialCredentialsError)
+
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return code in _S3_TRANSIENT_CODES or status >= 500
+        if isinstance(error, (NoCredentialsError, PartialCredentialsError, NoRegionError, ParamValidationError)):
+            return False
+        return isinstance(error, (BotoCoreError, OSError))  # connect/read timeouts, dropped streams
+
+
+# ------------------------------------------------------------------ pipe:
+
+
+class _PipeStream:
+    """stdout of a shell command, each read bounded by the timeout."""
+
+    def __init__(self, command: str, timeout_s: float):
+        # Its own process group, so that closing a half-read shard also ends what the shell started.
+        self._process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,  # noqa: S602 (the user's own)
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self._timeout_s = timeout_s
+
+    def read(self, n: int) -> bytes:
+        stdout = self._process.stdout
+        ready, _, _ = select.select([stdout], [], [], self._timeout_s)
+        if not ready:
+            raise TimeoutError(f"no output from the command for {self._timeout_s} s")
+        data = os.read(stdout.fileno(), n)
+        if not data:
+            status = self._process.wait(timeout=self._timeout_s)
+            if status != 0:
+                raise _CommandFailed(status)
+        return data
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+        self._process.stdout.close()
+        self._process.wait()
+
+
+class _CommandFailed(ChildProcessError):
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(f"the command exited with status {status}")
+
+
+@dataclass(frozen=True)
+class _PipeSource:
+    command: str
+    timeout_s: float
+
+    def open(self, position: int, end: int | None) -> tuple[_Opened, int | None]:  # the reader stops at end
+        stream = _PipeStream(self.command, self.timeout_s)
+        try:
+            _discard(stream, position)
+        except BaseException:
+            stream.close()
+            raise
+        return stream, None
+
+    def transient(self, error: BaseException) -> bool:
+        if isinstance(error, _CommandFailed):
+            return error.status not in (126, 127)  # not executable / not found: retrying cannot help
+        return isinstance(error, OSError)
+
+
+def _remote_source(url: str, settings: RemoteSettings) -> _Source:
+    if url.startswith("pipe:"):
+        return _PipeSource(url[len("pipe:"):], settings.timeout_s)
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("http", "https"):
+        return _HttpSource.parse(url, settings)
+    if scheme == "s3":
+        return _S3Source.parse(url, settings)
+    raise ShardReadError(url, f"unsupported scheme '{scheme}://'; use a local path, file://, http(s)://, "
+                              "s3:// or pipe:COMMAND")
+
+
+# ------------------------------------------------------------------ cache
+
+
+class ShardCache:
+    """Whole-shard copies under settings.cache_dir, at most settings.cache_limit_bytes in all.
+
+    - A miss downloads the whole shard (through the retrying reader) to a temporary file in the
+      cache folder, checks its size and sha256 against the index's when given, and renames it into
+      place: readers only ever see complete files. One process per host downloads a given shard
+      while the others that miss it wait on a lock file (flock: released by the kernel if that
+      process dies) and then read its copy; without working flock (some network file systems) they
+      download it too, and the atomic rename still keeps every copy whole.
+    - A hit checks the size every time, and the sha256 once per process and copy (a copy left by an
+      earlier run or another process is hashed before its first use here; hashing on every open
+      would cost a shard's read per sample for a reader that seeks). A copy that fails is deleted,
+      named in a warning and fetched again. Bytes changed in place after a process checked them
+      (the same file, the same size) go unseen by that process.
+    - After each download the least recently used copies (hits touch the file's mtime) are deleted
+      until the folder is within the limit; an open copy stays readable after its deletion (POSIX).
+      Concurrent downloads can overshoot the limit by the shards in flight. A shard larger than the
+      whole limit is streamed from its download and not kept.
+    - Copies are named by a hash of the URL without credentials or query, so a re-signed presigned
+      URL still hits, and no secret reaches a file name.
+    """
+
+    _STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a dead process
+
+    def __init__(self, settings: RemoteSettings):
+        if settings.cache_dir is None or settings.cache_limit_bytes is None:
+            raise ValueError("ShardCache needs settings.cache_dir and settings.cache_limit_bytes")
+        self.settings = settings
+        self.folder = Path(settings.cache_dir)
+        self.limit = settings.cache_limit_bytes
+
+    def path_for(self, url: str) -> Path:
+        stable = _USERINFO.sub(lambda m: m["scheme"], url).split("?", 1)[0]
+        tail = re.sub(r"[^A-Za-z0-9._-]", "_", stable.rstrip("/").rsplit("/", 1)[-1])[-80:]
+        return self.folder / f"{hashlib.sha256(stable.encode()).hexdigest()[:24]}-{tail}"
+
+    def open(self, url: str, offset: int = 0, *, size: int | None = None, sha256: str | None = None) -> BinaryIO:
+        path = self.path_for(url)
+        stream = self._hit(url, path, offset, size, sha256)
+        if stream is not None:
+            return stream
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".lock-{path.name}"), "ab") as lock:
+            _flock(lock)
+            stream = self._hit(url, path, offset, size, sha256)  # fetched by another process while we waited?
+            return stream if stream is not None else self._fetch(url, path, offset, size, sha256)
+
+    def _hit(self, url: str, path: Path, offset: int, size: int | None, sha256: str | None) -> BinaryIO | None:
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 (opened first: an eviction from now on cannot hurt)
+        except FileNotFoundError:
+            return None
+        problem = _check_copy(stream, size, sha256)
+        if problem is None:
+            try:
+                os.utime(path)
+            except FileNotFoundError:  # evicted by another process since we opened it: still readable
+                pass
+            return _positioned(url, stream, offset)
+        stream.close()
+        warnings.warn(f"cached copy of shard {redact(url)} ({path}) {problem}: fetching it again", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _fetch(self, url: str, path: Path, offset: int, size: int | None, sha256: str | None) -> BinaryIO:
+        tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        try:
+            digest = hashlib.sha256()
+            with open_uncached(url, size=size, settings=self.settings) as source, open(tmp, "wb") as copy:
+                while chunk := source.read(_CHUNK):
+                    digest.update(chunk)
+                    copy.write(chunk)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise ShardReadError(url, f"downloaded sha256 {digest.hexdigest()[:16]}... differs from the index's "
+                                          f"{sha256[:16]}...: changed since it was packed; re-pack or re-upload")
+            stream = _open_local(url, tmp, offset, size)  # before the rename: no eviction can take it now
+            _mark_verified(stream, sha256)
+            fetched = os.fstat(stream.fileno()).st_size
+            if fetched > self.limit:
+                warnings.warn(f"shard {redact(url)} ({fetched} bytes) is larger than the whole cache limit "
+                              f"({self.limit} bytes): streamed, not kept", stacklevel=3)
+                return stream
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._evict(keep=path)
+        return stream
+
+    def _evict(self, keep: Path) -> None:
+        copies, now = [], time.time()
+        for entry in os.scandir(self.folder):
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:  # another process evicted or renamed it meanwhile
+                continue
+            if entry.name.startswith(".tmp-"):
+                if now - stat.st_mtime > self._STALE_TMP_S:
+                    Path(entry.path).unlink(missing_ok=True)
+            elif entry.is_file() and not entry.name.startswith(".lock-"):  # locks stay: a waiter may hold one
+                copies.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+        total = sum(size for _, size, _ in copies)
+        for _, size, path in sorted(copies):
+            if total <= self.limit:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
+
+
+_VERIFIED: set[tuple[int, int, int, str]] = set()  # (device, inode, size, sha256) this process has hashed
+
+
+def _flock(handle: BinaryIO) -> None:
+    """An exclusive lock on the open file, held until it is closed; a no-op where flock is unsupported."""
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def _check_copy(stream: BinaryIO, size: int | None, sha256: str | None) -> str | None:
+    """None when the open cached file matches what the index says, else what is wrong."""
+    stat = os.fstat(stream.fileno())
+    if size is not None and stat.st_size != size:
+        return f"has {stat.st_size} bytes, the index says {size}"
+    if sha256 is None or (stat.st_dev, stat.st_ino, stat.st_size, sha256) in _VERIFIED:
+        return None
+    digest = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        return "does not match the index's sha256"
+    _mark_verified(stream, sha256)
+    return None
+
+
+def _mark_verified(stream: BinaryIO, sha256: str | None) -> None:
+    if sha256 is not None:
+        stat = os.fstat(stream.fileno())
+        _VERIFIED.add((stat.st_dev, stat.st_ino, stat.st_size, sha256))
