@@ -4,7 +4,7 @@ the epoch stream vs the stream it replaced, its shuffle quality and its resume t
     python benchmarks/loader_speed.py [--images 16] [--size 1024] [--batches 30] [--workers 1 2 4]
                                       [--sections pack speed shuffle resume]
 
-Source: scikit-image's photos resized to SIZExSIZE RGB PNGs (zlib level 6, as datasets ship).
+Source: the demo's bundled photos (scikit-image, matplotlib) resized to SIZExSIZE RGB PNGs (zlib level 6, as datasets ship).
 Task: Gaussian denoising sigma 25, random crop + 8 flips/rotations, batch 8, float32 [0, 1].
 - folder:      decode the whole PNG, then crop (the BasicSR way), torch DataLoader, batch_size 8
 - stream png:  `restormer-pack --tile 256 --format png`, then build_train_loader
@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from data_shards.codec import encode_png, read_image, to_channels
 from data_shards.degrade import NoiseConfig, add_noise, paired_crop
+from data_shards.demo import TRAIN_IMAGES, VAL_IMAGES
 from data_shards.geometry import dihedral
-from data_shards.demo import TRAIN_FILES, VAL_FILES
 from data_shards.index import ShardIndex
 from data_shards.pack import PackConfig, pack
 from data_shards.stream import StreamSettings, build_train_loader
@@ -77,13 +77,11 @@ class FolderPNG(Dataset):
 
 
 def make_sources(folder: Path, count: int, size: int) -> list[Path]:
-    import skimage
-
-    data = Path(skimage.__file__).parent / "data"
-    names = (TRAIN_FILES + VAL_FILES) * (count // 17 + 1)
+    bundled = TRAIN_IMAGES + VAL_IMAGES
+    bundled = bundled * (count // len(bundled) + 1)
     files = []
-    for i, name in enumerate(names[:count]):
-        image = to_channels(read_image(data / name), "rgb")[0]
+    for i, source in enumerate(bundled[:count]):
+        image = to_channels(read_image(source.file()), "rgb")[0]
         path = folder / f"photo{i:03d}.png"
         Image.fromarray(image).resize((size, size), Image.BICUBIC).save(path, compress_level=6)
         files.append(path)

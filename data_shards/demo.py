@@ -1,19 +1,18 @@
-"""The built-in `demo` data set: real photos that ship with scikit-image, packed on first use.
+"""The built-in `demo` data set: real photos that ship inside installed packages, packed on first use.
 
 Task: Gaussian colour denoising at sigma 25 (noise is added online by the stream).
-  train: 14 whole images cut into 128x128 npy tiles (stride 128, edge tiles flush with the border):
-         colour: astronaut, ihc, motorcycle_left, motorcycle_right;
-         gray, replicated to RGB: brick, camera, cell, clock_motion, coins, grass, gravel, moon, page, text
-  val:   3 held-out colour photos (never in train), 192x192 centre crops kept whole: chelsea, coffee, rocket
+  train: 8 whole colour images cut into 128x128 npy tiles (stride 128, edge tiles flush with the
+         border): scikit-image: astronaut, color, hubble_deep_field, ihc, motorcycle_left,
+         motorcycle_right, retina; matplotlib: grace_hopper
+  val:   3 held-out colour photos (never in train), kept whole at full size (300x451 to 427x640):
+         chelsea, coffee, rocket
 Lands in data_shards/demo/ inside the package when writable, else ~/.cache/restormer/demo.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,40 @@ import numpy as np
 from data_shards.codec import read_image, to_channels
 from data_shards.index import INDEX_NAME
 from data_shards.pack import PackConfig, pack
+from data_shards.publish import build_once
 
-DEMO_VERSION = "2"  # bump when the content changes: old copies are then rebuilt
-# File names in skimage/data/ (bundled with the wheel, no download).
-TRAIN_FILES = ("astronaut.png", "ihc.png", "motorcycle_left.png", "motorcycle_right.png",
-               "brick.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "grass.png",
-               "gravel.png", "moon.png", "page.png", "text.png")
-VAL_FILES = ("chelsea.png", "coffee.png", "rocket.jpg")
-VAL_CROP = 192
+DEMO_VERSION = "3"  # bump when the content changes: old copies are then rebuilt
+
+
+@dataclass(frozen=True)
+class BundledImage:
+    """An image file inside an installed package's data folder (part of its wheel: no download)."""
+
+    package: str
+    path: str  # relative to the package's folder
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def file(self) -> Path:
+        import importlib
+
+        return Path(importlib.import_module(self.package).__file__).parent / self.path
+
+
+def _skimage(*names: str) -> tuple[BundledImage, ...]:
+    return tuple(BundledImage("skimage", f"data/{name}") for name in names)
+
+
+# Colour only: gray photos replicated to RGB (equal channels) taught the model to pull colours
+# towards gray, a visible tint on the blue sky of the held-out rocket photo.
+TRAIN_IMAGES = (
+    *_skimage("astronaut.png", "color.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+              "motorcycle_right.png", "retina.jpg"),
+    BundledImage("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+VAL_IMAGES = _skimage("chelsea.png", "coffee.png", "rocket.jpg")
 TILE = 128
 _STAMP = "DEMO_VERSION"
 
@@ -42,34 +67,11 @@ class DemoData:
 
 
 def ensure_demo_data(root: str | Path | None = None) -> DemoData:
-    """Packs the demo shards unless a complete copy exists; safe when several processes race.
-
-    Each process that finds no copy packs into its own temporary folder and renames it into place;
-    the rename is atomic, so readers see either no copy or a whole one, and a loser drops its work.
-    """
+    """Packs the demo shards unless a complete copy exists; safe when several processes race
+    (data_shards.publish), and an outdated copy is rebuilt."""
     root = Path(root) if root is not None else default_root()
-    data = DemoData(root, root / "train", root / "val")
-    if _complete(root):
-        return data
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _build(staging)
-        try:
-            os.rename(staging, root)
-        except OSError:  # another process won the race, or an outdated copy is in the way
-            if not _complete(root):
-                stale = root.parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(root, stale)
-                    os.rename(staging, root)
-                except OSError:
-                    if not _complete(root):  # a third process may have just put a copy in place
-                        raise
-                shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return data
+    build_once(root, _build, _complete)
+    return DemoData(root, root / "train", root / "val")
 
 
 def default_root() -> Path:
@@ -80,17 +82,9 @@ def default_root() -> Path:
 
 
 def demo_images() -> dict[str, dict[str, np.ndarray]]:
-    """{'train': {name: uint8 (H, W, 3)}, 'val': {...}} from scikit-image's bundled files."""
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    train = {Path(name).stem: to_channels(read_image(folder / name), "rgb")[0] for name in TRAIN_FILES}
-    val = {}
-    for name in VAL_FILES:
-        image = to_channels(read_image(folder / name), "rgb")[0]
-        y, x = (image.shape[0] - VAL_CROP) // 2, (image.shape[1] - VAL_CROP) // 2
-        val[Path(name).stem] = np.ascontiguousarray(image[y:y + VAL_CROP, x:x + VAL_CROP])
-    return {"train": train, "val": val}
+    """{'train': {name: uint8 (H, W, 3)}, 'val': {...}} from the packages' bundled files."""
+    return {split: {image.name: to_channels(read_image(image.file()), "rgb")[0] for image in images}
+            for split, images in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES))}
 
 
 def _complete(root: Path) -> bool:

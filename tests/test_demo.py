@@ -3,7 +3,7 @@
 import itertools
 import multiprocessing
 
-from data_shards.demo import VAL_CROP, DemoData, ensure_demo_data
+from data_shards.demo import DEMO_VERSION, DemoData, ensure_demo_data
 from data_shards.index import ShardIndex
 from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
 
@@ -17,8 +17,9 @@ def test_demo_is_packed_once_and_streams(tmp_path):
     data = ensure_demo_data(root)
     assert data == DemoData(root, root / "train", root / "val")
     train, val = ShardIndex.load(data.train), ShardIndex.load(data.val)
-    assert train.total_samples == 225 and train.source_images == 14 and train.max_size == (128, 128)
-    assert val.total_samples == 3 and val.max_size == (VAL_CROP, VAL_CROP) and train.channels == val.channels == 3
+    assert train.total_samples == 309 and train.source_images == 8 and train.max_size == (128, 128)
+    # The held-out photos stay whole, at full size (rocket is the largest).
+    assert val.total_samples == 3 and val.max_size == (427, 640) and train.channels == val.channels == 3
     stamp = (data.train / train.shards[0].name).stat().st_mtime_ns
     ensure_demo_data(root)
     assert (data.train / train.shards[0].name).stat().st_mtime_ns == stamp
@@ -40,6 +41,17 @@ def test_racing_processes_leave_one_complete_copy(tmp_path):
     for process in processes:
         process.join(60)
         assert process.exitcode == 0
-    assert ShardIndex.load(root / "train").total_samples == 225
+    assert ShardIndex.load(root / "train").total_samples == 309
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folders left behind
     assert len(list(itertools.islice(build_val_loader(root / "val", noise=NoiseConfig(sigma=25)), 5))) == 3
+
+
+def test_an_outdated_copy_is_rebuilt(tmp_path):
+    root = tmp_path / "demo"
+    ensure_demo_data(root)
+    (root / "DEMO_VERSION").write_text("0\n")  # what an older release left behind
+    (root / "train" / "index.json").unlink()
+    ensure_demo_data(root)
+    assert (root / "DEMO_VERSION").read_text().strip() == DEMO_VERSION
+    assert ShardIndex.load(root / "train").total_samples == 309
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -26,7 +26,8 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
     out = tmp_path / "run"
     proc = train(shards, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PSNR degraded" in proc.stdout and "weights identical on every process: yes" in proc.stdout
+    # The demo recipe's summary: the model beside the noisy input and the classical filters.
+    assert "restored (this model)" in proc.stdout and "weights identical on every process: yes" in proc.stdout
     recs = records(out)
     stages = [r for r in recs if r.get("event") == "stage"]
     assert [(r["stage"], r["patch"], r["batch"]) for r in stages] == [(0, 16, 2), (1, 24, 2)]
@@ -144,12 +145,18 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
     """`accelerate launch train/main.py` with no recipe: the built-in demo, shrunk to a few steps."""
     out = tmp_path / "demo"
     cmd = accelerate_cmd(1) + ["train/main.py", f"output_dir={out}", "model.dim=8", "model.num_blocks=[1,1,1,1]",
-                               "progressive.iters=[2,2,2]", "val.every=1000", "train.log_every=2"]
-    proc = run(cmd, timeout=300)
+                               "progressive.iters=[2,2,2]", "val.every=1000", "val.max_images=1", "train.log_every=2"]
+    proc = run(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation on 3 images: PSNR degraded 20.56 dB -> restored" in proc.stdout
+    # The summary sets the model beside the noisy input and both classical filters, same images.
+    summary = proc.stdout[proc.stdout.index("validation on 1 whole image, sigma 25:"):]
+    for row in ("noisy input", "wavelet (BayesShrink)", "non-local means (best h = ", "restored (this model)"):
+        assert f"\n  {row}" in summary
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert baselines["images"] == 1 and baselines["nl_means/psnr"] > baselines["noisy/psnr"] + 5
+    assert f"{baselines['nl_means/psnr']:7.2f}" in summary and "dB vs the best classical filter" in summary
     recs = records(out)
-    assert [r["patch"] for r in recs if r.get("event") == "stage"] == [32, 48, 64]
+    assert [r["patch"] for r in recs if r.get("event") == "stage"] == [48, 64, 96]
     assert (out / "export" / "model_official.pth").is_file() and list((out / "samples").glob("*.png"))
 
 
@@ -170,7 +177,7 @@ def test_validation_on_a_plain_folder_of_images_or_pairs(shards, tmp_path):
     out = tmp_path / "run"
     proc = train(shards, out, f"data.val={clean}", "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation on 3 images" in proc.stdout
+    assert "validation on 3 whole images" in proc.stdout
     assert (out / "val_shards" / "clean" / "val" / "index.json").is_file()
     split = pack_val_folder(pairs, tmp_path / "cache")
     assert pack_val_folder(pairs, tmp_path / "cache") == split  # packed once, then reused

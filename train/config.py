@@ -108,6 +108,9 @@ class ValConfig:
     tile: int | None = None  # tiled inference for validation images larger than memory
     grid_images: int = 4  # crops in the degraded | restored | target sample grid
     grid_crop: int = 128
+    # At the end, also score classical denoisers (train.baselines) on the same images, to compare.
+    # Gaussian denoising with a fixed data.noise_sigma only.
+    classical_baselines: bool = False
 
 
 @dataclass
@@ -347,6 +350,9 @@ def validate(cfg: Config) -> None:
     for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
+    if cfg.val.classical_baselines and cfg.data.noise_sigma is None:
+        raise ConfigError("val.classical_baselines compares with Gaussian denoisers of a known noise level: "
+                          "set data.noise_sigma, or val.classical_baselines=false")
     if cfg.val.every < 1:
         raise ConfigError("val.every must be >= 1")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_shards.demo import ensure_demo_data
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.pack import PackConfig, PackError, pack
+from data_shards.publish import build_once
 from data_shards.remote import RemoteSettings
 from data_shards.stream import (REINDEX, NoiseConfig, StreamSettings, build_train_loader, build_val_loader,
-                                 noise_mismatch)
+                                noise_mismatch)
 from train.config import Config, ConfigError
 from train.schedule import Stage, StagePlan
 
@@ -40,32 +39,24 @@ def _is_image_folder(path: Path) -> bool:
 
 def pack_val_folder(folder: Path, cache: Path) -> Path:
     """Packs a validation folder once: `input/` + `target/` subfolders (pairs matched by name) or
-    clean images (noise from data.noise_*). Every rank may call it: each packs into its own
-    staging folder and the first rename wins, so readers only ever see a complete copy."""
+    clean images (noise from data.noise_*). Every rank may call it (data_shards.publish)."""
     out = cache / folder.resolve().name
-    if (out / "val" / INDEX_NAME).exists():
-        return out / "val"
     paired = (folder / "input").is_dir() and (folder / "target").is_dir()
-    staging = cache / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    config = PackConfig(
-        out=staging, source=None if paired else folder, split="val", progress=False,
-        inputs=((None, folder / "input"),) if paired else (), target=folder / "target" if paired else None,
-        command=f"data.val={folder} (packed by the trainer)",
-    )
-    try:
-        report = pack(config)
+
+    def build(staging: Path) -> None:
+        config = PackConfig(
+            out=staging, source=None if paired else folder, split="val", progress=False,
+            inputs=((None, folder / "input"),) if paired else (), target=folder / "target" if paired else None,
+            command=f"data.val={folder} (packed by the trainer)",
+        )
+        try:
+            report = pack(config)
+        except PackError as err:
+            raise ConfigError(f"data.val: cannot use the folder '{folder}': {err}") from err
         if not report.samples:
             raise ConfigError(f"data.val: no readable images in '{folder}' ({len(report.skipped)} skipped)")
-        try:
-            os.rename(staging, out)
-        except OSError:
-            if not (out / "val" / INDEX_NAME).exists():  # not another rank's finished copy: a real error
-                raise
-    except PackError as err:
-        raise ConfigError(f"data.val: cannot use the folder '{folder}': {err}") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_once(out, build, lambda path: (path / "val" / INDEX_NAME).exists())
     return out / "val"
 
 

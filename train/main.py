@@ -105,8 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
 
     if accelerator.is_main_process:
-        print_summary(summary, time.time() - started, cfg.run_dir)
+        seconds = time.time() - started
+        baselines = None
+        if cfg.val.classical_baselines and "val/psnr" in summary:
+            baselines = run_baselines(cfg, val_source)
+        print_summary(summary, seconds, cfg.run_dir, baselines)
     return 0
+
+
+def run_baselines(cfg, val_source: str):
+    """Classical denoisers on this run's validation images (the same noise), saved beside the metrics."""
+    import json
+
+    from train.baselines import classical_baselines
+    from train.data import val_images, val_noise_config
+
+    sigma = val_noise_config(cfg).sigma
+    baselines = classical_baselines(val_images(cfg, val_source, 0, 1), sigma, cfg.val.border)
+    (cfg.run_dir / "baselines.json").write_text(json.dumps(baselines.to_dict(), indent=1) + "\n")
+    return baselines
 
 
 def build_accelerator(cfg, world_size: int):
@@ -165,11 +182,13 @@ def check_precision(accelerator) -> None:
         )
 
 
-def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
+def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) -> None:
     lines = [f"run folder: {run_dir}", f"steps: {summary['step']}  wall time: {seconds:.0f} s"]
     if summary.get("stopped_by"):
         lines.append(f"stopped by {summary['stopped_by']}: resume with --resume auto")
-    if "val/psnr" in summary:
+    if baselines is not None:
+        lines += baseline_table(summary, baselines)
+    elif "val/psnr" in summary:
         gain = summary["val/psnr"] - summary["val/psnr_degraded"]
         lines.append(
             f"validation on {summary['val/images']} images: PSNR degraded {summary['val/psnr_degraded']:.2f} dB "
@@ -182,6 +201,19 @@ def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
     if summary.get("export"):
         lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['pth']}")
     print("\n".join(lines), flush=True)
+
+
+def baseline_table(summary: dict, b) -> list[str]:
+    best = max(b.wavelet.psnr, b.nl_means.psnr)
+    rows = [("noisy input", b.noisy), ("wavelet (BayesShrink)", b.wavelet),
+            (f"non-local means (best h = {b.nl_means_h:g} sigma)", b.nl_means)]
+    count = summary["val/images"]
+    lines = [f"validation on {count} whole image{'s' if count != 1 else ''}, sigma {b.sigma:g}:".ljust(44)
+             + "PSNR dB   SSIM"]
+    lines += [f"  {name:42s}{score.psnr:7.2f}  {score.ssim:.4f}" for name, score in rows]
+    lines.append(f"  {'restored (this model)':42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
+                 f"({summary['val/psnr'] - best:+.2f} dB vs the best classical filter)")
+    return lines
 
 
 if __name__ == "__main__":

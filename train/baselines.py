@@ -1,0 +1,75 @@
+"""Classical Gaussian denoisers scored on the validation images, so a trained model has a yardstick.
+
+Both come from scikit-image and know the true noise level: `denoise_wavelet` (BayesShrink, soft
+thresholds, in YCbCr) and `denoise_nl_means` (fast mode, 5x5 patches, 13x13 search window) with
+its filter strength h picked as the best of `NLM_H_FACTORS` x sigma on these very images (an
+oracle choice: the strongest version of the filter a user could tune). Scored with the trainer's
+own metrics (train.metrics: clamped to [0, 1], data range 1), beside the noisy input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.metrics import psnr, ssim
+
+NLM_H_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class Score:
+    psnr: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class Baselines:
+    images: int
+    sigma: float  # 0-255 units
+    noisy: Score
+    wavelet: Score
+    nl_means: Score
+    nl_means_h: float  # the chosen h, as a multiple of sigma
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "sigma": self.sigma, "nl_means_h_over_sigma": self.nl_means_h,
+                **{f"{name}/{metric}": getattr(getattr(self, name), metric)
+                   for name in ("noisy", "wavelet", "nl_means") for metric in ("psnr", "ssim")}}
+
+
+def classical_baselines(items: Iterable[dict], sigma: float, border: int = 0) -> Baselines:
+    """`items`: validation samples {'input': (1, C, H, W) noisy, 'target': (1, C, H, W) clean} in [0, 1]
+    (a data_shards val loader); `sigma` in 0-255 units, the level the noise was drawn with."""
+    from skimage.restoration import denoise_nl_means, denoise_wavelet
+
+    s = sigma / 255.0
+    sums: dict[str, np.ndarray] = {}
+
+    def add(name: str, output: np.ndarray, target: torch.Tensor) -> None:
+        restored = torch.from_numpy(np.ascontiguousarray(output.transpose(2, 0, 1)))[None]
+        scores = np.array([psnr(restored, target, border).item(), ssim(restored, target, border).item()])
+        sums[name] = sums.get(name, 0.0) + scores
+
+    count = 0
+    for item in items:
+        target = item["target"]
+        noisy = item["input"][0, : target.shape[1]].permute(1, 2, 0).double().numpy()
+        add("noisy", noisy, target)
+        add("wavelet", denoise_wavelet(noisy, sigma=s, method="BayesShrink", mode="soft", channel_axis=-1,
+                                       convert2ycbcr=noisy.shape[-1] == 3, rescale_sigma=True), target)
+        for factor in NLM_H_FACTORS:
+            add(f"nlm{factor}", denoise_nl_means(noisy, h=factor * s, sigma=s, fast_mode=True, patch_size=5,
+                                                 patch_distance=6, channel_axis=-1), target)
+        count += 1
+    if not count:
+        raise ValueError("classical_baselines: no validation images")
+    best = max(NLM_H_FACTORS, key=lambda factor: sums[f"nlm{factor}"][0])
+
+    def score(name: str) -> Score:
+        return Score(*(float(v) for v in sums[name] / count))
+
+    return Baselines(count, sigma, score("noisy"), score("wavelet"), score(f"nlm{best}"), best)
