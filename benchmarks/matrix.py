@@ -223,7 +223,7 @@ def run_cells(plan: dict) -> None:
             with open(plan["results"], "a") as f:
                 f.write(json.dumps(asdict(cell)) + "\n")
     if accelerator is not None:
-        # As train/main.py: a barrier after the last collective, a pause before exit (gloo, ENVIRONMENT.md).
+        # As train/main.py: a barrier after the last collective, a pause before exit (gloo threads otherwise abort at exit).
         accelerator.wait_for_everyone()
         accelerator.end_training()
         time.sleep(0.5)

@@ -351,7 +351,7 @@ def _rank_main(rank, port, source, out_dir):
     torch.save(ids, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-    # Skip interpreter teardown: gloo's threads can abort a process at exit (see ENVIRONMENT.md).
+    # Skip interpreter teardown: gloo's threads can abort a process at exit.
     os._exit(0)
 
 
