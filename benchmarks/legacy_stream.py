@@ -15,13 +15,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
 from data_shards.geometry import dihedral
-from data_shards.stream import resolve_source
+from data_shards.stream import _DECODERS, _member, _to_float, _to_tensor, resolve_source
 
-_DECODERS = {"png": decode_png, "npy": decode_npy}
-_SCALE = {np.dtype(np.uint8): np.float32(255), np.dtype(np.uint16): np.float32(65535)}
 _SHUFFLE_SAMPLES = 512
 _SHUFFLE_BYTES = 64 << 20
 
@@ -193,23 +190,3 @@ def _decode(sample: dict, inputs: tuple[str, ...] | None, log: _BadSampleLog,
         raise ValueError(f"shard {url} holds clean images only: pass noise=NoiseConfig(sigma=25) "
                          "(or sigma_range) so that inputs are synthesised")
     return key, target, degraded
-
-
-def _member(sample: dict, name: str) -> np.ndarray:
-    for extension, decoder in _DECODERS.items():
-        data = sample.get(f"{name}.{extension}")
-        if data is not None:
-            array = decoder(data)
-            if array.ndim != 3 or array.dtype not in _SCALE or array.shape[2] not in (1, 3):
-                raise ValueError(f"{name}.{extension}: unsupported array {array.shape} {array.dtype}")
-            return array
-    raise ValueError(f"no {name}.png or {name}.npy member (has {sorted(k for k in sample if not k.startswith('__'))})")
-
-
-def _to_float(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float32) / _SCALE[image.dtype]
-
-
-def _to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """(B, H, W, C) -> contiguous (B, C, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
