@@ -158,6 +158,9 @@ class Trainer:
         data = state.get("data", {})
         if "position" not in data:
             print("note: this checkpoint predates exact data resume; the stream starts again at epoch 0", flush=True)
+        elif data.get("seed") != self.cfg.train.seed and self.acc.is_main_process:
+            print(f"note: train.seed changed from {data.get('seed')} to {self.cfg.train.seed}: the rest of the epoch "
+                  "follows another order, so some samples of this epoch are seen twice and others not at all", flush=True)
         self.data_position, self.data_epoch = int(data.get("position", 0)), int(data.get("epoch", 0))
 
     def save_checkpoint(self) -> Path:
