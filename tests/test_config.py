@@ -113,3 +113,12 @@ def test_validation_noise_is_fixed_where_set_and_refused_on_paired_data(tmp_path
     cfg = load_config("deraining", [f"data.train={paired}", f"data.val={paired}", "val.noise_sigma=25"])
     with pytest.raises(ConfigError, match="holds degraded inputs .* noise is set for validation"):
         check_data(cfg, plan_stages(cfg, 1), str(paired), str(paired))
+
+
+def test_classical_baselines_need_a_fixed_validation_noise():
+    blind = ["val.classical_baselines=true", "val.noise_sigma=null"]
+    with pytest.raises(ConfigError, match="validation noise is a range: set val.noise_sigma"):
+        load_config("gaussian_color_denoising_blind", blind)
+    assert load_config("gaussian_color_denoising_blind", [*blind[:1], "val.noise_sigma=25"]).val.classical_baselines
+    # No noise at all is the data check's to explain (clean images need noise, pairs refuse baselines).
+    assert load_config("demo", ["data.noise_sigma=null"]).val.classical_baselines

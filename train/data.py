@@ -143,6 +143,9 @@ def _check_val(cfg: Config, source: str, index: ShardIndex | None) -> None:
     problem = noise_mismatch(bool(index.inputs), val_noise_config(cfg), f"data.val: '{source}'", VAL_NOISE_SETTINGS)
     if problem:
         raise ConfigError(problem)
+    if cfg.val.classical_baselines and index.inputs:
+        raise ConfigError(f"val.classical_baselines adds Gaussian noise to clean validation images, but data.val "
+                          f"'{source}' holds degraded inputs: set val.classical_baselines=false")
 
 
 def stream_settings(cfg: Config, stage: Stage, rank: int, world_size: int, position: int) -> StreamSettings:
