@@ -232,8 +232,8 @@ def run_cells(plan: dict) -> None:
 def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
     from accelerate.utils import set_seed
 
+    from train.checkpoint import Checkpointer
     from train.data import check_data, resolve_sources
-    from train.main import write_run_dir
     from train.schedule import plan_stages
     from train.trainer import Trainer
 
@@ -245,8 +245,13 @@ def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
     train_source, val_source = resolve_sources(cfg)
     check_data(cfg, plan_stages(cfg, accelerator.num_processes), train_source, val_source)
     set_seed(cfg.train.seed)
-    write_run_dir(cfg, accelerator)
-    return Trainer(cfg, accelerator, train_source, val_source, resume).train()
+    checkpointer = Checkpointer(cfg.run_dir, accelerator, cfg.train.keep_last)
+    checkpointer.open(cfg.to_yaml())
+    try:
+        return Trainer(cfg, accelerator, checkpointer, train_source, val_source,
+                       None if resume is None else str(resume)).train()
+    finally:
+        checkpointer.close()
 
 
 def _step_records(run_dir: Path) -> list[dict]:
