@@ -353,7 +353,8 @@ def validate(cfg: Config) -> None:
     if cfg.val.classical_baselines and cfg.val.noise_sigma is None and cfg.data.noise_sigma is None \
             and cfg.data.noise_sigma_range is not None:
         raise ConfigError("val.classical_baselines compares with Gaussian denoisers of a known noise level, but the "
-                          "validation noise is a range: set val.noise_sigma (e.g. 25), or val.classical_baselines=false")
+                          "validation noise is a range: set val.noise_sigma (e.g. 25) or data.noise_sigma, or "
+                          "val.classical_baselines=false")
     if cfg.val.every < 1:
         raise ConfigError("val.every must be >= 1")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
