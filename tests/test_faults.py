@@ -570,8 +570,10 @@ def scenario_damage_seen_by_one_rank(data: Path, work: Path) -> str:
     refused = launch(data, run, resume=str(damaged), processes=2, log=work / "path")
     code = refused.wait(120)
     line = next((l for l in refused.stderr.splitlines() if l.startswith("error: ")), "")
-    # The launcher exits 1 when its workers fail; each rank exited 2 (its summary lists both).
-    assert code == 1 and refused.stderr.count("exitcode  : 2") == 2, f"exit {code}:\n{refused.stderr[-3000:]}"
+    # The launcher exits 1 when its workers fail. Every rank exits 2, but the launcher stops the
+    # slower one as soon as the first exits, so its summary lists one or both. That rank 0 prints
+    # rank 1's finding is what shows the ranks reached one verdict.
+    assert code == 1 and refused.stderr.count("exitcode  : 2") >= 1, f"exit {code}:\n{refused.stderr[-3000:]}"
     assert "refused, rank 1: random_states_1.pkl: blake3 hash differs" in line, refused.stderr[-3000:]
     healed = launch(data, run, processes=2, log=work / "auto")
     assert healed.wait(240) == 0, healed.stderr[-3000:]
