@@ -29,7 +29,7 @@ def test_filters_beat_the_noisy_input_and_h_is_the_best_of_the_grid():
     assert result.nl_means.ssim > result.noisy.ssim
     noisy_psnr = np.mean([psnr(item["input"], item["target"]).item() for item in items])
     assert result.noisy.psnr == pytest.approx(noisy_psnr)
-    for factor in (min(NLM_H_FACTORS), max(NLM_H_FACTORS)):  # any other h scores no better
+    for factor in NLM_H_FACTORS:  # the walk found the grid's best: no other h scores better
         scores = []
         for item in items:
             noisy = item["input"][0].permute(1, 2, 0).double().numpy()

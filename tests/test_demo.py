@@ -3,9 +3,14 @@
 import itertools
 import multiprocessing
 
-from data_shards.demo import DEMO_VERSION, DemoData, ensure_demo_data
+from data_shards.demo import DEAD_LEAVES, DEMO_VERSION, MAX_SIDE, TRAIN_IMAGES, DemoData, demo_images, ensure_demo_data
 from data_shards.index import ShardIndex
 from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
+
+
+# 8 photos capped at 512 px (e.g. retina 1411 px -> 16 tiles instead of 121) and 16 dead-leaves
+# images of 4 tiles each.
+TRAIN_TILES = 177
 
 
 def _ensure(root):
@@ -17,7 +22,8 @@ def test_demo_is_packed_once_and_streams(tmp_path):
     data = ensure_demo_data(root)
     assert data == DemoData(root, root / "train", root / "val")
     train, val = ShardIndex.load(data.train), ShardIndex.load(data.val)
-    assert train.total_samples == 309 and train.source_images == 8 and train.max_size == (128, 128)
+    assert train.total_samples == TRAIN_TILES and train.source_images == len(TRAIN_IMAGES) + DEAD_LEAVES
+    assert train.max_size == (128, 128)
     # The held-out photos stay whole, at full size (rocket is the largest).
     assert val.total_samples == 3 and val.max_size == (427, 640) and train.channels == val.channels == 3
     stamp = (data.train / train.shards[0].name).stat().st_mtime_ns
@@ -41,7 +47,7 @@ def test_racing_processes_leave_one_complete_copy(tmp_path):
     for process in processes:
         process.join(60)
         assert process.exitcode == 0
-    assert ShardIndex.load(root / "train").total_samples == 309
+    assert ShardIndex.load(root / "train").total_samples == TRAIN_TILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folders left behind
     assert len(list(itertools.islice(build_val_loader(root / "val", noise=NoiseConfig(sigma=25)), 5))) == 3
 
@@ -53,5 +59,12 @@ def test_an_outdated_copy_is_rebuilt(tmp_path):
     (root / "train" / "index.json").unlink()
     ensure_demo_data(root)
     assert (root / "DEMO_VERSION").read_text().strip() == DEMO_VERSION
-    assert ShardIndex.load(root / "train").total_samples == 309
+    assert ShardIndex.load(root / "train").total_samples == TRAIN_TILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_train_photos_are_capped_and_the_validation_ones_held_out():
+    images = demo_images()  # the dead leaves are seeded: tests/test_dead_leaves.py
+    assert max(max(image.shape[:2]) for image in images["train"].values()) == MAX_SIDE
+    assert sum(name.startswith("dead_leaves") for name in images["train"]) == DEAD_LEAVES
+    assert not images["train"].keys() & images["val"].keys()

@@ -3,7 +3,8 @@
 Both come from scikit-image and know the true noise level: `denoise_wavelet` (BayesShrink, soft
 thresholds, in YCbCr) and `denoise_nl_means` (fast mode, 5x5 patches, 13x13 search window) with
 its filter strength h picked as the best of `NLM_H_FACTORS` x sigma on these very images (an
-oracle choice: the strongest version of the filter a user could tune). Scored with the trainer's
+oracle choice: the strongest version of the filter a user could tune; found by walking uphill on
+the grid, PSNR over h having a single peak). Scored with the trainer's
 own metrics (train.metrics: clamped to [0, 1], data range 1), beside the noisy input.
 """
 
@@ -54,22 +55,34 @@ def classical_baselines(items: Iterable[dict], sigma: float, border: int = 0) ->
         scores = np.array([psnr(restored, target, border).item(), ssim(restored, target, border).item()])
         sums[name] = sums.get(name, 0.0) + scores
 
-    count = 0
+    images = []
     for item in items:
         target = item["target"]
         noisy = item["input"][0, : target.shape[1]].permute(1, 2, 0).double().numpy()
         add("noisy", noisy, target)
         add("wavelet", denoise_wavelet(noisy, sigma=s, method="BayesShrink", mode="soft", channel_axis=-1,
                                        convert2ycbcr=noisy.shape[-1] == 3, rescale_sigma=True), target)
-        for factor in NLM_H_FACTORS:
-            add(f"nlm{factor}", denoise_nl_means(noisy, h=factor * s, sigma=s, fast_mode=True, patch_size=5,
-                                                 patch_distance=6, channel_axis=-1), target)
-        count += 1
-    if not count:
+        images.append((noisy, target))
+    if not images:
         raise ValueError("classical_baselines: no validation images")
-    best = max(NLM_H_FACTORS, key=lambda factor: sums[f"nlm{factor}"][0])
+
+    def nl_means(index: int) -> float:
+        name = f"nlm{NLM_H_FACTORS[index]}"
+        if name not in sums:
+            for noisy, target in images:
+                add(name, denoise_nl_means(noisy, h=NLM_H_FACTORS[index] * s, sigma=s, fast_mode=True,
+                                           patch_size=5, patch_distance=6, channel_axis=-1), target)
+        return sums[name][0]
+
+    # PSNR over h rises to one peak and falls: walking uphill from the usual best finds the grid's
+    # best in 3-4 filter passes instead of 8 (each pass is seconds per photo).
+    best = NLM_H_FACTORS.index(0.5)
+    for step in (-1, 1):
+        while 0 <= best + step < len(NLM_H_FACTORS) and nl_means(best + step) > nl_means(best):
+            best += step
 
     def score(name: str) -> Score:
-        return Score(*(float(v) for v in sums[name] / count))
+        return Score(*(float(v) for v in sums[name] / len(images)))
 
-    return Baselines(count, sigma, score("noisy"), score("wavelet"), score(f"nlm{best}"), best)
+    return Baselines(len(images), sigma, score("noisy"), score("wavelet"), score(f"nlm{NLM_H_FACTORS[best]}"),
+                     NLM_H_FACTORS[best])
