@@ -180,6 +180,17 @@ def check_precision(accelerator) -> None:
             f"{accelerator.device.type}: accelerate gives it no autocast and no GradScaler there (it would train "
             "in fp32). Use bf16 or no on this device, or fp16 under DeepSpeed"
         )
+    if accelerator.mixed_precision == "fp16" and deepspeed:
+        from deepspeed.accelerator import get_accelerator
+
+        # DeepSpeed's CPU backend runs fp16 only where oneDNN has fp16 kernels (AVX512-FP16/AMX-FP16
+        # CPUs); elsewhere it fails inside the first step, on every rank.
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(
+                f"mixed precision fp16 (--mixed_precision / train.mixed_precision) under DeepSpeed does not run on "
+                f"this {accelerator.device.type}: DeepSpeed's {get_accelerator().device_name()} backend has no fp16 "
+                "kernels here (a CPU needs AVX512-FP16 or AMX-FP16). Use bf16 or no on this device"
+            )
 
 
 def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) -> None:
