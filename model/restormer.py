@@ -93,7 +93,10 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = _tokens(x).float()
         if self.bias_free:
-            var = t.var(dim=-1, keepdim=True, correction=0)
+            # Two-pass variance written out: Tensor.var over a short last axis (16 to 384 channels)
+            # ran 5-15x slower on CPU than these kernels (same math; results agree to ~1e-7).
+            centered = t - t.mean(dim=-1, keepdim=True)
+            var = centered.square().mean(dim=-1, keepdim=True)
             y = t * torch.rsqrt(var + _EPS) * self.body.weight.float()
         else:
             # F.layer_norm needs weight and bias in the activations' dtype: under DeepSpeed bf16/fp16
