@@ -10,6 +10,11 @@ from model import build_model, read_state_dict
 
 pytestmark = pytest.mark.slow
 
+# A smooth loss for runs compared weight by weight: ZeRO-2 reduces each micro-batch's gradients where DDP
+# reduces their sum, and under L1 that rounding difference can flip the sign of a pixel whose residual
+# is near zero, parting the runs by ~1e-4 after six steps; under Charbonnier they agree to ~1e-7.
+SMOOTH_LOSS = "loss.name=charbonnier"
+
 
 def launch(argv, shards, out, *extra, resume=None, processes=2, check=True):
     """A docs/scaling.md command on CPU processes (2 by default) with the tiny recipe."""
@@ -35,14 +40,14 @@ def resume_refused_up_front(argv, shards, out, saved: int, now: int) -> None:
 @pytest.fixture(scope="module")
 def ddp_export(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch(doc_command("launch/cpu.yaml"), shards, out)
+    launch(doc_command("launch/cpu.yaml"), shards, out, SMOOTH_LOSS)
     return read_state_dict(out / "export" / "model.safetensors")
 
 
 def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, tmp_path):
     out = tmp_path / "run"
     zero2 = doc_command("launch/deepspeed_zero2.yaml")
-    first = launch(zero2, shards, out, "train.max_steps=4")
+    first = launch(zero2, shards, out, SMOOTH_LOSS, "train.max_steps=4")
     assert "weights identical on every process: yes" in first.stdout
     assert "global batch 16 kept as 2 x 4 accum x 2 proc" in first.stdout  # DeepSpeed with accumulation
     saved = out / "checkpoints" / "step_00000004" / "pytorch_model"
@@ -52,7 +57,7 @@ def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, 
 
     resume_refused_up_front(zero2, shards, out, saved=2, now=1)
 
-    second = launch(zero2, shards, out, resume="auto")
+    second = launch(zero2, shards, out, SMOOTH_LOSS, resume="auto")
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
     exported = read_state_dict(out / "export" / "model.safetensors")
     assert exported.keys() == ddp_export.keys()
@@ -74,7 +79,7 @@ def test_zero2_checkpoint_of_one_process_is_refused_on_two(shards, tmp_path):
 
 def test_zero3_trains_in_bf16_and_exports_consolidated_weights(shards, ddp_export, tmp_path):
     out = tmp_path / "run"
-    proc = launch(doc_command("launch/deepspeed_zero3.yaml"), shards, out)
+    proc = launch(doc_command("launch/deepspeed_zero3.yaml"), shards, out, SMOOTH_LOSS)
     assert "weights identical on every process: not checked (ZeRO-3 shards the weights)" in proc.stdout
     assert "validation on 2 images" in proc.stdout
     steps = [r for r in records(out) if "event" not in r]
