@@ -6,9 +6,10 @@ Each seed runs `accelerate launch train/main.py train.seed=S` (the demo recipe; 
 overrides are passed on, e.g. `progressive.iters=[50,30,20]` for a quick look) in a fresh run
 folder, and reports:
 - wall time and CPU time of the whole run (launch, packing, training, validation, export);
-- PSNR/SSIM of the exported model on the demo's held-out full-size photos, beside the noisy input
-  and scikit-image's wavelet and non-local-means (best h) filters on the same noisy images (from
-  the run's own summary, `baselines.json`);
+- PSNR/SSIM of the exported model, restored as the run validates (whole, or in val.tile tiles), on
+  the demo's held-out full-size photos, beside the noisy input and scikit-image's wavelet and
+  non-local-means (best h) filters on the same noisy images (from the run's own summary,
+  `baselines.json`);
 - the same on each test set of clean photos at sigma 25 (official protocol: RGB, noise not
   clipped, seeded per image name, reflect-padded to a multiple of 8), with the classical filters
   scored here on the same noisy images. Default: CBSD68 and McMaster from ../shared/data/denoise
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from data_shards.stream import NoiseConfig, build_val_loader  # noqa: E402
 from model.inference import restore_image  # noqa: E402
@@ -75,14 +77,16 @@ def run_demo(seed: int, out: Path, overrides: list[str]) -> dict:
     val = [r for r in records if r.get("event") == "val"][-1]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     held_out = Score(val["val/psnr"], val["val/ssim"])
+    val_cfg = yaml.safe_load((out / "config.yaml").read_text())["val"]
     return {"wall": wall, "cpu": cpu, "steps": val["step"], "held-out": held_out,
+            "tiling": (val_cfg["tile"], val_cfg["tile_overlap"]),
             "baselines": json.loads((out / "baselines.json").read_text())}
 
 
-def score_model(net: torch.nn.Module, items) -> Score:
+def score_model(net: torch.nn.Module, items, tiling: tuple[int | None, int]) -> Score:
     totals, count = [0.0, 0.0], 0
     for item in items:
-        restored = restore_image(net, item["input"])
+        restored = restore_image(net, item["input"], *tiling)
         totals[0] += psnr(restored, item["target"]).item()
         totals[1] += ssim(restored, item["target"]).item()
         count += 1
@@ -128,7 +132,7 @@ def main() -> None:
             run = run_demo(seed, out / f"seed_{seed}", args.overrides)
             net = load_model(out / f"seed_{seed}").model
             for test in sets:
-                run[test.name] = score_model(net, test.loader())
+                run[test.name] = score_model(net, test.loader(), run["tiling"])
             rows.append(run)
             scores = "".join(f", {name} {run[name].psnr:.2f} dB" for name in ["held-out", *(t.name for t in sets)])
             print(f"seed {seed}: {run['steps']} steps, {run['wall']:.0f} s wall, {run['cpu']:.0f} s CPU{scores}",
@@ -169,6 +173,8 @@ def print_table(seeds: list[int], rows: list[dict], sets: list[TestSet]) -> None
         gap = statistics.mean(r[name].psnr for r in rows) - baselines.nl_means.psnr
         notes.append(f"{name} {gap:+.2f} dB (best h = {baselines.nl_means_h:g} sigma)")
     print("model - non-local means: " + "; ".join(notes))
+    tile, overlap = rows[0]["tiling"]
+    print("the model restores every image " + (f"in {tile}-px tiles overlapping by {overlap} px (val.tile)" if tile else "whole"))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_shards.geometry import dihedral, tile_positions, undo_dihedral
+from data_shards.geometry import SIZE_MULTIPLE, dihedral, tile_positions, tiling_problem, undo_dihedral
 
-# Three 2x downsamplings: H and W must be multiples of 8.
-MULTIPLE = 8
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SPATIAL = (-2, -1)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reflect-pad B,C,H,W on the bottom/right to multiples of `multiple`; returns (padded, (H, W)).
 
     Images too small to reflect (side < padding + 1) are padded by replication instead.
@@ -60,9 +58,9 @@ def restore_image(model: nn.Module, x: torch.Tensor, tile: int | None = None, ov
     H, W = padded.shape[-2:]
     if tile is None or (tile >= H and tile >= W):
         return model(padded)[..., :h, :w]
-    if tile % MULTIPLE or overlap % MULTIPLE or not 0 <= overlap < tile:
-        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {MULTIPLE} "
-                         f"with 0 <= overlap < tile")
+    problem = tiling_problem(tile, overlap)
+    if problem:
+        raise ValueError(f"tiled restoring: {problem}")
     th, tw = min(tile, H), min(tile, W)
     out = weight_sum = None
     for top in tile_positions(H, th, tile - overlap):
@@ -119,6 +117,6 @@ class PaddedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        pad_h, pad_w = -height % MULTIPLE, -width % MULTIPLE
+        pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
         out = self.model(F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"))
         return out[..., :height, :width]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
@@ -43,6 +45,8 @@ def test_dotted_overrides_are_typed():
         ("train.dist_timeout_s=0", "train.dist_timeout_s must be >= 1"),
         ("train.best_metric=psnr_Y", "train.best_metric='psnr_Y' is not one of: psnr, ssim"),
         ("val.noise_sigma=-1", "val.noise_sigma must be >= 0"),
+        ("val.tile=100", "val.tile=100: the tile (100) must be a positive multiple of 8"),
+        ("val.tile_overlap=96", "val.tile=96: the overlap (96) must be a multiple of 8, >= 0 and smaller than the tile (96)"),
         ("data.retries=-1", "data.retries=-1 must be >= 0"),
         ("data.timeout_s=0", "data.timeout_s=0.0 must be a positive"),
         ("data.cache_dir=/tmp/c", "data.cache_dir and data.cache_limit_gb go together"),
@@ -50,7 +54,7 @@ def test_dotted_overrides_are_typed():
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
 
 

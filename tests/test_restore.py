@@ -197,6 +197,7 @@ def test_bad_tile_settings_are_rejected(tmp_path, capsys):
     assert main([*common, "--tile", "20"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
     assert main([*common, "--tile", "16", "--overlap", "16"]) == 2
+    assert "smaller than the tile (16)" in capsys.readouterr().err
 
 
 def test_dual_pixel_takes_left_and_right_views(tmp_path, capsys):

@@ -27,7 +27,7 @@ def test_run_writes_metrics_checkpoints_samples_and_exports(shards, tmp_path):
     proc = train(shards, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The demo recipe's summary: the model beside the noisy input and the classical filters.
-    assert "restored (this model)" in proc.stdout and "weights identical on every process: yes" in proc.stdout
+    assert "restored (this model, 96-px tiles)" in proc.stdout and "weights identical on every process: yes" in proc.stdout
     recs = records(out)
     stages = [r for r in recs if r.get("event") == "stage"]
     assert [(r["stage"], r["patch"], r["batch"]) for r in stages] == [(0, 16, 2), (1, 24, 2)]
@@ -150,7 +150,7 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The summary sets the model beside the noisy input and both classical filters, same images.
     summary = proc.stdout[proc.stdout.index("validation on 1 whole image, sigma 25:"):]
-    for row in ("noisy input", "wavelet (BayesShrink)", "non-local means (best h = ", "restored (this model)"):
+    for row in ("noisy input", "wavelet (BayesShrink)", "non-local means (best h = ", "restored (this model, 96-px tiles)"):
         assert f"\n  {row}" in summary
     baselines = json.loads((out / "baselines.json").read_text())
     assert baselines["images"] == 1 and baselines["nl_means/psnr"] > baselines["noisy/psnr"] + 5

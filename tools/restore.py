@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data_shards.geometry import tiling_problem
 from model import PRECISIONS, WeightsMismatchError, restore
 from tools.imageio import ImageError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
@@ -72,10 +73,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_inference_args(args: argparse.Namespace, loaded: LoadedModel) -> None:
-    if args.tile is not None and (args.tile <= 0 or args.tile % 8):
-        raise ValueError(f"--tile {args.tile}: must be a positive multiple of 8")
-    if args.tile is not None and (args.overlap % 8 or not 0 <= args.overlap < args.tile):
-        raise ValueError(f"--overlap {args.overlap}: must be a multiple of 8, >= 0 and smaller than --tile {args.tile}")
+    problem = args.tile is not None and tiling_problem(args.tile, args.overlap)
+    if problem:
+        raise ValueError(f"--tile {args.tile} --overlap {args.overlap}: {problem}")
     if args.self_ensemble and loaded.dual_pixel:
         raise ValueError("--self-ensemble would flip the left/right disparity of dual-pixel input; "
                          "leave it off for dual-pixel models")

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from data_shards.geometry import SIZE_MULTIPLE, tiling_problem
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -105,7 +107,10 @@ class ValConfig:
     # Fixed Gaussian sigma (0-255) of clean-only validation images; null: the training noise
     # (data.noise_*). Blind recipes validate at one sigma, as the official ones (sigma_test: 25).
     noise_sigma: float | None = None
-    tile: int | None = None  # tiled inference for validation images larger than memory
+    # Tiled inference: for validation images larger than memory, or to restore in crops near the
+    # training patch size (MDTA's channel attention pools statistics over its whole input).
+    tile: int | None = None
+    tile_overlap: int = 32  # pixels shared by neighbouring tiles (their seams are blended)
     grid_images: int = 4  # crops in the degraded | restored | target sample grid
     grid_crop: int = 128
     # At the end, also score classical denoisers (train.baselines) on the same images, to compare.
@@ -314,10 +319,10 @@ def validate(cfg: Config) -> None:
     for i, (iters, patch, batch) in enumerate(zip(p.iters, p.patch, p.batch)):
         if iters <= 0 or batch <= 0:
             raise ConfigError(f"progressive stage {i}: iters and batch must be positive")
-        if patch <= 0 or patch % 8:
+        if patch <= 0 or patch % SIZE_MULTIPLE:
             raise ConfigError(
                 f"progressive.patch[{i}]={patch}: Restormer downsamples 3 times, so patch sizes "
-                "must be positive multiples of 8"
+                f"must be positive multiples of {SIZE_MULTIPLE}"
             )
     _choice(cfg.optim.name, ("adamw", "sgd"), "optim.name")
     _choice(cfg.lr.schedule, ("restart_cosine", "cosine", "constant"), "lr.schedule")
@@ -357,6 +362,9 @@ def validate(cfg: Config) -> None:
                           "val.classical_baselines=false")
     if cfg.val.every < 1:
         raise ConfigError("val.every must be >= 1")
+    problem = cfg.val.tile is not None and tiling_problem(cfg.val.tile, cfg.val.tile_overlap)
+    if problem:
+        raise ConfigError(f"val.tile={cfg.val.tile}: {problem}; or val.tile=null for whole images")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError("train.ema_decay must be in (0, 1)")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:

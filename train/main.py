@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         baselines = None
         if cfg.val.classical_baselines and "val/psnr" in summary:
             baselines = run_baselines(cfg, val_source)
-        print_summary(summary, seconds, cfg.run_dir, baselines)
+        print_summary(summary, seconds, cfg.run_dir, baselines, tile=cfg.val.tile)
     return 0
 
 
@@ -193,12 +193,12 @@ def check_precision(accelerator) -> None:
             )
 
 
-def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) -> None:
+def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None, tile: int | None = None) -> None:
     lines = [f"run folder: {run_dir}", f"steps: {summary['step']}  wall time: {seconds:.0f} s"]
     if summary.get("stopped_by"):
         lines.append(f"stopped by {summary['stopped_by']}: resume with --resume auto")
     if baselines is not None:
-        lines += baseline_table(summary, baselines)
+        lines += baseline_table(summary, baselines, tile)
     elif "val/psnr" in summary:
         gain = summary["val/psnr"] - summary["val/psnr_degraded"]
         lines.append(
@@ -214,7 +214,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None) 
     print("\n".join(lines), flush=True)
 
 
-def baseline_table(summary: dict, b) -> list[str]:
+def baseline_table(summary: dict, b, tile: int | None) -> list[str]:
     best = max(b.wavelet.psnr, b.nl_means.psnr)
     rows = [("noisy input", b.noisy), ("wavelet (BayesShrink)", b.wavelet),
             (f"non-local means (best h = {b.nl_means_h:g} sigma)", b.nl_means)]
@@ -222,7 +222,8 @@ def baseline_table(summary: dict, b) -> list[str]:
     lines = [f"validation on {count} whole image{'s' if count != 1 else ''}, sigma {b.sigma:g}:".ljust(44)
              + "PSNR dB   SSIM"]
     lines += [f"  {name:42s}{score.psnr:7.2f}  {score.ssim:.4f}" for name, score in rows]
-    lines.append(f"  {'restored (this model)':42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
+    model = f"restored (this model{f', {tile}-px tiles' if tile else ''})"
+    lines.append(f"  {model:42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
                  f"({summary['val/psnr'] - best:+.2f} dB vs the best classical filter)")
     return lines
 

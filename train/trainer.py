@@ -425,7 +425,7 @@ class Trainer:
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
             x, target = self._to_device(item)
             with acc.autocast():
-                restored = restore_image(net, x, tile=cfg.val.tile).float()
+                restored = restore_image(net, x, tile=cfg.val.tile, overlap=cfg.val.tile_overlap).float()
             figures = score(restored, x[:, : target.shape[1]], target, border=cfg.val.border,
                             y_channel=cfg.val.y_channel, bits=item["bits"])
             for name, values in figures.items():
