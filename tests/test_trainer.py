@@ -149,7 +149,7 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
     proc = run(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The summary sets the model beside the noisy input and both classical filters, same images.
-    summary = proc.stdout[proc.stdout.index("validation on 1 whole image, sigma 25:"):]
+    summary = proc.stdout[proc.stdout.index("validation on 1 full-size image, sigma 25:"):]
     for row in ("noisy input", "wavelet (BayesShrink)", "non-local means (best h = ", "restored (this model, 96-px tiles)"):
         assert f"\n  {row}" in summary
     baselines = json.loads((out / "baselines.json").read_text())
@@ -177,7 +177,7 @@ def test_validation_on_a_plain_folder_of_images_or_pairs(shards, tmp_path):
     out = tmp_path / "run"
     proc = train(shards, out, f"data.val={clean}", "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation on 3 whole images" in proc.stdout
+    assert "validation on 3 full-size images" in proc.stdout
     assert (out / "val_shards" / "clean" / "val" / "index.json").is_file()
     split = pack_val_folder(pairs, tmp_path / "cache")
     assert pack_val_folder(pairs, tmp_path / "cache") == split  # packed once, then reused

@@ -364,7 +364,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("val.every must be >= 1")
     problem = cfg.val.tile is not None and tiling_problem(cfg.val.tile, cfg.val.tile_overlap)
     if problem:
-        raise ConfigError(f"val.tile={cfg.val.tile}: {problem}; or val.tile=null for whole images")
+        raise ConfigError(f"val.tile={cfg.val.tile} val.tile_overlap={cfg.val.tile_overlap}: {problem}; or val.tile=null "
+                          "for whole images")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError("train.ema_decay must be in (0, 1)")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:

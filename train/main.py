@@ -219,8 +219,8 @@ def baseline_table(summary: dict, b, tile: int | None) -> list[str]:
     rows = [("noisy input", b.noisy), ("wavelet (BayesShrink)", b.wavelet),
             (f"non-local means (best h = {b.nl_means_h:g} sigma)", b.nl_means)]
     count = summary["val/images"]
-    lines = [f"validation on {count} whole image{'s' if count != 1 else ''}, sigma {b.sigma:g}:".ljust(44)
-             + "PSNR dB   SSIM"]
+    lines = [f"validation on {count} full-size image{'s' if count != 1 else ''}, sigma {b.sigma:g}:".ljust(43)
+             + " PSNR dB   SSIM"]
     lines += [f"  {name:42s}{score.psnr:7.2f}  {score.ssim:.4f}" for name, score in rows]
     model = f"restored (this model{f', {tile}-px tiles' if tile else ''})"
     lines.append(f"  {model:42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
