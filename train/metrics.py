@@ -40,27 +40,25 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     return 10.0 * torch.log10(1.0 / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+def _gaussian_taps(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+    return g / g.sum()
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False) -> torch.Tensor:
     """Per-image SSIM, shape (B,): Gaussian 11x11 window, valid region only (no padding)."""
     pred, target = _prepare(pred, target, border, y_channel)
-    channels = pred.shape[1]
-    window = _gaussian_window(dtype=pred.dtype).to(pred.device).expand(channels, 1, 11, 11)
+    # The five local moments in one stack, blurred by the window's two 1-D factors: the same sums as
+    # the 11x11 window, in 22 taps instead of 121 (SSIM of full-size photos dominated evaluation).
+    stack = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)
+    taps = _gaussian_taps(dtype=stack.dtype).to(stack.device)
+    planes = stack.shape[1]
+    stack = F.conv2d(stack, taps.view(1, 1, 1, -1).expand(planes, 1, 1, -1), groups=planes)
+    stack = F.conv2d(stack, taps.view(1, 1, -1, 1).expand(planes, 1, -1, 1), groups=planes)
+    mu_x, mu_y, xx, yy, xy = stack.chunk(5, dim=1)
+    sigma_x, sigma_y, sigma_xy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     c1, c2 = 0.01**2, 0.03**2
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, window, groups=channels)
-
-    mu_x, mu_y = blur(pred), blur(target)
-    sigma_x = blur(pred * pred) - mu_x**2
-    sigma_y = blur(target * target) - mu_y**2
-    sigma_xy = blur(pred * target) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
     return ssim_map.flatten(1).mean(dim=1)
 
