@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from train.host_memory import retain_freed_memory  # noqa: E402  (after the path)
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -86,6 +88,8 @@ def _peak_rss_mib() -> float:
 def worker(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the measurements."""
     torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        retain_freed_memory()
     idle = _peak_rss_mib()
     model = _build(args.impl, args.preset, args.checkpointing, args.official).train()
     opt = _optimizer(model.parameters(), args.optimizer)
@@ -126,6 +130,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours and official)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--malloc", choices=["retain", "glibc"], default="retain",
+                        help="retain: freed memory stays in the process, as train/main.py sets it "
+                             "(train/host_memory.py); glibc: the C library's defaults")
     parser.add_argument("--rounds", type=int, default=1, help="alternate runs per configuration; fastest kept")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="foreach",
                         help="AdamW implementation for ours (and for official unless --official-optimizer)")
@@ -143,13 +150,14 @@ def main() -> None:
 
     impls = ["official", "ours"] if args.official else ["ours"]
     shared = [f"--{k}={v}" for k, v in [("preset", args.preset), ("batch", args.batch), ("dtype", args.dtype),
-                                        ("steps", args.steps), ("threads", args.threads)]]
+                                        ("steps", args.steps), ("threads", args.threads),
+                                        ("malloc", args.malloc)]]
     optimizers = {"ours": args.optimizer, "official": args.official_optimizer or args.optimizer}
     shared += ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
     shared += [f"--official={Path(args.official).resolve()}"] if args.official else []
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} "
           f"AdamW: ours={optimizers['ours']} official={optimizers['official']} "
-          f"checkpointing={args.checkpointing} compile={args.compile} steps={args.steps} (median)")
+          f"checkpointing={args.checkpointing} compile={args.compile} malloc={args.malloc} steps={args.steps} (median)")
     print("| impl | patch | batch | step wall (ms) | step CPU (ms) | throughput (px/s, wall) | peak RSS (MiB) "
           "| idle RSS (MiB) | max abs diff vs official |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -24,6 +24,7 @@ from data_shards.stream import BadSampleError
 from train.checkpoint import CHECKPOINTS_DIR, CheckpointError, Checkpointer, check_resume_arg, complete_checkpoints, read_state
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
+from train.host_memory import retain_freed_memory
 from train.schedule import plan_stages, resume_step
 from train.tracking import wandb_mode
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
+    retain_freed_memory()
 
     # Imported late: a config error should not pay for importing accelerate/deepspeed.
     from accelerate.utils import set_seed
