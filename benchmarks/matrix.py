@@ -17,9 +17,10 @@ One launch per mode runs every recipe's cell in sequence inside the same process
 is reused (one process group), and everything a launch would start fresh is fresh per cell (the
 Trainer, the model, the optimizer, the DeepSpeed engine and the DeepSpeed settings, the seeds).
 
-The table: per cell its status, the training loss after N steps (rank 0's, at equal seeds), that
-loss's gap to DDP fp32 (the same data on the same 2 processes) and the wall time. Timings on a
-shared machine are inflated by its load.
+The table: per cell its status, the training L1 after N steps (rank 0's, at equal seeds; logged
+whatever the objective, so every recipe's gap is on one positive scale: the PSNR objective is in
+negative dB), its gap to DDP fp32 (the same data on the same 2 processes) and the wall time.
+Timings on a shared machine are inflated by its load.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class Cell:
     mode: str
     status: str = "not run"  # ok | refused | failed | not run
     message: str = ""
-    loss: float | None = None  # rank 0's training loss at step N
-    loss_resumed: float | None = None  # at step N + 1, after the resume
+    l1: float | None = None  # rank 0's training L1 at step N
+    l1_resumed: float | None = None  # at step N + 1, after the resume
     val_psnr: float | None = None
     export: str = ""  # what loaded the exported weights and agreed
     seconds: float = 0.0
@@ -204,10 +205,10 @@ def run_cells(plan: dict) -> None:
         if cell.status != "refused":
             try:
                 first = _train(accelerator, cfg, pristine_ds, resume=None)
-                cell.loss = _loss_at(out, steps)
+                cell.l1 = _l1_at(out, steps)
                 resumed_cfg = load_config(recipe, [*overrides, f"train.max_steps={steps + 1}"])
                 second = _train(accelerator, resumed_cfg, pristine_ds, resume=Path(first["checkpoint"]))
-                cell.loss_resumed = _loss_at(out, steps + 1)
+                cell.l1_resumed = _l1_at(out, steps + 1)
                 cell.val_psnr = second.get("val/psnr")
                 if accelerator.is_main_process:
                     logged = _logged_steps(out)  # a resume continues the log; a restart would repeat 1..N
@@ -261,9 +262,9 @@ def _step_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
 
 
-def _loss_at(run_dir: Path, step: int) -> float | None:
-    losses = [r["loss"] for r in _step_records(run_dir) if r["step"] == step]
-    return losses[-1] if losses else None
+def _l1_at(run_dir: Path, step: int) -> float | None:
+    values = [r["l1"] for r in _step_records(run_dir) if r["step"] == step]
+    return values[-1] if values else None
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -364,39 +365,39 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
     return cells
 
 
-def loss_gaps(cells: list[Cell]) -> dict[str, float]:
-    """Per mode: the largest relative gap of its loss after N steps to the reference mode's, over recipes
+def l1_gaps(cells: list[Cell]) -> dict[str, float]:
+    """Per mode: the largest relative gap of its training L1 after N steps to the reference mode's, over recipes
     (modes on as many processes as the reference, so on the same data)."""
-    reference = {c.recipe: c.loss for c in cells if c.mode == REFERENCE_MODE and c.loss is not None}
+    reference = {c.recipe: c.l1 for c in cells if c.mode == REFERENCE_MODE and c.l1 is not None}
     gaps: dict[str, float] = {}
     for c in cells:
         if MODES[c.mode].processes != MODES[REFERENCE_MODE].processes:
             continue  # other processes, other data: not a precision gap
-        if c.loss is not None and reference.get(c.recipe):
-            gap = abs(c.loss - reference[c.recipe]) / reference[c.recipe]
+        if c.l1 is not None and reference.get(c.recipe):
+            gap = abs(c.l1 - reference[c.recipe]) / reference[c.recipe]
             gaps[c.mode] = max(gaps.get(c.mode, 0.0), gap)
     return gaps
 
 
 def pair_gap(cells: list[Cell], a: str, b: str) -> float | None:
-    """The largest relative gap between two modes' losses after N steps, over recipes."""
-    losses = {(c.mode, c.recipe): c.loss for c in cells if c.loss is not None}
-    gaps = [abs(losses[a, r] - losses[b, r]) / losses[b, r] for m, r in losses if m == a and (b, r) in losses]
+    """The largest relative gap between two modes' training L1 after N steps, over recipes."""
+    l1 = {(c.mode, c.recipe): c.l1 for c in cells if c.l1 is not None}
+    gaps = [abs(l1[a, r] - l1[b, r]) / l1[b, r] for m, r in l1 if m == a and (b, r) in l1]
     return max(gaps) if gaps else None
 
 
 def format_table(cells: list[Cell], steps: int) -> str:
-    reference = {c.recipe: c.loss for c in cells if c.mode == REFERENCE_MODE}
-    header = f"{'recipe':34} {'mode':11} {'status':8} {f'loss@{steps}':>10} {'vs ddp_fp32':>11} {'val PSNR':>8} " \
+    reference = {c.recipe: c.l1 for c in cells if c.mode == REFERENCE_MODE}
+    header = f"{'recipe':34} {'mode':11} {'status':8} {f'L1@{steps}':>10} {'vs ddp_fp32':>11} {'val PSNR':>8} " \
              f"{'time s':>6}  export / message"
     lines = [header, "-" * len(header)]
     for c in cells:
-        gap = f"{(c.loss - reference[c.recipe]) / reference[c.recipe]:+.2%}" \
-            if c.loss is not None and reference.get(c.recipe) else ""
-        loss = f"{c.loss:.5f}" if c.loss is not None else ""
+        gap = f"{(c.l1 - reference[c.recipe]) / reference[c.recipe]:+.2%}" \
+            if c.l1 is not None and reference.get(c.recipe) else ""
+        l1 = f"{c.l1:.5f}" if c.l1 is not None else ""
         psnr = f"{c.val_psnr:.2f}" if c.val_psnr is not None else ""
         note = c.export if c.status == "ok" else c.message.splitlines()[0][:160] if c.message else ""
-        lines.append(f"{c.recipe:34} {c.mode:11} {c.status:8} {loss:>10} {gap:>11} {psnr:>8} {c.seconds:6.1f}  {note}")
+        lines.append(f"{c.recipe:34} {c.mode:11} {c.status:8} {l1:>10} {gap:>11} {psnr:>8} {c.seconds:6.1f}  {note}")
     return "\n".join(lines)
 
 
@@ -429,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = run_matrix(args.modes, args.recipes, args.steps, out, args.timeout, data, args.cpu)
         elapsed = time.perf_counter() - started
     print(format_table(cells, args.steps))
-    gaps = loss_gaps(cells)
-    print(f"\nlargest relative gap of the loss after {args.steps} steps to {REFERENCE_MODE} (same data, same "
+    gaps = l1_gaps(cells)
+    print(f"\nlargest relative gap of the training L1 after {args.steps} steps to {REFERENCE_MODE} (same data, same "
           "seeds), over recipes: " + ", ".join(f"{m} {g:.2%}" for m, g in gaps.items() if m != REFERENCE_MODE))
     zero2 = pair_gap(cells, "zero2_bf16", "ddp_bf16")
     if zero2 is not None:
-        print(f"zero2_bf16 vs ddp_bf16 (autocast): largest relative loss gap {zero2:.2%}")
+        print(f"zero2_bf16 vs ddp_bf16 (autocast): largest relative L1 gap {zero2:.2%}")
     print(f"{len(cells)} cells, {sum(c.status == 'ok' for c in cells)} ok, "
           f"{sum(c.status == 'refused' for c in cells)} refused, {sum(c.status == 'failed' for c in cells)} failed; "
           f"{elapsed:.0f} s wall")

@@ -36,4 +36,5 @@ def retain_freed_memory() -> bool:
     if libc is None:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
