@@ -1,8 +1,8 @@
-"""Restormer (Zamir et al., CVPR 2022), numerically equal to the official implementation, faster.
+"""Restormer (Zamir et al., CVPR 2022), numerically equal to the official implementation, faster and leaner.
 
 Parameter names and shapes equal swz30/Restormer's `restormer_arch.py`, so official weights load
 with strict=True. The math is the official one; the execution differs (measured on CPU, see
-benchmarks/model_speed.py):
+benchmarks/model_speed.py and benchmarks/model_memory.py):
 
 - Activations live in channels-last memory (the logical shape stays B,C,H,W). The depthwise 3x3
   convolutions then take oneDNN's channels-last kernels (the official NCHW ones were ~1/3 of its
@@ -17,6 +17,30 @@ benchmarks/model_speed.py):
 - MDTA normalises q and k AFTER their (c x c) product: q^.k^ = (q.k) / (|q| |k|). No normalised
   copies of q and k are made or kept for backward; the scale, temperature and softmax are applied
   in fp32 to the small (c x c) matrix. (Under fp16 q and k are normalised first: see Attention.)
+- The BiasFree LayerNorm takes its statistics from the fused LayerNorm kernel and has its backward
+  written out (`_BiasFreeNorm`): spelt in tensor ops it kept three copies of its input for backward
+  and its backward ran ~2.5x slower.
+
+Training memory. What autograd keeps between forward and backward decides the largest patch and
+batch a GPU takes. Per transformer block of c channels, plain autograd keeps ~27 values per pixel
+and channel (the official code ~33): among them the normalised copies in front of the projections,
+both depthwise outputs of q/k/v and of the GDFN, the GELU output and its product with the gate.
+Most of that is the output of cheap per-pixel work (a LayerNorm; a depthwise 3x3 convolution, 9
+multiply-adds per value against c for a 1x1 projection; GELU and a product) kept only because the
+1x1 projection behind it needs its input for the weight gradient. The default training path
+("lean", ACTIVATION_MODES) keeps the inputs of that work instead and recomputes it in backward
+(`_RecomputeThenProject`): in front of q/k/v and of the GDFN it keeps the block input and the
+midway residual, not their normalised copies; in the GDFN the two depthwise inputs, not the four
+tensors after them; in MDTA v and the small softmax matrices, not the heads' output. The
+projections' GEMMs run once forward and twice backward, as with plain autograd; only the cheap work
+runs twice. That keeps ~13 values per pixel and channel: 0.41-0.44x the official code's activation
+bytes per pixel in fp32 and ~0.22x under bf16 autocast, for ~7% more step time on CPU (the
+LayerNorm above pays for most of it on the BiasFree presets). A Function, not
+torch.utils.checkpoint with a selective-recompute policy, because that policy routes every operator
+of the block through a Python dispatch mode: measured on CPU at 64 px, +35% step time for the same
+memory. "checkpoint" (`model.checkpointing=true`) recomputes whole blocks and keeps only their
+inputs, for when even lean does not fit; "plain" keeps what autograd keeps. Under torch.compile the
+compiler's own partitioner decides what backward recomputes, and inference runs the plain ops.
 """
 from __future__ import annotations
 
@@ -29,6 +53,9 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
+# What training keeps for backward: "lean" (the default) recomputes the cheap per-pixel work,
+# "plain" keeps what autograd keeps, "checkpoint" keeps only each block's input.
+ACTIVATION_MODES = ("lean", "plain", "checkpoint")
 _EPS = 1e-5  # official LayerNorm epsilon
 _NORM_EPS = 1e-12  # F.normalize's default, used by the official q/k normalisation
 _HIDDEN_MULTIPLE = 16  # GDFN hidden width is padded to this (AVX-512 holds 16 fp32)
@@ -42,13 +69,6 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution as one GEMM over the channels-last view; returns a channels-last tensor."""
     return F.linear(_tokens(x), weight.flatten(1), bias).permute(0, 3, 1, 2)
-
-
-def _split_pointwise_dw(x: torch.Tensor, w_pw: Sequence[torch.Tensor], b_pw: Sequence[torch.Tensor | None],
-                        w_dw: Sequence[torch.Tensor], b_dw: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    """depthwise(pointwise(x)) for each output chunk's weights (per-channel ops: the chunks are independent)."""
-    return [F.conv2d(_pointwise(x, wp, bp), wd, bd, padding=1, groups=wd.shape[0])
-            for wp, bp, wd, bd in zip(w_pw, b_pw, w_dw, b_dw)]
 
 
 def _chunks(conv: nn.Conv2d, parts: int, pad: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -67,6 +87,62 @@ def _inverse_norm(t: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(t, dim=1, keepdim=True, dtype=torch.float32).clamp_min(_NORM_EPS)
 
 
+class _RecomputeThenProject(torch.autograd.Function):
+    """outputs[i] = linear(f(*args), weights[i], biases[i]); only f's args are kept for backward.
+
+    f is cheap per-pixel work (a LayerNorm; the GDFN's depthwise convolution and GELU gate) whose
+    output autograd would keep for the projections' weight gradients; the projections are the GEMMs
+    not worth recomputing. Backward recomputes f (under the forward's autocast state), writes the
+    projections' two GEMMs out, and leaves f's backward to autograd on the recomputed graph.
+    """
+
+    @staticmethod
+    def forward(ctx, f, n_args: int, n_proj: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        args, weights, biases = tensors[:n_args], tensors[n_args:n_args + n_proj], tensors[n_args + n_proj:]
+        z = f(*args)
+        ctx.f, ctx.n_args, ctx.bias_given = f, n_args, [b is not None for b in biases]
+        ctx.autocast = _autocast_state(z.device.type)
+        ctx.save_for_backward(*args, *weights)
+        return tuple(_pointwise(z, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        saved = ctx.saved_tensors
+        args, weights = saved[:ctx.n_args], saved[ctx.n_args:]
+        wanted = ctx.needs_input_grad[3:3 + ctx.n_args]
+        leaves = [a.detach().requires_grad_(w) if a is not None else None for a, w in zip(args, wanted)]
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            z = ctx.f(*leaves)
+        z_rows = _tokens(z).reshape(-1, z.shape[1])
+        grad_rows, grad_weights, grad_biases = None, [], []
+        for grad, w, has_bias in zip(grads, weights, ctx.bias_given):
+            g = _tokens(grad).reshape(-1, grad.shape[1])
+            w2 = w.flatten(1).to(g.dtype)
+            grad_weights.append((g.t() @ z_rows.to(g.dtype)).view_as(w).to(w.dtype))
+            grad_biases.append(g.sum(0).to(w.dtype) if has_bias else None)
+            grad_rows = g @ w2 if grad_rows is None else grad_rows.addmm_(g, w2)
+        grad_z = grad_rows.view(_tokens(z).shape).permute(0, 3, 1, 2).to(z.dtype)
+        inputs = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        found = iter(torch.autograd.grad(z, inputs, grad_z))
+        grad_args = [next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
+        return (None, None, None, *grad_args, *grad_weights, *grad_biases)
+
+
+def _autocast_state(device_type: str) -> dict:
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"device_type": device_type, "enabled": enabled,
+            "dtype": torch.get_autocast_dtype(device_type)}
+
+
+def _project(f, args: tuple[torch.Tensor | None, ...], weights: Sequence[torch.Tensor],
+             biases: Sequence[torch.Tensor | None], lean: bool) -> list[torch.Tensor]:
+    """[linear(f(*args), w, b) for each projection]; lean: f's output is recomputed in backward, not kept."""
+    if lean:
+        return list(_RecomputeThenProject.apply(f, len(args), len(weights), *args, *weights, *biases))
+    z = f(*args)
+    return [_pointwise(z, w, b) for w, b in zip(weights, biases)]
+
+
 class _ChannelNorm(nn.Module):
     """Parameter holder with the official names (`body.weight`, `body.bias`)."""
 
@@ -74,6 +150,40 @@ class _ChannelNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if with_bias else None
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-pixel LayerNorm over channels in fp32 (eps 1e-5, biased variance); BiasFree when bias is None."""
+    # Under DeepSpeed bf16/fp16 the parameters are low precision while the norm runs in fp32
+    # (`.float()` is free in fp32).
+    t, w = _tokens(x).float(), weight.float()
+    y = _BiasFreeNorm.apply(t, w) if bias is None else F.layer_norm(t, w.shape, w, bias.float(), _EPS)
+    return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+class _BiasFreeNorm(torch.autograd.Function):
+    """t / std(t) * weight over the last axis, std taken about the mean (the official BiasFree norm).
+
+    The statistics come from the fused LayerNorm kernel and backward is written out: the norm spelt
+    in tensor ops (mean, centre, square, mean, rsqrt, two products) had a backward ~2.5x slower, and
+    Tensor.var ~3x slower in forward on CPU (16 to 384 channels). With r = 1/std and C channels:
+    d/dt = r * g * w - r^3 * (t - mean) * mean(g * w * t), and d/dw = sum over pixels of g * t * r.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        _, mean, rstd = torch.native_layer_norm(t, weight.shape, None, None, _EPS)
+        ctx.save_for_backward(t, weight, mean, rstd)
+        return t * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, weight, mean, rstd = ctx.saved_tensors
+        grad_t_rows = (grad * t).reshape(-1, t.shape[-1])
+        r = rstd.reshape(-1)
+        grad_weight = grad_t_rows.t() @ r
+        coef = (r.pow(3) * (grad_t_rows @ weight) / t.shape[-1]).view_as(rstd)
+        return (grad * weight).mul_(rstd).sub_((t - mean).mul_(coef)), grad_weight
 
 
 class LayerNorm(nn.Module):
@@ -87,22 +197,15 @@ class LayerNorm(nn.Module):
         super().__init__()
         if LayerNorm_type not in LAYERNORM_TYPES:
             raise ValueError(f"LayerNorm_type must be one of {LAYERNORM_TYPES}, got {LayerNorm_type!r}")
-        self.bias_free = LayerNorm_type == "BiasFree"
-        self.body = _ChannelNorm(dim, with_bias=not self.bias_free)
+        self.body = _ChannelNorm(dim, with_bias=LayerNorm_type == "WithBias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = _tokens(x).float()
-        if self.bias_free:
-            # Two-pass variance written out: Tensor.var over a short last axis (16 to 384 channels)
-            # ran 5-15x slower on CPU than these kernels (same math; results agree to ~1e-7).
-            centered = t - t.mean(dim=-1, keepdim=True)
-            var = centered.square().mean(dim=-1, keepdim=True)
-            y = t * torch.rsqrt(var + _EPS) * self.body.weight.float()
-        else:
-            # F.layer_norm needs weight and bias in the activations' dtype: under DeepSpeed bf16/fp16
-            # the parameters are low precision while the norm runs in fp32 (`.float()` is free in fp32).
-            y = F.layer_norm(t, self.body.weight.shape, self.body.weight.float(), self.body.bias.float(), _EPS)
-        return y.to(x.dtype).permute(0, 3, 1, 2)
+        return _layer_norm(x, self.body.weight, self.body.bias)
+
+    def project(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                lean: bool) -> list[torch.Tensor]:
+        """1x1 projections of the normalised x (lean: see _project)."""
+        return _project(_layer_norm, (x, self.body.weight, self.body.bias), weights, biases, lean)
 
 
 class FeedForward(nn.Module):
@@ -115,7 +218,8 @@ class FeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, norm: LayerNorm, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        """GDFN of norm(x) (lean: see _project)."""
         # The two halves are computed apart (channel slices of the same weights, so the math is
         # unchanged): each is a contiguous channels-last tensor, which GELU and the product
         # vectorise well, and backward needs no concatenation. The hidden width (2.66 * dim: 127,
@@ -126,9 +230,20 @@ class FeedForward(nn.Module):
         # gets no padding: its convolutions need weights of static shape, and the padding only
         # serves MKL.
         pad = 0 if torch.onnx.is_in_onnx_export() else -self.project_out.weight.shape[1] % _HIDDEN_MULTIPLE
-        x1, x2 = _split_pointwise_dw(x, *_chunks(self.project_in, 2, pad), *_chunks(self.dwconv, 2, pad))
+        (w1, w2), (b1, b2) = _chunks(self.dwconv, 2, pad)
         w_out = F.pad(self.project_out.weight, (0, 0, 0, 0, 0, pad)) if pad else self.project_out.weight
-        return _pointwise(F.gelu(x1) * x2, w_out, self.project_out.bias)
+        x1, x2 = norm.project(x, *_chunks(self.project_in, 2, pad), lean)
+        return _project(_gelu_gate, (x1, x2, w1, w2, b1, b2), [w_out], [self.project_out.bias], lean)[0]
+
+
+def _gelu_gate(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+               b1: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
+    """GELU(depthwise(x1)) * depthwise(x2): the GDFN's gate."""
+    return F.gelu(_depthwise(x1, w1, b1)) * _depthwise(x2, w2, b2)
+
+
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, padding=1, groups=weight.shape[0])
 
 
 class Attention(nn.Module):
@@ -144,27 +259,43 @@ class Attention(nn.Module):
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = (rearrange(t, "b c h w -> b (h w) c")
-                   for t in _split_pointwise_dw(x, *_chunks(self.qkv, 3), *_chunks(self.qkv_dwconv, 3)))
+    def forward(self, norm: LayerNorm, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        """MDTA of norm(x) (lean: see _project)."""
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = _chunks(self.qkv_dwconv, 3)
+        pre_q, pre_k, pre_v = norm.project(x, *_chunks(self.qkv, 3), lean)
+        q, k = (_pixels(_depthwise(*t)) for t in ((pre_q, w_q, b_q), (pre_k, w_k, b_k)))
         inv_q, inv_k = _inverse_norm(q), _inverse_norm(k)
         if q.dtype == torch.float16:
             # An unnormalised q.k over h*w pixels can exceed fp16's range: normalise first there.
             q, k = q * inv_q.to(q.dtype), k * inv_k.to(k.dtype)
-        head = c // self.num_heads
-        outs = []
-        # Per-head slices of the (b, hw, c) tensors are strided views that BLAS reads directly.
-        for i, (q_i, k_i, v_i) in enumerate(zip(q.split(head, -1), k.split(head, -1), v.split(head, -1))):
+        head = q.shape[-1] // self.num_heads
+        attns = []
+        for i, (q_i, k_i) in enumerate(zip(_heads(q, self.num_heads), _heads(k, self.num_heads))):
             scores = (q_i.transpose(1, 2) @ k_i).float() * self.temperature[i].float()
             if q.dtype != torch.float16:
                 sl = slice(i * head, (i + 1) * head)
                 scores = scores * (inv_q[:, 0, sl, None] * inv_k[:, :, sl])
-            attn = scores.softmax(dim=-1).to(v_i.dtype)
-            outs.append(v_i @ attn.transpose(1, 2))  # (b, hw, head): already channels-last
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        out = F.linear(out, self.project_out.weight.flatten(1), self.project_out.bias)
-        return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+            attns.append(scores.softmax(dim=-1).to(q.dtype))
+        v = _depthwise(pre_v, w_v, b_v)
+        return _project(_attend, (v, *attns), [self.project_out.weight], [self.project_out.bias], lean)[0]
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """B,C,H,W -> (b, h*w, c): a view when x is channels-last."""
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def _attend(v: torch.Tensor, *attns: torch.Tensor) -> torch.Tensor:
+    """The heads' outputs v_i . attn_i^T side by side, B,C,H,W like v."""
+    outs = [v_i @ attn.transpose(1, 2) for v_i, attn in zip(_heads(_pixels(v), len(attns)), attns)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (b, hw, c): already channels-last
+    return rearrange(out, "b (h w) c -> b c h w", h=v.shape[2], w=v.shape[3])
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """Per-head channel slices of (b, hw, c): strided views that BLAS reads directly. One head takes t
+    itself: a split into one piece would still concatenate its gradient (a copy) in backward."""
+    return t.split(t.shape[-1] // num_heads, -1) if num_heads > 1 else (t,)
 
 
 class TransformerBlock(nn.Module):
@@ -175,16 +306,21 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, num_heads, bias)
         self.norm2 = LayerNorm(dim, LayerNorm_type)
         self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
-        self.checkpointing = False
+        self.activations = "lean"  # see ACTIVATION_MODES
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+    def _forward(self, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        x = x + self.attn(self.norm1, x, lean)
+        return x + self.ffn(self.norm2, x, lean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        # Inference and ONNX export (traced with autograd on) run the plain ops; under torch.compile the
+        # compiler's own partitioner decides what backward recomputes.
+        if not torch.is_grad_enabled() or torch.onnx.is_in_onnx_export():
+            return self._forward(x, lean=False)
+        if self.activations == "checkpoint":
+            # The block is recomputed whole: inside, plain autograd (lean would recompute twice).
+            return checkpoint(self._forward, x, False, use_reentrant=False)
+        return self._forward(x, lean=self.activations == "lean" and not torch.compiler.is_compiling())
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -271,13 +407,15 @@ class Restormer(nn.Module):
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(d1, d2, kernel_size=1, bias=bias)
         self.output = nn.Conv2d(d2, out_channels, kernel_size=3, padding=1, bias=bias)
-        self.set_checkpointing(checkpointing)
+        self.set_activations("checkpoint" if checkpointing else "lean")
 
-    def set_checkpointing(self, enabled: bool) -> None:
-        """Recompute each transformer block in backward instead of storing its activations."""
+    def set_activations(self, mode: str) -> None:
+        """What training keeps for backward, one of ACTIVATION_MODES (see the module docstring)."""
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"activation mode must be one of {ACTIVATION_MODES}, got {mode!r}")
         for module in self.modules():
             if isinstance(module, TransformerBlock):
-                module.checkpointing = bool(enabled)
+                module.activations = mode
 
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
         # Under DeepSpeed bf16/fp16 the weights are low precision (no autocast): the convolutions take

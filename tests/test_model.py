@@ -1,10 +1,12 @@
-"""Restormer architecture: official numbers, official state_dict layout, presets, checkpointing, autocast."""
+"""Restormer architecture: official numbers, official state_dict layout, presets, activation modes, autocast."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model import Restormer, build_model
+from model.memory import TensorMemoryMeter
+from model.restormer import ACTIVATION_MODES
 from conftest import SHARED
 from model_vectors import TINY, VECTORS, load_gradient_vectors, load_vectors, perturbed
 
@@ -27,14 +29,21 @@ SHARED_VECTORS = SHARED / "reference" / "restormer"
 GRADIENT_CASES = ["gray_biasfree", "dual_pixel", "bias_deep", "wide_biasfree"]
 
 
-@pytest.mark.parametrize("case", GRADIENT_CASES)
-def test_equals_official_in_forward_and_gradients(case):
-    """Vectors made with the official code (train mode): output and every gradient agree."""
+def _vector_case(case: str):
     folder = VECTORS if (VECTORS / f"{case}_io.safetensors").is_file() else SHARED_VECTORS
     if not (folder / f"{case}_io.safetensors").is_file():
         pytest.skip(f"{case} vectors live in ../shared/reference/restormer, absent here")
-    state, io, config = load_gradient_vectors(folder, case)
+    return load_gradient_vectors(folder, case)
+
+
+@pytest.mark.parametrize("mode", ACTIVATION_MODES)
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+def test_equals_official_in_forward_and_gradients(case, mode):
+    """Vectors made with the official code (train mode): output and every gradient agree, whatever
+    training keeps for backward."""
+    state, io, config = _vector_case(case)
     model = Restormer(**config).train()
+    model.set_activations(mode)
     model.load_state_dict(state, strict=True)
     x = io["input"].clone().requires_grad_(True)
     out = model(x)
@@ -84,26 +93,58 @@ def test_dual_pixel_maps_six_channels_to_three_without_global_residual():
     assert out.abs().max().item() == 0  # no input added back
 
 
-def test_checkpointing_gives_the_same_gradients_and_recomputes():
+def _train_step(model: Restormer, mode: str, x: torch.Tensor, dtype: torch.dtype | None = None):
+    """Gradients, activation bytes kept by the forward, peak bytes, and how often block 0's attention ran."""
+    model.zero_grad()
+    model.set_activations(mode)
+    calls = []
+    hook = model.encoder_level1[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    meter = TensorMemoryMeter()
+    with meter:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x)
+        kept = meter.current
+        out.abs().mean().backward()
+    hook.remove()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]), kept, meter.peak, len(calls)
+
+
+@pytest.mark.parametrize("layernorm_type", ["WithBias", "BiasFree"])
+def test_lean_keeps_far_fewer_bytes_than_plain_autograd_for_the_same_gradients(layernorm_type):
     torch.manual_seed(0)
-    model = perturbed(Restormer(**TINY))
-    x = torch.rand(2, 3, 16, 24)
+    model = perturbed(Restormer(**{**TINY, "dim": 16}, LayerNorm_type=layernorm_type))
+    x = torch.rand(2, 3, 32, 32)
+    plain, plain_kept, plain_peak, plain_calls = _train_step(model, "plain", x)
+    lean, lean_kept, lean_peak, lean_calls = _train_step(model, "lean", x)
+    ckpt, ckpt_kept, ckpt_peak, ckpt_calls = _train_step(model, "checkpoint", x)
+    # Per block autograd keeps ~27 (WithBias) to ~31 (BiasFree) values per channel and pixel; lean ~14.
+    assert lean_kept < 0.6 * plain_kept and lean_peak < 0.75 * plain_peak
+    assert ckpt_kept < 0.2 * lean_kept and ckpt_peak < lean_peak
+    assert (plain_calls, lean_calls, ckpt_calls) == (1, 1, 2)  # only checkpointing runs the block again
+    for grads in (lean, ckpt):
+        assert ((grads - plain).norm() / plain.norm()).item() <= 1e-5
 
-    def grads(enabled: bool):
-        model.zero_grad()
-        model.set_checkpointing(enabled)
-        calls = []
-        hook = model.encoder_level1[0].attn.register_forward_hook(lambda *_: calls.append(1))
-        model(x).abs().mean().backward()
-        hook.remove()
-        return [p.grad.clone() for p in model.parameters()], len(calls)
 
-    plain, plain_calls = grads(False)
-    ckpt, ckpt_calls = grads(True)
-    assert (plain_calls, ckpt_calls) == (1, 2)  # the block really ran again in backward
-    for a, b in zip(plain, ckpt):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert Restormer(**TINY, checkpointing=True).encoder_level1[0].checkpointing
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lean_gradients_under_autocast_equal_plain_autograd(case, dtype):
+    """Backward recomputes under the forward's autocast state and casts as autocast does: on every
+    shape of the official vectors the gradients equal plain autograd's to the dtype's rounding."""
+    if not _autocast_supported(dtype):
+        pytest.skip(f"this torch has no CPU autocast for {dtype}")
+    state, io, config = _vector_case(case)
+    model = Restormer(**config).train()
+    model.load_state_dict(state, strict=True)
+    plain, plain_kept, *_ = _train_step(model, "plain", io["input"], dtype)
+    lean, lean_kept, *_ = _train_step(model, "lean", io["input"], dtype)
+    assert ((lean - plain).norm() / plain.norm()).item() <= 2 * torch.finfo(dtype).eps
+    assert lean_kept < 0.7 * plain_kept
+
+
+def test_unknown_activation_mode_is_refused():
+    with pytest.raises(ValueError, match="lean"):
+        Restormer(**TINY).set_activations("none")
+    assert Restormer(**TINY, checkpointing=True).encoder_level1[0].activations == "checkpoint"
 
 
 def _autocast_supported(dtype: torch.dtype) -> bool:

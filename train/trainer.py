@@ -91,7 +91,7 @@ class Trainer:
             except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing, refused pickle, wrong shapes
                 raise ConfigError(f"model.init_weights={cfg.model.init_weights}: {err}") from err
         if cfg.model.checkpointing:
-            net.set_checkpointing(True)
+            net.set_activations("checkpoint")
         if cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, net.parameters())
