@@ -72,7 +72,9 @@ def test_precisions_train_the_same_model(work):
     for mode in matrix.MODES:
         if mode == "1proc_fp32":  # one process sees other data than two
             continue
-        bound = 0.05 if mode.endswith("bf16") else 0.01
+        # bf16 keeps 8 significant bits, fp16 11 (DeepSpeed fp16 runs on CPUs with AVX512-FP16, where its
+        # L1 after N steps sat 1.1% from fp32's), fp32 only differs by the order of sums.
+        bound = {"bf16": 0.05, "fp16": 0.02}.get(mode.rsplit("_", 1)[-1], 0.01)
         for recipe, c in cells_of(mode, work).items():
             if c.status == "ok":
                 assert abs(c.l1 - reference[recipe].l1) <= bound * reference[recipe].l1, (mode, recipe)
