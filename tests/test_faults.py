@@ -9,6 +9,7 @@ docs/reliability.md explains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, pack_images, records
 from model import read_state_dict
-from data_shards.index import add_offsets
+from data_shards.index import ShardIndex, describe_shard
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
@@ -399,7 +400,7 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
         _rewrite_shard(shard, change)
     # The rewritten shards hold their samples at other byte offsets: index them as a pack that wrote
     # the bad content would have. The truncation below comes after, as it would on disk.
-    add_offsets(split)
+    index_as_packed(split)
     with tarfile.open(shards[1]) as tar:
         last = tar.getmembers()[-1]
     with open(shards[1], "r+b") as f:  # cut in the middle of the last member's data
@@ -407,6 +408,13 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
     named = {"corrupt PNG": f"{shards[0].name}, key {keys['corrupt PNG']}", "truncated tar": shards[1].name,
              "unexpected extension": f"{shards[2].name}, key {keys['unexpected extension']}"}
     return split, named, marker
+
+
+def index_as_packed(split: Path) -> None:
+    """Rewrites a split's index to describe its shards as they are now, as the pack would have."""
+    index = ShardIndex.load(split)
+    shards = tuple(describe_shard(split / shard.name) for shard in index.shards)
+    dataclasses.replace(index, shards=shards, total_samples=sum(s.samples for s in shards)).save(split)
 
 
 def scenario_bad_shards(data: Path, work: Path, strict: bool = False) -> str:
@@ -703,10 +711,10 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     (scratch / "broken.yaml").write_text("optim: [unclosed\n")
     (scratch / "list.yaml").write_text("- optim\n")
     (scratch / "empty").mkdir(exist_ok=True)
-    (scratch / "old").mkdir(exist_ok=True)  # an index written before sample offsets were recorded
+    (scratch / "old").mkdir(exist_ok=True)  # an index written before the per-sample records
     old_index = json.loads((data / "train" / "index.json").read_text())
     for shard in old_index["shards"]:
-        del shard["offsets"]
+        del shard["offsets"], shard["keys"], shard["blake3"]
     (scratch / "old" / "index.json").write_text(json.dumps(old_index))
     cases = [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"), ("optim.lr=fast", "expected a number, got 'fast'"),
@@ -731,7 +739,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("data.noise_sigma=null", "holds clean images only"),
         ("progressive.patch=[16,64]", "larger than every training image"),
         (f"data.train={scratch}/old", f"run `python -m data_shards.index {scratch}/old` once"),
-        ("progressive.batch=[2,1000]", "fewer than one micro-batch of stage 1 across all processes (1 process(es) x batch 1000 = 1000)"),
+        ("progressive.batch=[2,1000]", "cannot fill one global batch of 1000 (1 process(es) x batch 1000) without "
+                                       "repeating samples (stage 1)"),
     ]
     cases += [(f"train.{name}=0", f"train.{name} must be >= 1")
               for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite")]
