@@ -287,10 +287,13 @@ def _first_line(error: BaseException) -> str:
 
 def _kind(value) -> str:
     """How a JSON value is described in a message: its type and a short excerpt."""
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    excerpt = repr(value) if not isinstance(value, (dict, list)) else f"of {len(value)} items"
-    return f"{names.get(type(value), type(value).__name__)} {excerpt[:40]}"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        items = f"{len(value)} item" + ("" if len(value) == 1 else "s")
+        return f"{'an object' if isinstance(value, dict) else 'a list'} of {items}"
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+    return f"{name} {json.dumps(value)[:40]}"
 
 
 def _int(value, path: str, low: int = 0, high: int | None = None) -> int:
@@ -380,7 +383,8 @@ def _parse_shard(data, where: str) -> ShardInfo:
     _object(data, where, _SHARD, _RECORDS)
     name = data["name"]
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
-        raise ValueError(f"{where}: shard name {_kind(name)} is not allowed: a shard is named by a path inside the "
+        shown = json.dumps(name)[:60] if isinstance(name, str) else _kind(name)
+        raise ValueError(f"{where}: shard name {shown} is not allowed: a shard is named by a path inside the "
                          "index's folder, of letters, digits, '.', '_', '-' and '/' (no '..', no absolute path)")
     samples, size = _int(data["samples"], f"{where}.samples"), _int(data["bytes"], f"{where}.bytes")
     sha256 = _str(data["sha256"], f"{where}.sha256", _SHA256, " of 64 hex digits")

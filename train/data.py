@@ -73,7 +73,7 @@ def _load_index(cfg: Config, source: str, what: str) -> ShardIndex | None:
     try:
         index = ShardIndex.load(source, remote_settings(cfg))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.{what}: cannot read the shard index at '{redact(source)}': {err}") from err
+        raise ConfigError(f"data.{what}: cannot read the shard index: {err}") from err
     problem = index.records_problem()
     if problem:
         raise ConfigError(f"data.{what}: {problem}")
