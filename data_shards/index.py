@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import blake3
+import numpy as np
 
 from data_shards.remote import RemoteSettings, read_bytes, redact
 
@@ -316,6 +317,31 @@ def _list(value, path: str, length: int | None = None) -> list:
     return value
 
 
+# Per-sample lists hold millions of items: checked in bulk, and item by item only to name the first bad one.
+
+
+def _ints(values: list, path: str) -> tuple[int, ...]:
+    if not (set(map(type, values)) <= {int} and (not values or 0 <= min(values) and max(values) < 1 << 63)):
+        for i, value in enumerate(values):
+            _int(value, f"{path}[{i}]", high=(1 << 63) - 1)
+    return tuple(values)
+
+
+def _strs(values: list, path: str) -> tuple[str, ...]:
+    if not set(map(type, values)) <= {str}:
+        for i, value in enumerate(values):
+            _str(value, f"{path}[{i}]")
+    return tuple(values)
+
+
+def _digests(values: list, path: str) -> tuple[str, ...]:
+    if not (set(map(type, values)) <= {str} and set(map(len, values)) <= {2 * DIGEST_BYTES}
+            and _HEX.fullmatch("".join(values))):
+        for i, value in enumerate(values):
+            _str(value, f"{path}[{i}]", _DIGEST, f" of {2 * DIGEST_BYTES} hex digits")
+    return tuple(values)
+
+
 def _object(value, path: str, required: set[str], optional: set[str] = frozenset()) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must be an object, got {_kind(value)}")
@@ -337,6 +363,7 @@ def _size(value, path: str) -> tuple[int, int] | None:
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 _INPUT_NAME = re.compile(r"input(_[a-z0-9]+)?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile("[0-9a-f]*")
 _DIGEST = re.compile(f"[0-9a-f]{{{2 * DIGEST_BYTES}}}")
 _FORMAT = re.compile("png|npy")
 _TOP = {"split", "shards", "total_samples", "inputs", "channels", "bit_depths", "format", "min_size", "median_size",
@@ -390,17 +417,17 @@ def _parse_shard(data, where: str) -> ShardInfo:
     sha256 = _str(data["sha256"], f"{where}.sha256", _SHA256, " of 64 hex digits")
     if any(data.get(key) is None for key in _RECORDS):
         return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256)  # records_problem() says so
-    offsets = tuple(_int(v, f"{where}.offsets[{i}]")
-                    for i, v in enumerate(_list(data["offsets"], f"{where}.offsets", samples + 1)))
-    for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
-        if not start < end <= start + MAX_SAMPLE_BYTES:
-            raise ValueError(f"{where}: sample {i} spans bytes {start}:{end}; a sample takes 1 to "
-                             f"{MAX_SAMPLE_BYTES} bytes, in increasing order")
+    offsets = _ints(_list(data["offsets"], f"{where}.offsets", samples + 1), f"{where}.offsets")
+    steps = np.diff(np.asarray(offsets, dtype=np.int64))
+    bad = np.flatnonzero((steps < 1) | (steps > MAX_SAMPLE_BYTES))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{where}: sample {i} spans bytes {offsets[i]}:{offsets[i + 1]}; a sample takes 1 to "
+                         f"{MAX_SAMPLE_BYTES} bytes, in increasing order")
     if offsets[-1] > size:
         raise ValueError(f"{where}: the samples end at byte {offsets[-1]}, past the shard's {size} bytes")
-    keys = tuple(_str(v, f"{where}.keys[{i}]") for i, v in enumerate(_list(data["keys"], f"{where}.keys", samples)))
-    digests = tuple(_str(v, f"{where}.blake3[{i}]", _DIGEST, f" of {2 * DIGEST_BYTES} hex digits")
-                    for i, v in enumerate(_list(data["blake3"], f"{where}.blake3", samples)))
+    keys = _strs(_list(data["keys"], f"{where}.keys", samples), f"{where}.keys")
+    digests = _digests(_list(data["blake3"], f"{where}.blake3", samples), f"{where}.blake3")
     return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, offsets=offsets, keys=keys, blake3=digests)
 
 
