@@ -7,7 +7,7 @@ frozen DDP rank, damaged and swapped shards, lying http servers, hostile indexes
 pickle payloads, NaN losses, a full disk, damaged checkpoints, two runs on one folder, DeepSpeed on
 another process count, every bad config and pack argument) against real
 train/main.py processes, and prints: scenario | expected | observed | pass, then the message each bad
-input gets. Takes about 10 minutes on 2 CPU cores. docs/reliability.md
+input gets. Takes about 12 minutes on 2 CPU cores. docs/reliability.md
 explains the guarantees. Exit status 1 if any scenario failed.
 """
 

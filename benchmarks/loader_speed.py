@@ -139,7 +139,7 @@ def tile_pack(tmp: Path, fmt: str) -> Path:
 # ---------------------------------------------------------------- the per-sample check
 
 def check_section(tmp: Path, args) -> None:
-    print("\n| tiles 256 | kB / sample | digest check, us / sample | digest MB/s | stream, ms / sample (CPU, patch 128) "
+    print("\n| tiles 256 | kB / sample | digest check, µs / sample | digest MB/s | stream, ms / sample (CPU, patch 128) "
           "| check's share |\n|---|---|---|---|---|---|")
     for fmt in ("png", "npy"):
         source = tile_pack(tmp, fmt)

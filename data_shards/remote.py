@@ -23,14 +23,17 @@ Contract of a remote read (http, s3, pipe):
   `retries` counts failures in a row; 1 MiB read after a failure starts a new count, so a long shard
   survives occasional drops while a server that trickles a few bytes per connection is given up.
 - Every connect and every read blocks at most `timeout_s`, so a stalled server is a failure, not a hang.
+- A ranged answer must be the range asked for (http 206 Content-Range, S3 ContentRange): other bytes
+  (from 0, a wider range, no header) fail the read like a dropped connection. A 200 to a Range
+  request has its head discarded, never taken for the range.
 - A failure that will not pass (missing object, refused credentials, a size unlike the index's), or
   `retries` exhausted, raises ShardReadError naming the shard (credentials redacted) and the cause:
   the stream skips the shard, counts it and names it. Bytes are never silently lost: a read that
   ends short of the known size (the index's, else the server's) is an error.
 - Every message that shows a URL goes through `redact`.
 
-Optional cache (settings.cache_dir): whole shards under one folder, for data read many epochs; see
-ShardCache.
+Optional cache (settings.cache_dir): whole shards in its own subfolder, for data read many epochs;
+it deletes only the copies it wrote (see ShardCache).
 """
 
 from __future__ import annotations

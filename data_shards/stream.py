@@ -33,10 +33,11 @@ command that adds them. A shard pattern without an index (validation only) is re
 
 Only .png, .npy (allow_pickle=False) and .json members are ever decoded: a shard is untrusted input.
 Bad samples (corrupt image, missing member, truncated tar, bytes unlike the index's record) are
-skipped with a warning that names the shard and key, or raise BadSampleError with strict=True. A skipped training sample's place is taken
-by the next one in the epoch's order (which is thus drawn twice that epoch), so batches keep their
-size. Each training batch carries 'skipped', a 0-d int64 tensor: the samples its worker skipped since
-its previous batch, so summing it over batches (and ranks) gives the total.
+skipped with a warning that names the shard and key, or raise BadSampleError with strict=True. A
+skipped training sample's place is taken by the next one in the epoch's order (which is thus drawn
+twice that epoch), so batches keep their size. Each training batch carries 'skipped', a 0-d int64
+tensor: the samples its worker skipped since its previous batch, so summing it over batches (and
+ranks) gives the total.
 """
 
 from __future__ import annotations
@@ -166,13 +167,11 @@ def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: Noise
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     remote = remote or RemoteSettings()
     urls, shard_index = resolve_source(source, index, remote)
-    catalog = None
     if shard_index is not None:
         problem = noise_mismatch(bool(shard_index.inputs), noise, str(source))
         if problem:
             raise ValueError(problem)
-        catalog = Catalog.from_index(shard_index, urls, str(source))
-    return ValLoader(urls, shard_index, catalog, rank, world_size, noise, max_images, strict, remote)
+    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict, remote)
 
 
 def index_source(source) -> bool:
@@ -276,10 +275,11 @@ def batch_positions(settings: StreamSettings, k: int) -> range:
 class ValLoader:
     """Iterable over this rank's validation images; re-iterable, and sized when an index is known."""
 
-    def __init__(self, urls: list[str], shard_index: ShardIndex | None, catalog: Catalog | None, rank: int,
-                 world_size: int, noise: NoiseConfig | None, max_images: int | None, strict: bool,
-                 remote: RemoteSettings):
-        self.urls, self.shard_index, self.catalog, self.remote = urls, shard_index, catalog, remote
+    def __init__(self, urls: list[str], shard_index: ShardIndex | None, rank: int, world_size: int,
+                 noise: NoiseConfig | None, max_images: int | None, strict: bool, remote: RemoteSettings):
+        self.urls, self.shard_index, self.remote = urls, shard_index, remote
+        # With an index every sample is checked against it; refused here when it lacks the records.
+        self.catalog = Catalog.from_index(shard_index, urls, shard_index.location) if shard_index else None
         self.rank, self.world_size = rank, world_size
         self.noise, self.max_images, self.strict = noise, max_images, strict
         self.skipped = 0

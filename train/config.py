@@ -59,7 +59,7 @@ class DataConfig:
     # Remote shards (http(s)://, s3://, pipe:), see docs/remote_storage.md.
     retries: int = 5  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
     timeout_s: float = 60.0  # longest any connect or read may block
-    cache_dir: str | None = None  # local whole-shard cache of remote shards, e.g. a node's SSD
+    cache_dir: str | None = None  # local whole-shard cache of remote shards (a node's SSD), apart from the run folder
     cache_limit_gb: float | None = None  # required with cache_dir: its size limit (10^9 bytes)
 
 
