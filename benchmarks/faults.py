@@ -3,10 +3,11 @@
     python benchmarks/faults.py [--kills 6] [--only SUBSTRING] [--keep]
 
 Runs each scenario of tests/test_faults.py (kill -9 at random moments, SIGTERM/SIGUSR1, a killed or
-frozen DDP rank, damaged shards, pickle payloads, NaN losses, a full disk, damaged checkpoints, two runs
-on one folder, DeepSpeed on another process count, every bad config and pack argument) against real
+frozen DDP rank, damaged and swapped shards, lying http servers, hostile indexes, the cache's folder,
+pickle payloads, NaN losses, a full disk, damaged checkpoints, two runs on one folder, DeepSpeed on
+another process count, every bad config and pack argument) against real
 train/main.py processes, and prints: scenario | expected | observed | pass, then the message each bad
-input gets. Takes about 10 minutes on 2 CPU cores. docs/reliability.md
+input gets. Takes about 12 minutes on 2 CPU cores. docs/reliability.md
 explains the guarantees. Exit status 1 if any scenario failed.
 """
 
@@ -76,6 +77,17 @@ def main() -> int:
             return f"{len(seen)} cases: each exits 2 with its one-line message, no traceback (listed below)"
         return run
 
+    def hostile(kind: str):
+        def run(folder: Path) -> str:
+            if kind == "cache":
+                messages[kind] = faults.scenario_cache_in_run_folder(data, folder)
+                return f"{len(messages[kind])} cases: each exits 2 before any work, the run folder's files untouched"
+            make = faults.hostile_indexes if kind == "index" else faults.escaping_indexes
+            messages[kind] = faults.scenario_bad_indexes(data, make(data, folder), folder)
+            return (f"{len(messages[kind])} cases: each exits 2 with its one-line message from train/main.py and "
+                    "`python -m data_shards.index`, restormer-verify reports it; no traceback (listed below)")
+        return run
+
     scenarios = [
         (f"kill -9 x{args.kills} on one run", "each --resume auto restart continues from the newest complete "
          "checkpoint; step and lr continue; no partial checkpoint loaded; stale .tmp cleaned",
@@ -118,6 +130,21 @@ def main() -> int:
         ("DeepSpeed ZeRO-2 resume 2 -> 1 and 1 -> 2 processes", "refused before the model is built, naming both "
          "counts", lambda w: pytest_node("tests/test_deepspeed.py::test_zero2_gives_ddp_weights_and_resumes_its_checkpoint",
                                          "tests/test_deepspeed.py::test_zero2_checkpoint_of_one_process_is_refused_on_two")),
+        ("shards swapped after packing for another data set's (one the same size, one larger)", "every sample "
+         "of both skipped, counted and named with shard and key; run completes",
+         lambda w: faults.scenario_swapped_shards(w, strict=False)),
+        ("same swapped shards, data.strict=true", "one-line error naming shard and key, exit 2",
+         lambda w: faults.scenario_swapped_shards(w, strict=True)),
+        *[(f"lying http server for one shard: {what}", "the read fails after data.retries and the shard's samples "
+           "are skipped and named (a 200: its head discarded, nothing skipped); no wrong byte trained",
+           lambda w, lie=lie: faults.scenario_lying_server(data, w, lie)) for lie, what in faults.LIES.items()],
+        ("hostile index.json (types, missing fields, 10^12 offset, deep nesting, 1 GiB, binary)",
+         "exit 2, one line naming the field", hostile("index")),
+        ("index entries listed twice or escaping the split ('../', absolute, URL)", "exit 2, one line naming the "
+         "entry", hostile("escaping")),
+        ("data.cache_dir = the run folder, inside it, or holding it", "exit 2 before any work", hostile("cache")),
+        ("foreign files in data.cache_dir (remote shards, eviction)", "only the cache's own copies are deleted",
+         lambda w: faults.scenario_foreign_files_in_cache(data, w)),
         ("every bad config value", "exit 2, message names the key and the fix", bad_inputs("config")),
         ("every bad restormer-pack argument", "exit 2, message names the problem", bad_inputs("pack")),
     ]

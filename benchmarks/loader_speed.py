@@ -2,7 +2,7 @@
 the epoch stream vs the stream it replaced, its shuffle quality and its resume time.
 
     python benchmarks/loader_speed.py [--images 16] [--size 1024] [--batches 30] [--workers 1 2 4]
-                                      [--sections pack speed shuffle resume]
+                                      [--sections pack speed check shuffle resume]
 
 Source: the demo's bundled photos (scikit-image, matplotlib) resized to SIZExSIZE RGB PNGs (zlib level 6, as datasets ship).
 Task: Gaussian denoising sigma 25, random crop + 8 flips/rotations, batch 8, float32 [0, 1].
@@ -21,6 +21,9 @@ PNG sizes scale too) with every byte budget scaled by 1/64 alike (shards of ~85 
 shards hold, the legacy 64 MB shuffle buffer, the pack's 512 MB spread buffer). Figures: distinct
 source images per batch of 8, and per 64 consecutive draws (the order-quality figure: a buffer or a
 sequential read shows there), against what a uniform permutation gives.
+Check: the cost of proving each sample against the index (the BLAKE3 digest of its bytes, which the
+stream computes on every read), per sample and per MB, beside the stream's whole CPU cost per sample
+(in-process, patch 128): the share of the loader's time that the check takes.
 Resume: the time from building the stream at position 10^6 + 12345 of a 10^6-sample index (1000
 names for one real 1000-sample shard) to its first batch.
 """
@@ -47,7 +50,7 @@ from data_shards.codec import encode_png, read_image, to_channels
 from data_shards.degrade import NoiseConfig, add_noise, paired_crop
 from data_shards.demo import TRAIN_IMAGES, VAL_IMAGES
 from data_shards.geometry import dihedral
-from data_shards.index import ShardIndex
+from data_shards.index import ShardIndex, sample_digest
 from data_shards.pack import PackConfig, pack
 from data_shards.stream import StreamSettings, build_train_loader
 
@@ -123,6 +126,39 @@ def legacy_rate(source, patch, workers, count) -> float:
     loader = legacy_stream.build_train_loader(source, patch_size=patch, batch_size=BATCH, seed=0,
                                               num_workers=workers, noise=NOISE)
     return rate(iter(loader), count)
+
+
+def tile_pack(tmp: Path, fmt: str) -> Path:
+    """The sources cut into 256 px tiles, packed once (png or npy)."""
+    out = tmp / fmt
+    if not (out / "train").is_dir():
+        pack(PackConfig(out=out, source=tmp / "src", format=fmt, tile=256, shard_samples=32, progress=False))
+    return out / "train"
+
+
+# ---------------------------------------------------------------- the per-sample check
+
+def check_section(tmp: Path, args) -> None:
+    print("\n| tiles 256 | kB / sample | digest check, µs / sample | digest MB/s | stream, ms / sample (CPU, patch 128) "
+          "| check's share |\n|---|---|---|---|---|---|")
+    for fmt in ("png", "npy"):
+        source = tile_pack(tmp, fmt)
+        index = ShardIndex.load(source)
+        samples = []
+        for shard in index.shards:
+            data = (source / shard.name).read_bytes()
+            samples += [data[start:end] for start, end in zip(shard.offsets, shard.offsets[1:])]
+        rounds = max(1, 2000 // len(samples))
+        start = time.process_time()
+        for _ in range(rounds):
+            for data in samples:
+                sample_digest(data)
+        digest_s = (time.process_time() - start) / (rounds * len(samples))
+        stream_s = 1 / cpu_rate(iter(build_train_loader(source, StreamSettings(
+            patch=128, batch=BATCH, num_workers=0, noise=NOISE))), args.batches)
+        size = np.mean([len(data) for data in samples])
+        print(f"| {fmt} | {size / 1e3:.0f} | {digest_s * 1e6:.0f} | {size / digest_s / 1e6:.0f} | {stream_s * 1e3:.2f} "
+              f"| {digest_s / stream_s:.1%} |", flush=True)
 
 
 # ---------------------------------------------------------------- shuffle quality
@@ -226,13 +262,13 @@ def main() -> None:
     parser.add_argument("--patches", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--pack-images", type=int, default=64, help="images for the pack throughput rows")
     parser.add_argument("--shuffle-images", type=int, default=64, help="images of the dual-pixel-style pack")
-    parser.add_argument("--sections", nargs="+", default=["pack", "speed", "shuffle", "resume"],
-                        choices=["pack", "speed", "shuffle", "resume"])
+    parser.add_argument("--sections", nargs="+", default=["pack", "speed", "check", "shuffle", "resume"],
+                        choices=["pack", "speed", "check", "shuffle", "resume"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="loader-speed-") as tmp:
         tmp = Path(tmp)
-        if {"pack", "speed"} & set(args.sections):
+        if {"pack", "speed", "check"} & set(args.sections):
             (tmp / "src").mkdir()
             files = make_sources(tmp / "src", args.images, args.size)
             print(f"{len(files)} source PNGs of {args.size}x{args.size} RGB, "
@@ -241,6 +277,8 @@ def main() -> None:
             pack_section(tmp, files, args.pack_images)
         if "speed" in args.sections:
             speed_section(tmp, files, args)
+        if "check" in args.sections:
+            check_section(tmp, args)
         if "shuffle" in args.sections:
             shuffle_section(tmp, args.shuffle_images)
         if "resume" in args.sections:
@@ -270,13 +308,11 @@ def speed_section(tmp: Path, files: list[Path], args) -> None:
     folder_bytes = np.mean([f.stat().st_size for f in files])
     loaders = {"folder PNG (decode full, crop)": (lambda p, w, n: folder_rate(files, p, w, n), folder_bytes)}
     for fmt in ("png", "npy"):
-        out = tmp / fmt
-        pack(PackConfig(out=out, source=tmp / "src", format=fmt, tile=256, shard_samples=32, progress=False))
-        index = ShardIndex.load(out / "train")
+        source = tile_pack(tmp, fmt)
+        index = ShardIndex.load(source)
         per_sample = sum(s.bytes for s in index.shards) / index.total_samples
-        loaders[f"stream {fmt} tiles 256"] = (lambda p, w, n, s=out / "train": stream_rate(s, p, w, n), per_sample)
-        loaders[f"legacy stream {fmt} tiles 256"] = (lambda p, w, n, s=out / "train": legacy_rate(s, p, w, n),
-                                                     per_sample)
+        loaders[f"stream {fmt} tiles 256"] = (lambda p, w, n, s=source: stream_rate(s, p, w, n), per_sample)
+        loaders[f"legacy stream {fmt} tiles 256"] = (lambda p, w, n, s=source: legacy_rate(s, p, w, n), per_sample)
     print("\n| loader | patch | workers | samples/s | MB/s read | ms/sample/core (1 worker) |")
     print("|---|---|---|---|---|---|")
     results = {}

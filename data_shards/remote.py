@@ -23,19 +23,23 @@ Contract of a remote read (http, s3, pipe):
   `retries` counts failures in a row; 1 MiB read after a failure starts a new count, so a long shard
   survives occasional drops while a server that trickles a few bytes per connection is given up.
 - Every connect and every read blocks at most `timeout_s`, so a stalled server is a failure, not a hang.
+- A ranged answer must be the range asked for (http 206 Content-Range, S3 ContentRange): other bytes
+  (from 0, a wider range, no header) fail the read like a dropped connection. A 200 to a Range
+  request has its head discarded, never taken for the range.
 - A failure that will not pass (missing object, refused credentials, a size unlike the index's), or
   `retries` exhausted, raises ShardReadError naming the shard (credentials redacted) and the cause:
   the stream skips the shard, counts it and names it. Bytes are never silently lost: a read that
   ends short of the known size (the index's, else the server's) is an error.
 - Every message that shows a URL goes through `redact`.
 
-Optional cache (settings.cache_dir): whole shards under one folder, for data read many epochs; see
-ShardCache.
+Optional cache (settings.cache_dir): whole shards in its own subfolder, for data read many epochs;
+it deletes only the copies it wrote (see ShardCache).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -52,12 +56,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-__all__ = ["RemoteSettings", "ShardCache", "ShardReadError", "open_shard", "read_bytes", "redact"]
+__all__ = ["CACHE_SUBFOLDER", "RemoteSettings", "ShardCache", "ShardReadError", "check_range", "folder_overlap",
+           "open_shard", "read_bytes", "redact", "settings_problem"]
 
 _CHUNK = 1 << 20
 _MAX_PAUSE_S = 30.0
@@ -71,20 +77,49 @@ class RemoteSettings:
     retries: int = 5  # failures in a row before ShardReadError (1 MiB of progress starts a new count)
     timeout_s: float = 60.0  # longest a connect or a single read may block
     backoff_s: float = 1.0  # first pause before a retry; doubles each failure in a row
-    cache_dir: str | None = None  # whole-shard cache folder (None: no cache)
+    cache_dir: str | None = None  # the cache keeps its copies in CACHE_SUBFOLDER of it (None: no cache)
     cache_limit_bytes: int | None = None  # required with cache_dir: the most the cache may hold
 
     def __post_init__(self):
-        if self.retries < 0:
-            raise ValueError(f"retries={self.retries} must be >= 0")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s={self.timeout_s} must be positive")
-        if self.backoff_s < 0:
-            raise ValueError(f"backoff_s={self.backoff_s} must be >= 0")
-        if (self.cache_dir is None) != (self.cache_limit_bytes is None):
-            raise ValueError("give cache_dir and cache_limit_bytes together (or neither)")
-        if self.cache_limit_bytes is not None and self.cache_limit_bytes <= 0:
-            raise ValueError(f"cache_limit_bytes={self.cache_limit_bytes} must be positive")
+        problem = settings_problem(self.retries, self.timeout_s, self.cache_dir, self.cache_limit_bytes,
+                                   self.backoff_s)
+        if problem:
+            raise ValueError(problem)
+
+
+_SETTING_NAMES = {"retries": "retries", "timeout_s": "timeout_s", "cache_dir": "cache_dir",
+                  "cache_limit": "cache_limit_bytes", "backoff_s": "backoff_s"}
+
+
+def settings_problem(retries: int, timeout_s: float, cache_dir: str | None, cache_limit: float | None,
+                     backoff_s: float = 0.0, names: dict[str, str] = _SETTING_NAMES) -> str | None:
+    """The rules every remote setting obeys, or None. `names` says what the caller calls each field (the
+    run config's keys, e.g. {'retries': 'data.retries', ...}); the cache limit's unit is the caller's."""
+    if retries < 0:
+        return f"{names['retries']}={retries} must be >= 0 (0: a failed read skips the shard at once)"
+    if not timeout_s > 0:
+        return f"{names['timeout_s']}={timeout_s} must be a positive number of seconds"
+    if backoff_s < 0:
+        return f"{names['backoff_s']}={backoff_s} must be >= 0"
+    if (cache_dir is None) != (cache_limit is None):
+        return (f"{names['cache_dir']} and {names['cache_limit']} go together: give the cache folder (e.g. a node's "
+                "local SSD) and the most disk it may use")
+    if cache_limit is not None and not cache_limit > 0:
+        return f"{names['cache_limit']}={cache_limit} must be positive"
+    return None
+
+
+def folder_overlap(cache_dir: str | Path, folder: str | Path) -> str | None:
+    """How a cache folder overlaps `folder` (is it, lies inside it, or holds it), or None. The cache
+    deletes what it evicts, so it must live apart from a run's files."""
+    cache, other = Path(cache_dir).resolve(), Path(folder).resolve()
+    if cache == other:
+        return "is"
+    if other in cache.parents:
+        return "is inside"
+    if cache in other.parents:
+        return "holds"
+    return None
 
 
 class ShardReadError(OSError):
@@ -110,14 +145,20 @@ def open_shard(url: str, offset: int = 0, *, length: int | None = None, size: in
     a truncated shard still serves the samples it holds). sha256 is checked on cached copies.
     """
     settings = settings or RemoteSettings()
+    check_range(url, offset, length, size)
+    if _local_path(url) is None and settings.cache_dir is not None:
+        return ShardCache(settings).open(url, offset, size=size, sha256=sha256)
+    return open_uncached(url, offset, length=length, size=size, settings=settings)
+
+
+def check_range(url: str, offset: int, length: int | None, size: int | None) -> None:
+    """The bounds every read of a shard obeys, whether it opens the shard or reuses an open handle:
+    bytes offset..offset + length inside the index's size."""
     if offset < 0 or (length is not None and length < 0):
         raise ValueError(f"offset={offset} and length={length} must be >= 0")
     end = offset + length if length is not None else offset
     if size is not None and end > size:
         raise ShardReadError(url, f"bytes {offset}..{end} are past the end of the shard ({size} bytes)")
-    if _local_path(url) is None and settings.cache_dir is not None:
-        return ShardCache(settings).open(url, offset, size=size, sha256=sha256)
-    return open_uncached(url, offset, length=length, size=size, settings=settings)
 
 
 def open_uncached(url: str, offset: int = 0, *, length: int | None = None, size: int | None = None,
@@ -132,10 +173,18 @@ def open_uncached(url: str, offset: int = 0, *, length: int | None = None, size:
     return io.BufferedReader(_ResumingReader(url, source, offset, end, size, settings), buffer_size=_CHUNK)
 
 
-def read_bytes(url: str, settings: RemoteSettings | None = None) -> bytes:
-    """The whole object at `url` (e.g. an index.json), through the same sources and retries."""
+def read_bytes(url: str, settings: RemoteSettings | None = None, most: int | None = None) -> bytes:
+    """The whole object at `url` (e.g. an index.json), through the same sources and retries; at most
+    `most` bytes of it when given (a caller bounding what it reads into memory)."""
+    chunks, count = [], 0
     with open_uncached(url, settings=settings) as stream:
-        return stream.read()
+        while most is None or count < most:
+            chunk = stream.read(_CHUNK if most is None else min(_CHUNK, most - count))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            count += len(chunk)
+    return b"".join(chunks)
 
 
 # ------------------------------------------------------------------ redaction
@@ -298,7 +347,7 @@ class _ShortRead(ConnectionError):
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, (_ShortRead, _CommandFailed)):  # ours: the message says it all
+    if isinstance(error, (_ShortRead, _WrongRange, _CommandFailed)):  # ours: the message says it all
         return redact(str(error))
     return redact(f"{type(error).__name__}: {str(error) or repr(error)}")
 
@@ -329,13 +378,18 @@ class _HttpSource:
         if position or end is not None:
             request.add_header("Range", _byte_range(position, end))
         response = urllib.request.urlopen(request, timeout=self.timeout_s)  # noqa: S310 (http(s) only)
-        length = response.headers.get("Content-Length")
-        if response.status == 206:
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            return response, int(total) if total.isdigit() else None
-        total = int(length) if length and length.isdigit() else None
-        _discard(response, position)  # the server ignored Range: drop the head ourselves
-        return response, total
+        try:
+            length = response.headers.get("Content-Length")
+            if response.status == 206:
+                return response, _answered_range(response.headers.get("Content-Range"), length, position, end)
+            if response.status != 200:
+                raise _WrongRange(f"HTTP status {response.status} to a GET, expected 200 or 206")
+            # The whole object, whatever Range said: its head is dropped here, never taken for the range.
+            _discard(response, position)
+        except BaseException:
+            response.close()
+            raise
+        return response, int(length) if length and length.isdigit() else None
 
     def transient(self, error: BaseException) -> bool:
         if isinstance(error, urllib.error.HTTPError):
@@ -346,6 +400,35 @@ class _HttpSource:
 def _byte_range(position: int, end: int | None) -> str:
     """The HTTP/S3 Range header value for bytes [position, end)."""
     return f"bytes={position}-{end - 1 if end is not None else ''}"
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _WrongRange(ConnectionError):
+    """A server that answered a Range request with other bytes than asked for (a misconfigured proxy or
+    CDN, a cache serving the object's head): an error for this read, retried like a dropped connection."""
+
+
+def _answered_range(content_range: str | None, length, position: int, end: int | None) -> int | None:
+    """The object's size from a ranged answer's Content-Range, once it is the range asked for:
+    the same first byte, the same last byte (the object's last for an open range), and a length that
+    agrees. A range past the object's end is left to the size check (a permanent error, not a retry)."""
+    asked = _byte_range(position, end).removeprefix("bytes=")
+    match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+    if match is None:
+        raise _WrongRange(f"asked for bytes {asked}, the answer has " +
+                          (f"Content-Range {content_range!r}" if content_range else "no Content-Range"))
+    first, last = int(match[1]), int(match[2])
+    total = int(match[3]) if match[3] != "*" else None
+    if total is not None and end is not None and end > total:
+        return total
+    wanted_last = end - 1 if end is not None else (total - 1 if total is not None else last)
+    if (first, last) != (position, wanted_last) or (total is not None and last >= total):
+        raise _WrongRange(f"asked for bytes {asked}, the server sent bytes {first}-{last}/{match[3]}")
+    if length is not None and str(length) != str(last - first + 1):
+        raise _WrongRange(f"asked for bytes {asked}, the answer is {length} bytes long for Content-Range {content_range}")
+    return total
 
 
 def _discard(stream: _Opened, count: int) -> None:
@@ -397,10 +480,14 @@ class _S3Source:
         if position or end is not None:
             arguments["Range"] = _byte_range(position, end)
         response = _s3_client(self.timeout_s).get_object(**arguments)
-        total = response.get("ContentRange", "").rpartition("/")[2]
-        if total.isdigit():
-            return response["Body"], int(total)
-        return response["Body"], response.get("ContentLength")
+        if "Range" not in arguments:
+            return response["Body"], response.get("ContentLength")
+        try:
+            return response["Body"], _answered_range(response.get("ContentRange"), response.get("ContentLength"),
+                                                     position, end)
+        except _WrongRange:
+            response["Body"].close()
+            raise
 
     def transient(self, error: BaseException) -> bool:
         from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, NoRegionError,
@@ -490,11 +577,19 @@ def _remote_source(url: str, settings: RemoteSettings) -> _Source:
 # ------------------------------------------------------------------ cache
 
 
-class ShardCache:
-    """Whole-shard copies under settings.cache_dir, at most settings.cache_limit_bytes in all.
+CACHE_SUBFOLDER = "restormer-shard-cache"
 
+
+class ShardCache:
+    """Whole-shard copies in settings.cache_dir/CACHE_SUBFOLDER, at most settings.cache_limit_bytes in all.
+
+    - Ownership: the cache deletes only what it wrote. Its manifest file lists the copies it wrote;
+      eviction and the removal of a bad copy touch only listed files, and a file at a copy's name
+      that the manifest does not list is never deleted or overwritten (the shard is then streamed,
+      not kept). Besides listed copies it deletes only its own temporary files (.tmp-PID-THREAD-NAME)
+      left for an hour by a dead process. Other files in cache_dir or the subfolder are left alone.
     - A miss downloads the whole shard (through the retrying reader) to a temporary file in the
-      cache folder, checks its size and sha256 against the index's when given, and renames it into
+      subfolder, checks its size and sha256 against the index's when given, and renames it into
       place: readers only ever see complete files. One process per host downloads a given shard
       while the others that miss it wait on a lock file (flock: released by the kernel if that
       process dies) and then read its copy; without working flock (some network file systems) they
@@ -503,22 +598,25 @@ class ShardCache:
       earlier run or another process is hashed before its first use here; hashing on every open
       would cost a shard's read per sample for a reader that seeks). A copy that fails is deleted,
       named in a warning and fetched again. Bytes changed in place after a process checked them
-      (the same file, the same size) go unseen by that process.
-    - After each download the least recently used copies (hits touch the file's mtime) are deleted
-      until the folder is within the limit; an open copy stays readable after its deletion (POSIX).
-      Concurrent downloads can overshoot the limit by the shards in flight. A shard larger than the
-      whole limit is streamed from its download and not kept.
+      (the same file, the same size) go unseen by that process; the stream's per-sample digests
+      still refuse the samples they change.
+    - After each download the least recently used listed copies (hits touch the file's mtime) are
+      deleted until they are within the limit; an open copy stays readable after its deletion
+      (POSIX). Concurrent downloads can overshoot the limit by the shards in flight. A shard larger
+      than the whole limit is streamed from its download and not kept.
     - Copies are named by a hash of the URL without credentials or query, so a re-signed presigned
       URL still hits, and no secret reaches a file name.
     """
 
     _STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a dead process
+    _TMP = re.compile(r"\.tmp-(\d+-\d+-[0-9a-f]{24}-[A-Za-z0-9._-]*|manifest-\d+-\d+)")
+    MANIFEST = "manifest.txt"
 
     def __init__(self, settings: RemoteSettings):
         if settings.cache_dir is None or settings.cache_limit_bytes is None:
             raise ValueError("ShardCache needs settings.cache_dir and settings.cache_limit_bytes")
         self.settings = settings
-        self.folder = Path(settings.cache_dir)
+        self.folder = Path(settings.cache_dir) / CACHE_SUBFOLDER
         self.limit = settings.cache_limit_bytes
 
     def path_for(self, url: str) -> Path:
@@ -550,8 +648,14 @@ class ShardCache:
                 pass
             return _positioned(url, stream, offset)
         stream.close()
-        warnings.warn(f"cached copy of shard {redact(url)} ({path}) {problem}: fetching it again", stacklevel=3)
-        path.unlink(missing_ok=True)
+        with self._manifest() as owned:
+            if path.name in owned:
+                owned.remove(path.name)
+                path.unlink(missing_ok=True)
+                warnings.warn(f"cached copy of shard {redact(url)} ({path}) {problem}: fetching it again", stacklevel=3)
+            else:
+                warnings.warn(f"{path} {problem}, and the cache did not write it (not in its {self.MANIFEST}): left "
+                              f"alone; shard {redact(url)} is read without the cache", stacklevel=3)
         return None
 
     def _fetch(self, url: str, path: Path, offset: int, size: int | None, sha256: str | None) -> BinaryIO:
@@ -572,31 +676,64 @@ class ShardCache:
                 warnings.warn(f"shard {redact(url)} ({fetched} bytes) is larger than the whole cache limit "
                               f"({self.limit} bytes): streamed, not kept", stacklevel=3)
                 return stream
-            os.replace(tmp, path)
+            self._admit(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        self._evict(keep=path)
         return stream
 
-    def _evict(self, keep: Path) -> None:
+    def _admit(self, tmp: Path, path: Path) -> None:
+        """Lists the copy, renames it into place and evicts, in one turn of the manifest's lock: a listed
+        name's file is always one the cache wrote (or gone)."""
+        with self._manifest() as owned:
+            if path.exists() and path.name not in owned:
+                return  # someone else's file at this name: not overwritten, the download is streamed
+            owned.add(path.name)
+            os.replace(tmp, path)
+            self._evict(owned, keep=path)
+
+    def _evict(self, owned: set[str], keep: Path) -> None:
         copies, now = [], time.time()
-        for entry in os.scandir(self.folder):
+        for name in sorted(owned):
             try:
-                stat = entry.stat()
-            except FileNotFoundError:  # another process evicted or renamed it meanwhile
+                stat = (self.folder / name).stat()
+            except FileNotFoundError:  # removed by hand, or a process died between listing and renaming
+                owned.discard(name)
                 continue
-            if entry.name.startswith(".tmp-"):
-                if now - stat.st_mtime > self._STALE_TMP_S:
-                    Path(entry.path).unlink(missing_ok=True)
-            elif entry.is_file() and not entry.name.startswith(".lock-"):  # locks stay: a waiter may hold one
-                copies.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+            copies.append((stat.st_mtime, stat.st_size, name))
         total = sum(size for _, size, _ in copies)
-        for _, size, path in sorted(copies):
+        for _, size, name in sorted(copies):
             if total <= self.limit:
                 break
-            if path != keep:
-                path.unlink(missing_ok=True)
+            if name != keep.name:
+                (self.folder / name).unlink(missing_ok=True)
+                owned.discard(name)
                 total -= size
+        for entry in os.scandir(self.folder):  # this cache's own temporary files, left by dead processes
+            if self._TMP.fullmatch(entry.name):
+                try:
+                    if now - entry.stat().st_mtime > self._STALE_TMP_S:
+                        Path(entry.path).unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+
+    @contextlib.contextmanager
+    def _manifest(self) -> Iterator[set[str]]:
+        """The names of the copies the cache wrote, held under an exclusive lock; changes to the set are
+        written back (atomically) when the block ends."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = self.folder / self.MANIFEST
+        with open(self.folder / f".lock-{self.MANIFEST}", "ab") as lock:
+            _flock(lock)
+            try:
+                owned = set(manifest.read_text(encoding="utf-8").split())
+            except FileNotFoundError:
+                owned = set()
+            before = set(owned)
+            yield owned
+            if owned != before:
+                tmp = manifest.with_name(f".tmp-manifest-{os.getpid()}-{threading.get_ident()}")
+                tmp.write_text("".join(f"{name}\n" for name in sorted(owned)), encoding="utf-8")
+                os.replace(tmp, manifest)
 
 
 _VERIFIED: set[tuple[int, int, int, str]] = set()  # (device, inode, size, sha256) this process has hashed

@@ -23,18 +23,25 @@ batch with a generator seeded by (seed, the batch's first position).
 
 Samples are read by seeking to their byte range (ShardInfo.offsets), one at a time, so a worker holds
 one batch of decoded samples plus at most _OPEN_SHARDS open files; it never decodes a skipped sample.
+Validation with an index reads each shard front to back, range by range.
+
+Integrity: with an index, every sample is checked before it is decoded, on every read (local,
+remote, cached or not, training or validation): its bytes must have the digest the index recorded
+(data_shards.index.sample_digest; the tar headers are part of them, so the members' names and sizes
+are proven too) and hold the key it recorded. Indexes without these records are refused, with the
+command that adds them. A shard pattern without an index (validation only) is read unchecked.
 
 Only .png, .npy (allow_pickle=False) and .json members are ever decoded: a shard is untrusted input.
-Bad samples (corrupt image, missing member, truncated tar) are skipped with a warning that names the
-shard and key, or raise BadSampleError with strict=True. A skipped training sample's place is taken
-by the next one in the epoch's order (which is thus drawn twice that epoch), so batches keep their
-size. Each training batch carries 'skipped', a 0-d int64 tensor: the samples its worker skipped since
-its previous batch, so summing it over batches (and ranks) gives the total.
+Bad samples (corrupt image, missing member, truncated tar, bytes unlike the index's record) are
+skipped with a warning that names the shard and key, or raise BadSampleError with strict=True. A
+skipped training sample's place is taken by the next one in the epoch's order (which is thus drawn
+twice that epoch), so batches keep their size. Each training batch carries 'skipped', a 0-d int64
+tensor: the samples its worker skipped since its previous batch, so summing it over batches (and
+ranks) gives the total.
 """
 
 from __future__ import annotations
 
-import io
 import tarfile
 import warnings
 from collections import OrderedDict
@@ -50,17 +57,16 @@ from webdataset.shardlists import expand_urls
 from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
-from data_shards.index import ShardIndex, ShardInfo, member_key
-from data_shards.remote import RemoteSettings, ShardReadError, open_shard, redact
+from data_shards.index import DIGEST_BYTES, ShardIndex, sample_digest, sample_members, tar_samples
+from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, redact
 
 __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
-           "noise_mismatch"]
+           "global_batch_problem", "index_source", "noise_mismatch"]
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}
 _SCALE = {np.dtype(np.uint8): np.float32(255), np.dtype(np.uint16): np.float32(65535)}
 _OPEN_SHARDS = 8  # open file handles a worker keeps for seeking
 _BAD_RUN = 64  # a position whose sample and this many replacements are all bad: the data is unusable, stop
-REINDEX = "python -m data_shards.index SPLIT_DIR"
 
 
 class BadSampleError(RuntimeError):
@@ -113,6 +119,15 @@ def noise_mismatch(paired: bool, noise: NoiseConfig | None, where: str,
     return None
 
 
+def global_batch_problem(samples: int, world_size: int, batch: int) -> str | None:
+    """The one rule tying the data's size to the job: one micro-batch of every process together must
+    not hold a sample twice. Returns what is wrong (for the caller's error type), or None."""
+    if samples < world_size * batch:
+        return (f"{samples} samples cannot fill one global batch of {world_size * batch} ({world_size} process(es) "
+                f"x batch {batch}) without repeating samples")
+    return None
+
+
 def build_train_loader(source, settings: StreamSettings, index: str | Path | None = None) -> DataLoader:
     """Endless batches {'input': (B, Cin, P, P), 'target': (B, C, P, P)} float32 in [0, 1], plus 0-d int64
     'skipped', 'next_position' and 'epoch' (see the module docstring).
@@ -122,18 +137,17 @@ def build_train_loader(source, settings: StreamSettings, index: str | Path | Non
     happens in the workers (batch_size=None on the DataLoader); num_workers=0 runs in-process.
     `index` gives the index file for a shard pattern (a folder or index.json source brings its own).
     """
-    urls, shard_index = resolve_source(source, index)
+    urls, shard_index = resolve_source(source, index, settings.remote)
     if shard_index is None:
-        raise ValueError(f"{source}: a training stream needs the split's index.json (sample counts and byte "
-                         "offsets): give the split folder, its index.json, or index=")
+        raise ValueError(f"{source}: a training stream needs the split's index.json (sample counts, byte "
+                         "offsets, digests): give the split folder, its index.json, or index=")
     problem = noise_mismatch(bool(shard_index.inputs), settings.noise, str(source))
     if problem:
         raise ValueError(problem)
     catalog = Catalog.from_index(shard_index, urls, str(source))
-    if catalog.size < settings.global_batch:
-        raise ValueError(f"{source}: {catalog.size} samples cannot fill one global batch of {settings.global_batch} "
-                         f"({settings.world_size} rank(s) x {settings.batch}) without repeating samples; "
-                         "pack more data or lower the batch size")
+    problem = global_batch_problem(catalog.size, settings.world_size, settings.batch)
+    if problem:
+        raise ValueError(f"{source}: {problem}; pack more data or lower the batch size")
     dataset = _TrainStream(catalog, shard_index.inputs, settings)
     workers = settings.num_workers
     # Pinned host memory makes the trainer's non_blocking copies to the GPU really asynchronous.
@@ -151,23 +165,31 @@ def build_val_loader(source, *, rank: int = 0, world_size: int = 1, noise: Noise
     world sizes."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    urls, shard_index = resolve_source(source, index)
+    remote = remote or RemoteSettings()
+    urls, shard_index = resolve_source(source, index, remote)
     if shard_index is not None:
         problem = noise_mismatch(bool(shard_index.inputs), noise, str(source))
         if problem:
             raise ValueError(problem)
-    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict, remote or RemoteSettings())
+    return ValLoader(urls, shard_index, rank, world_size, noise, max_images, strict, remote)
 
 
-def resolve_source(source, index: str | Path | None = None) -> tuple[list[str], ShardIndex | None]:
-    """Shard URLs and the index (None when only a pattern was given)."""
+def index_source(source) -> bool:
+    """Whether a data source names an index (a split folder or an index file, local or remote), not a
+    shard pattern."""
     text = str(source)
-    local = Path(text)
-    if local.is_dir() or text.endswith(".json"):
-        shard_index = ShardIndex.load(text)
+    return text.endswith(".json") or Path(text).is_dir()
+
+
+def resolve_source(source, index: str | Path | None = None,
+                   remote: RemoteSettings | None = None) -> tuple[list[str], ShardIndex | None]:
+    """Shard URLs and the index (None when only a pattern was given); a remote index is read with `remote`."""
+    text = str(source)
+    if index_source(text):
+        shard_index = ShardIndex.load(text, remote)
         urls = shard_index.shard_urls
     else:
-        shard_index = ShardIndex.load(index) if index is not None else None
+        shard_index = ShardIndex.load(index, remote) if index is not None else None
         urls = expand_urls(text)
         missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).exists()]
         if missing:
@@ -180,30 +202,63 @@ def resolve_source(source, index: str | Path | None = None) -> tuple[list[str], 
 
 @dataclass(frozen=True)
 class Catalog:
-    """Where every training sample lives: sample i is bytes start[i]:end[i] of urls[shard[i]]."""
+    """Where every sample lives and what it must be: sample i is bytes start[i]:end[i] of urls[shard[i]],
+    with the digest digest[i] and the key key(i). Flat arrays: 44 bytes per sample plus its key's."""
 
     urls: tuple[str, ...]
-    shards: tuple[ShardInfo, ...]  # sizes and checksums, for the remote reader
-    shard: np.ndarray  # int32 (N,)
+    sizes: tuple[int, ...]  # each shard's size and sha256, for open_shard
+    sha256s: tuple[str, ...]
+    shard: np.ndarray  # int32 (N,), ascending
     start: np.ndarray  # int64 (N,)
     end: np.ndarray  # int64 (N,)
+    digest: np.ndarray  # uint8 (N, DIGEST_BYTES)
+    key_text: np.ndarray  # uint8: the UTF-8 bytes of every key, one after another
+    key_end: np.ndarray  # int64 (N,): key i is key_text[key_end[i - 1]:key_end[i]]
 
     @property
     def size(self) -> int:
         return len(self.shard)
 
+    def key(self, i: int) -> str:
+        return bytes(self.key_text[self.key_end[i - 1] if i else 0:self.key_end[i]]).decode("utf-8")
+
+    def shard_samples(self, number: int) -> range:
+        """The sample ids of shard `number`."""
+        first, stop = np.searchsorted(self.shard, [number, number + 1])
+        return range(int(first), int(stop))
+
+    def sample(self, i: int, data: bytes) -> dict:
+        """The members of sample i from the bytes read at its range ({'__key__': key, 'target.png': ...}),
+        once they are proven to be the sample the index recorded; ValueError says how they are not."""
+        if sample_digest(data) != self.digest[i].tobytes():
+            try:
+                held = f"; they hold key {sample_members(data).key}"
+            except ValueError:
+                held = "; they hold no whole sample"
+            raise ValueError(f"these bytes are not the sample the index recorded (digest differs{held}): the shard "
+                             "changed since it was packed; check it with `restormer-verify`, restore it or re-pack")
+        found = sample_members(data)
+        if found.key != self.key(i):
+            raise ValueError(f"the sample holds key {found.key}, the index says {self.key(i)}: re-pack")
+        return {"__key__": found.key, **found.members}
+
     @classmethod
     def from_index(cls, shard_index: ShardIndex, urls: list[str], where: str) -> Catalog:
         if len(urls) != len(shard_index.shards):
             raise ValueError(f"{where}: {len(urls)} shard URLs but the index lists {len(shard_index.shards)} shards")
-        if any(shard.offsets is None for shard in shard_index.shards):
-            raise ValueError(f"{where}: the index has no sample offsets (packed before they were recorded); add "
-                             f"them with `{REINDEX}` (reads only the tar headers) or re-pack")
-        offsets = [np.asarray(shard.offsets, dtype=np.int64) for shard in shard_index.shards]
-        counts = [len(o) - 1 for o in offsets]
-        return cls(urls=tuple(urls), shards=shard_index.shards,
-                   shard=np.repeat(np.arange(len(urls), dtype=np.int32), counts),
-                   start=np.concatenate([o[:-1] for o in offsets]), end=np.concatenate([o[1:] for o in offsets]))
+        problem = shard_index.records_problem()
+        if problem:
+            raise ValueError(problem)
+        shards = shard_index.shards
+        offsets = [np.asarray(shard.offsets, dtype=np.int64) for shard in shards]
+        keys = [key.encode("utf-8") for shard in shards for key in shard.keys]
+        digests = bytes.fromhex("".join(digest for shard in shards for digest in shard.blake3))
+        return cls(urls=tuple(urls), sizes=tuple(s.bytes for s in shards), sha256s=tuple(s.sha256 for s in shards),
+                   shard=np.repeat(np.arange(len(urls), dtype=np.int32), [len(o) - 1 for o in offsets]),
+                   start=np.concatenate([o[:-1] for o in offsets]), end=np.concatenate([o[1:] for o in offsets]),
+                   digest=np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES),
+                   key_text=np.frombuffer(b"".join(keys), dtype=np.uint8),
+                   key_end=np.cumsum([len(key) for key in keys], dtype=np.int64))
 
 
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -223,6 +278,8 @@ class ValLoader:
     def __init__(self, urls: list[str], shard_index: ShardIndex | None, rank: int, world_size: int,
                  noise: NoiseConfig | None, max_images: int | None, strict: bool, remote: RemoteSettings):
         self.urls, self.shard_index, self.remote = urls, shard_index, remote
+        # With an index every sample is checked against it; refused here when it lacks the records.
+        self.catalog = Catalog.from_index(shard_index, urls, shard_index.location) if shard_index else None
         self.rank, self.world_size = rank, world_size
         self.noise, self.max_images, self.strict = noise, max_images, strict
         self.skipped = 0
@@ -237,29 +294,27 @@ class ValLoader:
     def __iter__(self) -> Iterator[dict]:
         log = _BadSampleLog(self.strict)
         inputs = self.shard_index.inputs if self.shard_index else None
-        position = 0
-        for number, url in enumerate(self.urls):
-            shard = self.shard_index.shards[number] if self.shard_index else None
-            for sample in _tar_samples(url, log, shard, self.remote):
-                if self.max_images is not None and position >= self.max_images:
-                    return
-                mine = position % self.world_size == self.rank
-                position += 1
-                if not mine:
-                    continue
-                decoded = _decode(sample, inputs, log, self.noise)
-                self.skipped = log.count
-                if decoded is None:
-                    continue
-                key, target, degraded = decoded
-                bits = target.dtype.itemsize * 8  # what the target was stored as: 8 or 16
-                target, degraded = _to_float(target), [_to_float(image) for image in degraded]
-                if not degraded:
-                    rng = np.random.default_rng(key_seed(key))
-                    degraded = [add_noise(target, self.noise, rng)]
-                yield {"input": _to_tensor(np.concatenate(degraded, axis=2)[None]),
-                       "target": _to_tensor(target[None]), "key": key, "bits": bits}
+        if self.catalog is not None:
+            samples = _indexed_samples(self.catalog, log, self.remote, self._mine, self.max_images)
+        else:
+            samples = _streamed_samples(self.urls, log, self.remote, self._mine, self.max_images)
+        for sample in samples:
+            decoded = _decode(sample, inputs, log, self.noise)
             self.skipped = log.count
+            if decoded is None:
+                continue
+            key, target, degraded = decoded
+            bits = target.dtype.itemsize * 8  # what the target was stored as: 8 or 16
+            target, degraded = _to_float(target), [_to_float(image) for image in degraded]
+            if not degraded:
+                rng = np.random.default_rng(key_seed(key))
+                degraded = [add_noise(target, self.noise, rng)]
+            yield {"input": _to_tensor(np.concatenate(degraded, axis=2)[None]),
+                   "target": _to_tensor(target[None]), "key": key, "bits": bits}
+        self.skipped = log.count
+
+    def _mine(self, position: int) -> bool:
+        return position % self.world_size == self.rank
 
 
 class _TrainStream(IterableDataset):
@@ -315,19 +370,15 @@ class _TrainStream(IterableDataset):
             "warnings above); check the shards with `restormer-verify`")
 
     def _read(self, sample_id: int, reader: _ShardReader, log: _BadSampleLog) -> dict:
-        """The members of one sample as bytes plus __key__ and __url__; no __key__ after logging a read error."""
+        """The members of one sample as bytes plus __key__ and __url__; no __key__ after logging an error."""
         c = self.catalog
         shard, start, end = int(c.shard[sample_id]), int(c.start[sample_id]), int(c.end[sample_id])
-        url = c.urls[shard]
         try:
-            data = reader.read(shard, start, end - start)
-            if len(data) != end - start:
-                raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
-            sample = _members(data)
+            data = _exactly(reader.read(shard, start, end - start), start, end)
         except (OSError, ValueError) as err:
-            log(err, url, detail=f"bytes {start}:{end}")
-            return {"__url__": url}
-        return {**sample, "__url__": url}
+            log(err, c.urls[shard], detail=f"bytes {start}:{end}")
+            return {"__url__": c.urls[shard]}
+        return _checked(c, sample_id, data, log)
 
     def _augment(self, decoded, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _, target, degraded = decoded
@@ -349,13 +400,14 @@ class _ShardReader:
         self.handles: OrderedDict[int, object] = OrderedDict()
 
     def read(self, shard: int, start: int, length: int) -> bytes:
+        url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
+        check_range(url, start, length, size)  # an open handle obeys the bounds that opening checks
         handle = self.handles.pop(shard, None)
         if handle is not None:
             handle.seek(start)
         else:
-            info = self.catalog.shards[shard]
-            handle = open_shard(self.catalog.urls[shard], start, length=length, size=info.bytes,
-                                sha256=info.sha256, settings=self.remote)
+            handle = open_shard(url, start, length=length, size=size, sha256=self.catalog.sha256s[shard],
+                                settings=self.remote)
         try:
             data = handle.read(length)
         except BaseException:
@@ -375,49 +427,71 @@ class _ShardReader:
         self.handles.clear()
 
 
-def _members(data: bytes) -> dict:
-    """The members of one sample's tar bytes, {'__key__': key, 'target.png': bytes, ...}."""
-    mismatch = ("the index does not match the shard (replaced after packing?): check it with `restormer-verify`, "
-                f"then re-index with `{REINDEX}` or re-pack")
-    sample: dict = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, extension = member_key(info.name)
-                if sample.setdefault("__key__", key) != key:
-                    raise ValueError(f"the byte range holds keys {sample['__key__']} and {key}: {mismatch}")
-                sample[extension] = tar.extractfile(info).read()
-    except tarfile.TarError as err:
-        raise ValueError(f"no whole sample here ({err}): {mismatch}") from err
-    if not sample:
-        raise ValueError(f"no tar member here: {mismatch}")
-    return sample
+def _exactly(data: bytes, start: int, end: int) -> bytes:
+    if len(data) != end - start:
+        raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
+    return data
 
 
-def _tar_samples(url: str, log: _BadSampleLog, shard: ShardInfo | None, remote: RemoteSettings) -> Iterator[dict]:
-    """The samples of one shard, front to back (members grouped by key). A read error ends the shard."""
-    current: dict | None = None
-    size, sha256 = (shard.bytes, shard.sha256) if shard is not None else (None, None)
+def _checked(catalog: Catalog, sample_id: int, data: bytes, log: _BadSampleLog) -> dict:
+    """Catalog.sample with __url__ added; no __key__ after logging bytes unlike the index's record."""
+    url = catalog.urls[int(catalog.shard[sample_id])]
     try:
-        with open_shard(url, size=size, sha256=sha256, settings=remote) as stream, \
-                tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, extension = member_key(info.name)
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[extension] = tar.extractfile(info).read()
+        return {**catalog.sample(sample_id, data), "__url__": url}
+    except ValueError as err:
+        log(err, url, catalog.key(sample_id), detail=f"bytes {catalog.start[sample_id]}:{catalog.end[sample_id]}")
+        return {"__url__": url}
+
+
+def _indexed_samples(catalog: Catalog, log: _BadSampleLog, remote: RemoteSettings, mine, stop: int | None
+                     ) -> Iterator[dict]:
+    """The samples of the split in stored order whose ids are `mine`, up to id `stop`, each checked
+    against the index. Each shard is read front to back in one stream; a read error ends the shard."""
+    for number, url in enumerate(catalog.urls):
+        ids = catalog.shard_samples(number)
+        if stop is not None and ids.start >= stop:
+            return
+        if not ids:
+            continue
+        first, last = int(catalog.start[ids.start]), int(catalog.end[ids.stop - 1])
+        try:
+            with open_shard(url, first, length=last - first, size=catalog.sizes[number],
+                            sha256=catalog.sha256s[number], settings=remote) as stream:
+                for i in ids:
+                    if stop is not None and i >= stop:
+                        return
+                    start, end = int(catalog.start[i]), int(catalog.end[i])
+                    data = _exactly(stream.read(end - start), start, end)
+                    if mine(i):
+                        yield _checked(catalog, i, data, log)
+        except (OSError, ValueError) as err:
+            log(err, url, detail=f"bytes {first}:{last}")
+
+
+def _streamed_samples(urls: list[str], log: _BadSampleLog, remote: RemoteSettings, mine, stop: int | None
+                      ) -> Iterator[dict]:
+    """Without an index: the samples of each shard as its tar groups them, unchecked, numbered in the
+    order they come; those whose number is `mine`, up to `stop`."""
+    position = 0
+    for url in urls:
+        for sample in _tar_samples(url, log, remote):
+            if stop is not None and position >= stop:
+                return
+            position += 1
+            if mine(position - 1):
+                yield sample
+
+
+def _tar_samples(url: str, log: _BadSampleLog, remote: RemoteSettings) -> Iterator[dict]:
+    """The samples of one shard, front to back. A read error ends the shard."""
+    last = None
+    try:
+        with open_shard(url, settings=remote) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for sample in tar_samples(tar):
+                last = sample.key
+                yield {"__key__": sample.key, "__url__": url, **sample.members}
     except (OSError, EOFError, tarfile.TarError) as err:
-        log(err, url, current["__key__"] if current else None)
-        return
-    if current is not None:
-        yield current
+        log(err, url, detail=f"after key {last}" if last else "")
 
 
 class _BadSampleLog:

@@ -1,18 +1,19 @@
 """Writes samples into size-limited tar shards, byte-identical for identical input.
 
 Every shard is written under a `.tmp` name and renamed only once it is complete, so a killed pack
-never leaves a truncated file that looks like a finished shard.
+never leaves a truncated file that looks like a finished shard. Its index entry (sizes, sha256, and
+each sample's offsets, key and digest) is read back from the finished file by
+data_shards.index.describe_shard, the same function that indexes older folders.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
 from pathlib import Path
 
-from data_shards.index import ShardInfo
+from data_shards.index import ShardInfo, describe_shard
 
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -20,14 +21,6 @@ _BLOCK = tarfile.BLOCKSIZE
 def tar_size(members: list[tuple[str, bytes]]) -> int:
     """Bytes the members take in a tar: one header block each plus data padded to 512 bytes."""
     return sum(_BLOCK + -(-len(data) // _BLOCK) * _BLOCK for _, data in members)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -40,7 +33,6 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
-        self._offsets: list[int] = []
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """members: (extension, data) pairs, e.g. ("target.png", b"...")."""
@@ -49,7 +41,6 @@ class ShardWriter:
             self._finish()
         if self._tar is None:
             self._open()
-        self._offsets.append(self._tar.offset)
         for extension, data in members:
             info = tarfile.TarInfo(f"{key}.{extension}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -79,15 +70,12 @@ class ShardWriter:
     def _open(self) -> None:
         self._tar = tarfile.open(self._tmp_path(), "w", format=tarfile.PAX_FORMAT)
         self._count = self._bytes = 0
-        self._offsets: list[int] = []
 
     def _finish(self) -> None:
-        self._offsets.append(self._tar.offset)
         self._tar.close()
         self._tar = None
         tmp, final = self._tmp_path(), self.folder / self._name()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-        self.shards.append(ShardInfo(name=final.name, samples=self._count, bytes=final.stat().st_size,
-                                     sha256=sha256_file(final), offsets=tuple(self._offsets)))
+        self.shards.append(describe_shard(final))

@@ -1,8 +1,8 @@
 """Check packed shards against their index: `python -m data_shards.verify DIR`.
 
-DIR is a split folder (with index.json) or a pack output holding several. Every shard must exist,
-match the index's size, sha256, sample count and sample byte offsets, and every sample must decode
-with matching sizes.
+DIR is a split folder (with index.json) or a pack output holding several. Every shard must exist and
+match the index's size, sha256 and sample count; every sample its recorded byte range, key and
+digest; and every sample must decode with matching sizes.
 Prints one line per problem, naming shard and key; exit status 0 when all is well, 1 otherwise.
 """
 
@@ -14,8 +14,7 @@ import tarfile
 from pathlib import Path
 
 from data_shards.codec import decode_npy, decode_png
-from data_shards.index import INDEX_NAME, ShardIndex, member_key, scan_offsets
-from data_shards.tar_writer import sha256_file
+from data_shards.index import INDEX_NAME, ShardIndex, ShardInfo, describe_shard, tar_samples
 
 _DECODERS = {"png": decode_png, "npy": decode_npy}
 
@@ -24,9 +23,9 @@ def verify_split(folder: Path) -> list[str]:
     """Problems found in one split folder (empty list: all good)."""
     try:
         index = ShardIndex.load(folder)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         return [f"{folder}: cannot read {INDEX_NAME}: {err}"]
-    problems = []
+    problems = [f"{folder}: {index.records_problem()}"] if index.records_problem() else []
     listed = {shard.name for shard in index.shards}
     for stray in sorted(folder.glob("*.tar*")):
         if stray.name not in listed:
@@ -40,36 +39,55 @@ def verify_split(folder: Path) -> list[str]:
     return problems
 
 
-def _verify_shard(path: Path, shard, index: ShardIndex) -> list[str]:
+def _verify_shard(path: Path, shard: ShardInfo, index: ShardIndex) -> list[str]:
     if not path.exists():
         return [f"{path}: missing"]
     problems = []
     size = path.stat().st_size
     if size != shard.bytes:
         problems.append(f"{path}: {size} bytes, index says {shard.bytes} (truncated or replaced)")
-    elif sha256_file(path) != shard.sha256:
-        problems.append(f"{path}: sha256 differs from the index (corrupted or replaced)")
-    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        found = describe_shard(path, shard.name)
+    except (OSError, ValueError, EOFError, tarfile.TarError) as err:
+        found = None
+        problems.append(f"{path}: not a whole tar ({err})")
+    if found is not None:
+        if size == shard.bytes and found.sha256 != shard.sha256:
+            problems.append(f"{path}: sha256 differs from the index (corrupted or replaced)")
+        if found.samples != shard.samples:
+            problems.append(f"{path}: {found.samples} samples, index says {shard.samples}")
+        elif shard.has_records:
+            problems += _record_problems(path, found, shard)
+    problems += _decode_problems(path, index)
+    return problems
+
+
+def _record_problems(path: Path, found: ShardInfo, shard: ShardInfo) -> list[str]:
+    """The samples whose byte range, key or digest differ from the index's records."""
+    problems = []
+    for i, key in enumerate(shard.keys):
+        where = (shard.offsets[i], shard.offsets[i + 1])
+        if (found.offsets[i], found.offsets[i + 1]) != where:
+            problems.append(f"{path}: key {key}: at bytes {found.offsets[i]}:{found.offsets[i + 1]}, the index "
+                            f"says {where[0]}:{where[1]}")
+        elif found.keys[i] != key:
+            problems.append(f"{path}: bytes {where[0]}:{where[1]} hold key {found.keys[i]}, the index says {key}")
+        elif found.blake3[i] != shard.blake3[i]:
+            problems.append(f"{path}: key {key}: its bytes differ from the index's digest (changed since packed)")
+    return problems
+
+
+def _decode_problems(path: Path, index: ShardIndex) -> list[str]:
+    problems, count = [], 0
     try:
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, extension = member_key(member.name)
-                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+            for sample in tar_samples(tar):
+                count += 1
+                problem = _check_sample(sample.members, index)
+                if problem:
+                    problems.append(f"{path}: key {sample.key}: {problem}")
     except (tarfile.TarError, OSError, EOFError) as err:
-        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({err})")
-    if len(samples) != shard.samples:
-        problems.append(f"{path}: {len(samples)} samples, index says {shard.samples}")
-    elif shard.offsets is None:
-        problems.append(f"{path}: the index has no sample offsets (training needs them): run "
-                        f"`python -m data_shards.index {path.parent}`")
-    elif size == shard.bytes and scan_offsets(path) != shard.offsets:
-        problems.append(f"{path}: sample offsets differ from the index (re-index or re-pack)")
-    for key, members in samples.items():
-        problem = _check_sample(members, index)
-        if problem:
-            problems.append(f"{path}: key {key}: {problem}")
+        problems.append(f"{path}: unreadable tar after {count} samples ({err})")
     return problems
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: launch lines, tiny networks and runs, synthetic images and shards."""
 
+import contextlib
 import json
 import os
 import re
@@ -7,6 +8,9 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +155,109 @@ def records(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return found
+
+
+# ---------------------------------------------------------------- an http server with faults, on 127.0.0.1
+
+
+@dataclass
+class Plan:
+    """What the server does next; tests change it, every request is logged."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    drops: int = 0  # the next `drops` responses stop after `drop_after` bytes and close the connection
+    drop_after: int = 50_000
+    status: int | None = None  # answer every request with this error status
+    stall: bool = False  # send headers and a little, then nothing
+    ignore_range: bool = False  # answer a Range request with 200 and the whole file
+    # A lying answer to a Range request (206 all the same): "from_zero" (the asked length, from byte 0),
+    # "wider" (from the asked start to the end of the file), "no_content_range" (the right bytes, no header).
+    lie: str | None = None
+    lies: int | None = None  # how many answers lie (None: all)
+    lie_paths: set[str] | None = None  # the files whose answers lie (None: all)
+    auth: str | None = None  # required Authorization header
+    requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def lying(self, path: str) -> str | None:
+        if self.lie is None or (self.lie_paths is not None and path not in self.lie_paths) or self.lies == 0:
+            return None
+        if self.lies is not None:
+            self.lies -= 1
+        return self.lie
+
+
+class _FaultyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        plan: Plan = self.server.plan
+        plan.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        if plan.status is not None:
+            return self.send_error(plan.status)
+        if plan.auth is not None and self.headers.get("Authorization") != plan.auth:
+            return self.send_error(401)
+        path = self.path.split("?")[0]
+        data = plan.files.get(path)
+        if data is None:
+            return self.send_error(404)
+        ranged = self.headers.get("Range") is not None and not plan.ignore_range
+        start, end = 0, len(data)
+        if ranged:
+            first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+            start, end = int(first), int(last) + 1 if last else len(data)
+        if start > len(data):
+            return self.send_error(416)
+        lie = plan.lying(path) if ranged else None
+        if lie == "from_zero":
+            start, end = 0, end - start
+        elif lie == "wider":
+            end = len(data)
+        body = data[start:end]
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if ranged and lie != "no_content_range":
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.end_headers()
+        if plan.drops > 0:
+            plan.drops -= 1
+            self.wfile.write(body[:plan.drop_after])
+            self.close_connection = True
+            return None
+        if plan.stall:
+            self.wfile.write(body[:1000])
+            self.wfile.flush()
+            plan.release.wait(30)
+            self.close_connection = True
+            return None
+        self.wfile.write(body)
+        return None
+
+    def log_message(self, *args):
+        pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that hangs up on a lying answer is what the tests provoke
+
+
+@contextlib.contextmanager
+def loopback_http(files: dict[str, bytes] | None = None):
+    """A ThreadingHTTPServer on 127.0.0.1 serving server.plan (a Plan), stopped on exit."""
+    server = _QuietServer(("127.0.0.1", 0), _FaultyHandler)
+    server.plan = Plan(files=dict(files or {}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.plan.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 # ---------------------------------------------------------------- the commands of docs/scaling.md

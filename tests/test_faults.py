@@ -9,6 +9,7 @@ docs/reliability.md explains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -31,9 +32,10 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, pack_images, records
+from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, loopback_http, pack_images, records
 from model import read_state_dict
-from data_shards.index import add_offsets
+from data_shards.index import MAX_INDEX_BYTES, ShardIndex, describe_shard
+from data_shards.remote import CACHE_SUBFOLDER, ShardCache
 from train import checkpoint as ckpt
 from train.config import load_config
 from train.schedule import lr_at, plan_stages
@@ -399,7 +401,7 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
         _rewrite_shard(shard, change)
     # The rewritten shards hold their samples at other byte offsets: index them as a pack that wrote
     # the bad content would have. The truncation below comes after, as it would on disk.
-    add_offsets(split)
+    index_as_packed(split)
     with tarfile.open(shards[1]) as tar:
         last = tar.getmembers()[-1]
     with open(shards[1], "r+b") as f:  # cut in the middle of the last member's data
@@ -407,6 +409,13 @@ def damage_shards(data: Path, work: Path) -> tuple[Path, dict[str, str], Path]:
     named = {"corrupt PNG": f"{shards[0].name}, key {keys['corrupt PNG']}", "truncated tar": shards[1].name,
              "unexpected extension": f"{shards[2].name}, key {keys['unexpected extension']}"}
     return split, named, marker
+
+
+def index_as_packed(split: Path) -> None:
+    """Rewrites a split's index to describe its shards as they are now, as the pack would have."""
+    index = ShardIndex.load(split)
+    shards = tuple(describe_shard(split / shard.name) for shard in index.shards)
+    dataclasses.replace(index, shards=shards, total_samples=sum(s.samples for s in shards)).save(split)
 
 
 def scenario_bad_shards(data: Path, work: Path, strict: bool = False) -> str:
@@ -703,10 +712,10 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     (scratch / "broken.yaml").write_text("optim: [unclosed\n")
     (scratch / "list.yaml").write_text("- optim\n")
     (scratch / "empty").mkdir(exist_ok=True)
-    (scratch / "old").mkdir(exist_ok=True)  # an index written before sample offsets were recorded
+    (scratch / "old").mkdir(exist_ok=True)  # an index written before the per-sample records
     old_index = json.loads((data / "train" / "index.json").read_text())
     for shard in old_index["shards"]:
-        del shard["offsets"]
+        del shard["offsets"], shard["keys"], shard["blake3"]
     (scratch / "old" / "index.json").write_text(json.dumps(old_index))
     cases = [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"), ("optim.lr=fast", "expected a number, got 'fast'"),
@@ -731,7 +740,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("data.noise_sigma=null", "holds clean images only"),
         ("progressive.patch=[16,64]", "larger than every training image"),
         (f"data.train={scratch}/old", f"run `python -m data_shards.index {scratch}/old` once"),
-        ("progressive.batch=[2,1000]", "fewer than one micro-batch of stage 1 across all processes (1 process(es) x batch 1000 = 1000)"),
+        ("progressive.batch=[2,1000]", "cannot fill one global batch of 1000 (1 process(es) x batch 1000) without "
+                                       "repeating samples (stage 1)"),
     ]
     cases += [(f"train.{name}=0", f"train.{name} must be >= 1")
               for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite")]
@@ -844,6 +854,227 @@ def scenario_bad_inputs(cases, runner) -> list[tuple[list[str], int, str]]:
         seen.append((argv, code, line))
     assert not wrong, "\n\n".join(wrong)
     return seen
+
+
+# ---------------------------------------------------------------- hostile data: swapped shards, lying servers, indexes, the cache
+
+
+def swapped_split(work: Path) -> tuple[Path, dict[str, list[str]]]:
+    """Two data sets packed alike (npy: every sample of the same byte size, the same keys in the same
+    order), and ours with shard 0 replaced by theirs (the same size) and shard 1 by theirs grown by 10 KiB
+    of tar padding: every byte range of the index holds a whole, valid sample of the other data set,
+    which only the digests tell apart. Returns our data folder and {shard name: its keys}."""
+    with contextlib.redirect_stdout(io.StringIO()):  # the packer's reports
+        ours = pack_images(work / "ours", False, "--shard-samples", "2", "--format", "npy")
+        theirs = pack_images(work / "theirs", True, "--shard-samples", "2", "--format", "npy")
+    swapped = {}
+    for shard, growth in zip(ShardIndex.load(ours / "train").shards[:2], (0, 10240), strict=True):
+        replacement = (theirs / "train" / shard.name).read_bytes()
+        assert len(replacement) == shard.bytes and replacement != (ours / "train" / shard.name).read_bytes()
+        (ours / "train" / shard.name).write_bytes(replacement + b"\0" * growth)
+        swapped[shard.name] = list(shard.keys)
+    return ours, swapped
+
+
+def scenario_swapped_shards(work: Path, strict: bool = False) -> str:
+    data, swapped = swapped_split(work)
+    run = work / "run"
+    proc = launch(data, run, f"data.strict={str(strict).lower()}", resume=None)
+    code = proc.wait(120)
+    stderr = proc.stderr
+    wrong = r"ValueError: these bytes are not the sample the index recorded \(digest differs; they hold key "
+    if strict:
+        line = last_error_line(stderr)
+        assert code == 2, f"strict mode exit {code}:\n{stderr[-3000:]}"
+        assert re.match(rf"error: shard \S+/train-00000[01]\.tar bytes \d+:\d+, key img\d+: {wrong}", line), line
+        assert "Traceback" not in stderr
+        return f"exit 2 after {time.monotonic() - proc.started:.0f} s: {line[:200]}..."
+    assert code == 0, f"exit {code}:\n{stderr[-3000:]}"
+    for name, keys in swapped.items():
+        for key in keys:
+            assert re.search(rf"skipped bad sample: shard \S*{name} bytes \d+:\d+, key {key}: {wrong}{key}\)", stderr), \
+                f"{name} key {key} not named"
+    skipped = step_records(run)[-1]["bad_samples_skipped"]
+    assert skipped >= 4
+    line = next(line for line in stderr.splitlines() if "skipped bad sample" in line)
+    return (f"run finished (exit 0), {skipped} bad samples skipped and counted; each of the 4 swapped samples named, "
+            f"e.g. `{line[line.index('shard '):][:200]}...`")
+
+
+LIES = {"from_zero": "206 with bytes from 0", "wider": "206 with a wider range", "no_content_range": "206 without Content-Range",
+        "ignore_range": "200 with the whole file"}
+
+
+def scenario_lying_server(data: Path, work: Path, lie: str) -> str:
+    """The train split served over a loopback http server that answers the Range requests for one shard
+    (train-000001.tar) with other bytes than asked for (`lie`, see LIES)."""
+    files = {f"/train/{path.name}": path.read_bytes() for path in (data / "train").iterdir()}
+    liar = "/train/train-000001.tar"
+    with loopback_http(files) as server:
+        if lie == "ignore_range":
+            server.plan.ignore_range = True
+        else:
+            server.plan.lie, server.plan.lie_paths = lie, {liar}
+        url = f"http://127.0.0.1:{server.server_address[1]}/train/index.json"
+        run = work / "run"
+        proc = launch(data, run, f"data.train={url}", "data.retries=1", resume=None)
+        code = proc.wait(180)
+    stderr = proc.stderr
+    assert code == 0, f"exit {code}:\n{stderr[-3000:]}"
+    assert "these bytes are not the sample" not in stderr  # refused at the range check, before any digest
+    skipped = step_records(run)[-1]["bad_samples_skipped"]
+    if lie == "ignore_range":
+        assert skipped == 0 and "skipped bad sample" not in stderr, stderr[-3000:]
+        return "run finished (exit 0), 0 bad samples: the head of each whole-file answer was discarded, the range kept"
+    line = next((line for line in stderr.splitlines() if "skipped bad sample" in line), "")
+    assert skipped > 0 and re.search(rf"{liar} bytes \d+:\d+: ShardReadError: gave up at byte \d+ after 1 retries: asked "
+                                     r"for bytes \d+-\d+, the (server sent|answer has)", line), stderr[-3000:]
+    return f"run finished (exit 0), {skipped} bad samples skipped and counted: `{line[line.index('shard '):][:200]}...`"
+
+
+def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
+    """Split folders whose index.json is hostile, each with the message its refusal must carry."""
+    good = json.loads((data / "train" / "index.json").read_text(encoding="utf-8"))
+
+    def edited(change) -> str:
+        index = json.loads(json.dumps(good))
+        change(index)
+        return json.dumps(index)
+
+    def shard0(field, value):
+        return lambda index: index["shards"][0].__setitem__(field, value)
+
+    cases = {
+        "list": ("[1, 2]", "the top level is a list of 2 items, not an object"),
+        "null": ("null", "the top level is null, not an object"),
+        "no_shards": (edited(lambda index: index.pop("shards")), "missing shards"),
+        "unknown_field": (edited(lambda index: index.update(evil=1)), "unknown evil"),
+        "version": (edited(lambda index: index.update(format_version=99)), "index format_version an integer 99"),
+        "shards_object": (edited(lambda index: index.update(shards={})), "shards must be a list, got an object"),
+        "string_count": (edited(lambda index: index.update(total_samples="8")), "total_samples must be an integer >= 0"),
+        "nan_samples": (edited(shard0("samples", float("nan"))), "shards[0].samples must be an integer >= 0, got a number NaN"),
+        "negative_size": (edited(shard0("bytes", -5)), "shards[0].bytes must be an integer >= 0, got an integer -5"),
+        "offset_1e12": (edited(lambda index: index["shards"][0]["offsets"].__setitem__(-1, 10**12)),
+                        "spans bytes"),
+        "past_the_end": (edited(shard0("bytes", 100)), "past the shard's 100 bytes"),
+        "short_keys": (edited(lambda index: index["shards"][0]["keys"].pop()), "shards[0].keys must be a list of 2 items, got a list of 1 item"),
+        "bad_digest": (edited(lambda index: index["shards"][0]["blake3"].__setitem__(0, "zz")), "of 32 hex digits"),
+        "deep": ("[" * 100_000, "not a valid shard index (RecursionError"),
+        "many_digits": ('{"a": 1' + "0" * 5000 + "}", "not a valid shard index (ValueError: Exceeds the limit"),
+        "binary": (b"\xff\xfe\x00garbage", "not UTF-8"),
+        "huge": (None, "more than any shard index"),
+    }
+    folders = []
+    for name, (content, message) in cases.items():
+        folder = scratch / "indexes" / name
+        folder.mkdir(parents=True)
+        path = folder / "index.json"
+        if content is None:  # sparse: a file of 1 GiB + 1 byte that takes no disk
+            with open(path, "wb") as handle:
+                handle.truncate(MAX_INDEX_BYTES + 1)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        folders.append((folder, message))
+    return folders
+
+
+def escaping_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
+    """Split folders whose index lists a shard twice or names one outside the split's folder."""
+    good = json.loads((data / "train" / "index.json").read_text(encoding="utf-8"))
+    names = {"dotdot": "../val/val-000000.tar", "absolute": "/etc/passwd", "inner_dotdot": "sub/../../val/x.tar",
+             "backslash": "..\\val\\x.tar", "url": "http://elsewhere/x.tar", "hidden": ".hidden.tar"}
+    folders = []
+    for case, name in names.items():
+        index = json.loads(json.dumps(good))
+        index["shards"][0]["name"] = name
+        folders.append((case, index, f"shard name {json.dumps(name)} is not allowed"))
+    twice = json.loads(json.dumps(good))
+    twice["shards"][1] = twice["shards"][0]
+    folders.append(("twice", twice, f"shards[1] '{good['shards'][0]['name']}' is listed twice (also shards[0])"))
+    made = []
+    for case, index, message in folders:
+        folder = scratch / "escaping" / case
+        folder.mkdir(parents=True)
+        (folder / "index.json").write_text(json.dumps(index), encoding="utf-8")
+        made.append((folder, message))
+    return made
+
+
+def run_index_tool(argv: list[str]) -> tuple[int, str]:
+    from data_shards.index import main as index_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = index_main(argv)
+    return code, err.getvalue().strip()
+
+
+def scenario_bad_indexes(data: Path, folders: list[tuple[Path, str]], scratch: Path) -> list[tuple[list[str], int, str]]:
+    """Each index given as data.train to train/main.py and to `python -m data_shards.index`: exit 2 with
+    its one-line message, no traceback; `restormer-verify` reports it (exit 1)."""
+    from data_shards.verify import main as verify_main
+
+    base = [f"data.val={data}/val", f"output_dir={scratch}/run", *TINY_RUN]
+    seen = scenario_bad_inputs([([*base, f"data.train={folder}"], message) for folder, message in folders], run_main)
+    scenario_bad_inputs([([str(folder)], message) for folder, message in folders], run_index_tool)
+    for folder, message in folders:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert verify_main([str(folder)]) == 1
+        assert f"cannot read {'index.json'}" in out.getvalue() and message in out.getvalue(), out.getvalue()
+    return [([a for a in argv if a not in base], code, line) for argv, code, line in seen]
+
+
+def scenario_cache_in_run_folder(data: Path, scratch: Path) -> list[tuple[list[str], int, str]]:
+    """data.cache_dir that is the run folder, lies inside it or holds it: refused before any work, and the
+    run folder's files (a live run's lock and config) untouched."""
+    run = scratch / "runs" / "live"
+    run.mkdir(parents=True)
+    files = {run / "run.lock": b"host vm pid 1", run / "config.yaml": b"run_name: live\n"}
+    for path, content in files.items():
+        path.write_bytes(content)
+    base = [f"data.train={data}/train", f"data.val={data}/val", f"output_dir={run}", *TINY_RUN, "data.cache_limit_gb=1"]
+    cases = [(f"data.cache_dir={run}", "is the run folder"), (f"data.cache_dir={run}/cache", "is inside the run folder"),
+             (f"data.cache_dir={run.parent}", "holds the run folder")]
+    seen = scenario_bad_inputs([([*base, override], message) for override, message in cases], run_main)
+    assert all(path.read_bytes() == content for path, content in files.items())
+    assert sorted(run.iterdir()) == sorted(files)
+    return [([a for a in argv if a not in base], code, line) for argv, code, line in seen]
+
+
+def scenario_foreign_files_in_cache(data: Path, work: Path) -> str:
+    """A run reading its shards over loopback http through a cache whose folder holds other files, with a
+    limit of 2.5 shards (4 shards are read, so copies are evicted): only the cache's copies are deleted."""
+    cache = work / "cache"
+    own = cache / CACHE_SUBFOLDER
+    own.mkdir(parents=True)
+    index = ShardIndex.load(data / "train")
+    foreign = {cache / "run.lock": b"host vm pid 1", cache / "config.yaml": b"run_name: other\n",
+               cache / "old-shard.tar": b"\0" * 4 * max(s.bytes for s in index.shards), own / "notes.txt": b"mine"}
+    for path, content in foreign.items():
+        path.write_bytes(content)
+        os.utime(path, (1, 1))  # older than any copy: first in line for a cache that deleted by age alone
+    files = {f"/train/{path.name}": path.read_bytes() for path in (data / "train").iterdir()}
+    limit = 2.5 * max(s.bytes for s in index.shards)
+    with loopback_http(files) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/train/index.json"
+        proc = launch(data, work / "run", f"data.train={url}", f"data.cache_dir={cache}",
+                      f"data.cache_limit_gb={limit / 1e9}", resume=None)
+        code = proc.wait(180)
+        fetched = sorted({path for path, _, _ in server.plan.requests if path.endswith(".tar")})
+    assert code == 0, f"exit {code}:\n{proc.stderr[-3000:]}"
+    untouched = [path for path, content in foreign.items() if path.exists() and path.read_bytes() == content]
+    assert len(untouched) == len(foreign), f"foreign files lost: {sorted(set(foreign) - set(untouched))}"
+    listed = (own / ShardCache.MANIFEST).read_text(encoding="utf-8").split()
+    copies = sorted(p.name for p in own.iterdir() if not p.name.startswith(".") and p not in foreign
+                    and p.name != ShardCache.MANIFEST)
+    assert copies == sorted(listed) and len(fetched) == 4 and len(copies) < 4
+    assert sum((own / name).stat().st_size for name in copies) <= limit
+    return (f"run finished (exit 0): 4 shards fetched, {4 - len(copies)} evicted, {len(copies)} copies kept (all in the "
+            f"manifest, within the {limit / 1e3:.0f} kB limit); the 4 foreign files (run.lock, config.yaml, a 4-shard "
+            ".tar, one in the cache's own subfolder) untouched")
 
 
 # ---------------------------------------------------------------- the tests
@@ -975,3 +1206,24 @@ def test_every_pack_mistake_has_its_message(tmp_path):
     for i in range(2):
         Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(src / f"img{i}.png")
     scenario_bad_inputs(pack_cases(src, tmp_path), run_pack)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["skip", "strict"])
+def test_swapped_shards_are_named_sample_by_sample_or_stop_strict_mode(tmp_path, strict):
+    scenario_swapped_shards(tmp_path, strict)
+
+
+def test_a_lying_http_server_is_retried_then_its_shard_skipped_and_named(data, tmp_path):
+    scenario_lying_server(data, tmp_path, "from_zero")
+
+
+def test_hostile_and_escaping_indexes_exit_2_with_one_line(data, tmp_path):
+    scenario_bad_indexes(data, hostile_indexes(data, tmp_path) + escaping_indexes(data, tmp_path), tmp_path)
+
+
+def test_a_cache_folder_that_is_holds_or_lies_in_the_run_folder_is_refused(data, tmp_path):
+    scenario_cache_in_run_folder(data, tmp_path)
+
+
+def test_the_cache_evicts_only_its_own_copies(data, tmp_path):
+    scenario_foreign_files_in_cache(data, tmp_path)

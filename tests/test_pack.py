@@ -1,6 +1,7 @@
 """restormer-pack and restormer-verify: layouts, bit-exactness, determinism and every bad-input case."""
 
 import io
+import json
 import re
 import tarfile
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from data_shards import pack as pack_module
 from data_shards import verify
-from data_shards.index import ShardIndex, add_offsets, scan_offsets
+from data_shards.index import ShardIndex, describe_shard, reindex
 from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
 
 
@@ -136,7 +137,7 @@ def test_index_offsets_locate_every_sample_and_tiles_are_spread(tmp_path):
     shards_of: dict[str, set[int]] = {}
     stored = []
     for number, shard in enumerate(index.shards):
-        assert shard.offsets == scan_offsets(folder / shard.name) and len(shard.offsets) == shard.samples + 1
+        assert shard == describe_shard(folder / shard.name) and len(shard.offsets) == shard.samples + 1
         data = (folder / shard.name).read_bytes()
         for start, end in zip(shard.offsets, shard.offsets[1:]):
             with tarfile.open(fileobj=io.BytesIO(data[start:end])) as tar:  # each range is a whole sample
@@ -243,6 +244,7 @@ def test_verify_accepts_good_shards_and_names_a_truncated_or_corrupted_one(tmp_p
     assert verify.main([str(tmp_path / "out" / "train")]) == 1
     report = capsys.readouterr().out
     assert "sha256 differs" in report and "does not decode" in report
+    assert re.search(r"train-000000\.tar: key \S+: its bytes differ from the index's digest", report)
     (tmp_path / "out" / "train" / "train-000001.tar.tmp").write_bytes(b"")
     shard.write_bytes(data)
     assert verify.main([str(tmp_path / "out" / "train")]) == 1
@@ -250,10 +252,13 @@ def test_verify_accepts_good_shards_and_names_a_truncated_or_corrupted_one(tmp_p
     (tmp_path / "out" / "train" / "train-000001.tar.tmp").unlink()
     index_file = tmp_path / "out" / "train" / "index.json"
     good_index = index_file.read_text()
-    index_file.write_text(re.sub(r'"offsets": \[[^\]]*\],?', "", good_index))  # as packed before offsets
+    old_index = json.loads(good_index)
+    for entry in old_index["shards"]:  # as packed before the per-sample records
+        del entry["offsets"], entry["keys"], entry["blake3"]
+    index_file.write_text(json.dumps(old_index))
     assert verify.main([str(tmp_path / "out" / "train")]) == 1
-    assert "no sample offsets" in capsys.readouterr().out
-    add_offsets(tmp_path / "out" / "train")
+    assert "python -m data_shards.index" in capsys.readouterr().out
+    reindex(tmp_path / "out" / "train")
     assert verify.main([str(tmp_path / "out" / "train")]) == 0
     assert index_file.read_text() == good_index
 

@@ -10,16 +10,15 @@ import socket
 import tarfile
 import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import pack_images
+from conftest import Plan, loopback_http, pack_images
 from data_shards.index import ShardIndex
-from data_shards.remote import RemoteSettings, ShardCache, ShardReadError, open_shard, read_bytes, redact
+from data_shards.remote import (CACHE_SUBFOLDER, RemoteSettings, ShardCache, ShardReadError, open_shard, read_bytes,
+                                redact)
 from train.config import load_config
 from train.data import remote_settings
 
@@ -27,80 +26,13 @@ FAST = RemoteSettings(retries=3, timeout_s=2.0, backoff_s=0.01)
 DATA = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
 
 
-# ------------------------------------------------------------------ an http server with faults
-
-
-@dataclass
-class Plan:
-    """What the server does next; tests change it, every request is logged."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    drops: int = 0  # the next `drops` responses stop after `drop_after` bytes and close the connection
-    drop_after: int = 50_000
-    status: int | None = None  # answer every request with this error status
-    stall: bool = False  # send headers and a little, then nothing
-    ignore_range: bool = False
-    auth: str | None = None  # required Authorization header
-    requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        plan: Plan = self.server.plan
-        plan.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
-        if plan.status is not None:
-            return self.send_error(plan.status)
-        if plan.auth is not None and self.headers.get("Authorization") != plan.auth:
-            return self.send_error(401)
-        data = plan.files.get(self.path.split("?")[0])
-        if data is None:
-            return self.send_error(404)
-        ranged = self.headers.get("Range") is not None and not plan.ignore_range
-        start, end = 0, len(data)
-        if ranged:
-            first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
-            start, end = int(first), int(last) + 1 if last else len(data)
-        if start > len(data):
-            return self.send_error(416)
-        body = data[start:end]
-        self.send_response(206 if ranged else 200)
-        self.send_header("Content-Length", str(len(body)))
-        if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.end_headers()
-        if plan.drops > 0:
-            plan.drops -= 1
-            self.wfile.write(body[:plan.drop_after])
-            self.close_connection = True
-            return None
-        if plan.stall:
-            self.wfile.write(body[:1000])
-            self.wfile.flush()
-            plan.release.wait(30)
-            self.close_connection = True
-            return None
-        self.wfile.write(body)
-        return None
-
-    def log_message(self, *args):
-        pass
+# ------------------------------------------------------------------ the http server with faults (conftest)
 
 
 @pytest.fixture(scope="module")
 def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.plan = Plan()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.plan.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with loopback_http() as server:
+        yield server
 
 
 @pytest.fixture
@@ -237,6 +169,63 @@ def test_redact_masks_every_credential_shape():
     for text, shown in cases.items():
         assert redact(text) == shown
     assert redact("/data/train-000001.tar") == "/data/train-000001.tar"
+
+
+@pytest.mark.parametrize("lie,sent", [("from_zero", "the server sent bytes 0-499/3000000"),
+                                      ("wider", "the server sent bytes 1000-2999999/3000000"),
+                                      ("no_content_range", "the answer has no Content-Range")])
+def test_a_range_answered_with_other_bytes_is_retried_then_refused(http, lie, sent):
+    base, plan = http
+    plan.lie, plan.lies = lie, 1  # one lying answer: the retry gets the bytes asked for
+    assert _read(f"{base}/shard.tar", 1000, length=500) == DATA[1000:1500]
+    assert [requested for _, requested, _ in plan.requests] == ["bytes=1000-1499"] * 2
+    plan.lies = None  # a server that always lies: given up after the retries, like a dead connection
+    with pytest.raises(ShardReadError, match=f"gave up at byte 1000 after 3 retries: asked for bytes 1000-1499, {sent}"):
+        _read(f"{base}/shard.tar", 1000, length=500)
+    assert len(plan.requests) == 2 + 4
+    if lie != "wider":  # an open range ("bytes=1000-"), as a read to the shard's end asks
+        with pytest.raises(ShardReadError, match="gave up at byte 1000 after 3 retries: asked for bytes 1000-"):
+            _read(f"{base}/shard.tar", 1000)
+
+
+def test_a_ranged_s3_answer_with_other_bytes_is_retried_then_refused(monkeypatch):
+    """S3's ranged GetObject through the same check (moto answers correctly, so a stub client lies here)."""
+    from data_shards import remote
+
+    asked = []
+
+    class Lying:
+        def get_object(self, Bucket, Key, Range):  # noqa: N803 (boto3's names)
+            asked.append(Range)
+            return {"Body": io.BytesIO(DATA[:500]), "ContentRange": f"bytes 0-499/{len(DATA)}", "ContentLength": 500}
+
+    monkeypatch.setattr(remote, "_s3_client", lambda timeout_s: Lying())
+    with pytest.raises(ShardReadError, match="after 3 retries: asked for bytes 1000-1499, the server sent bytes 0-499/"):
+        _read("s3://shards/train/shard.tar", 1000, length=500)
+    assert asked == ["bytes=1000-1499"] * 4
+
+
+def test_a_remote_index_is_read_with_the_runs_retries_and_timeout(http):
+    from train.config import ConfigError
+    from train.data import check_data
+    from train.schedule import plan_stages
+
+    base, plan = http
+    plan.status = 503
+    with pytest.raises(ShardReadError, match="gave up at byte 0 after 1 retries: HTTPError: HTTP Error 503"):
+        ShardIndex.load(f"{base}/index.json", RemoteSettings(retries=1, timeout_s=2.0, backoff_s=0.01))
+    assert len(plan.requests) == 2
+    cfg = load_config("demo", [f"data.train={base}/train/index.json", "data.val=null", "data.retries=0"])
+    with pytest.raises(ConfigError, match=r"data\.train: cannot read the shard index: shard http\S+/train/index\.json: gave up at byte 0 after 0 retries"):
+        check_data(cfg, plan_stages(cfg, 1), cfg.data.train, None)
+    assert len(plan.requests) == 3
+    plan.status, plan.stall, plan.files["/train/index.json"] = None, True, b" " * 5000
+    cfg = load_config("demo", [f"data.train={base}/train/index.json", "data.val=null", "data.retries=0",
+                               "data.timeout_s=0.3"])
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="after 0 retries: TimeoutError"):
+        check_data(cfg, plan_stages(cfg, 1), cfg.data.train, None)
+    assert time.monotonic() - started < 5  # the run's 0.3 s, not the default 60 s
 
 
 # ------------------------------------------------------------------ local files and pipe:
@@ -389,9 +378,14 @@ def _cached(tmp_path, limit=10 * len(DATA)):
 _real_sha256 = hashlib.sha256
 
 
+def _own(tmp_path):
+    """The cache's own subfolder."""
+    return tmp_path / "cache" / CACHE_SUBFOLDER
+
+
 def _copies(tmp_path):
-    """The cached shards (not the lock or temporary files)."""
-    return sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    """The cached shards (not the manifest, lock or temporary files)."""
+    return sorted(p for p in _own(tmp_path).iterdir() if not p.name.startswith(".") and p.name != ShardCache.MANIFEST)
 
 
 def _sha(data):
@@ -434,19 +428,20 @@ def test_cache_evicts_the_least_recently_used(http, tmp_path):
 def test_corrupt_cached_copy_is_detected_and_fetched_again(http, tmp_path):
     base, plan = http
     settings, url = _cached(tmp_path), f"{base}/shard.tar"
+    _read(url, settings=settings)
     copy = ShardCache(settings).path_for(url)
-    copy.parent.mkdir()
     flipped = bytearray(DATA)
     flipped[1000] ^= 1
-    copy.write_bytes(bytes(flipped))  # e.g. left by an earlier run, rotted on disk: only the sha256 can tell
+    copy.with_name("rotten").write_bytes(bytes(flipped))  # as if left by an earlier run, rotted on disk: only
+    os.replace(copy.with_name("rotten"), copy)  # the sha256 can tell (another file: hashed before its use here)
     with pytest.warns(UserWarning, match="does not match the index's sha256: fetching it again"):
         assert _read(url, 3, size=len(DATA), sha256=_sha(DATA), settings=settings) == DATA[3:]
-    assert len(plan.requests) == 1 and copy.read_bytes() == DATA
+    assert len(plan.requests) == 2 and copy.read_bytes() == DATA
     with open(copy, "r+b") as stream:  # truncated in place: the size is checked on every open
         stream.truncate(len(DATA) - 1)
     with pytest.warns(UserWarning, match=f"has {len(DATA) - 1} bytes, the index says {len(DATA)}"):
         assert _read(url, size=len(DATA), sha256=_sha(DATA), settings=settings) == DATA
-    assert len(plan.requests) == 2 and copy.read_bytes() == DATA
+    assert len(plan.requests) == 3 and copy.read_bytes() == DATA
 
 
 def test_cache_hits_hash_a_copy_once_per_process(http, tmp_path, monkeypatch):
@@ -483,7 +478,7 @@ def test_a_download_unlike_the_index_is_not_cached(http, tmp_path):
     settings = _cached(tmp_path)
     with pytest.raises(ShardReadError, match="downloaded sha256 .* differs from the index's"):
         _read(f"{base}/shard.tar", sha256=_sha(b"other"), settings=settings)
-    assert _copies(tmp_path) == [] and not list((tmp_path / "cache").glob(".tmp-*"))
+    assert _copies(tmp_path) == [] and not list(_own(tmp_path).glob(".tmp-*"))
 
 
 def test_a_shard_larger_than_the_cache_is_streamed_not_kept(http, tmp_path):
@@ -491,19 +486,45 @@ def test_a_shard_larger_than_the_cache_is_streamed_not_kept(http, tmp_path):
     settings = _cached(tmp_path, limit=len(DATA) // 2)
     with pytest.warns(UserWarning, match="larger than the whole cache limit"):
         assert _read(f"{base}/shard.tar", 10, settings=settings) == DATA[10:]
-    assert _copies(tmp_path) == [] and not list((tmp_path / "cache").glob(".tmp-*"))
+    assert _copies(tmp_path) == [] and not list(_own(tmp_path).glob(".tmp-*"))
 
 
 def test_temporary_files_of_dead_processes_are_cleaned(http, tmp_path):
     settings = _cached(tmp_path)
-    folder = tmp_path / "cache"
-    folder.mkdir()
-    stale, fresh = folder / ".tmp-1-2-old.tar", folder / ".tmp-3-4-busy.tar"
-    stale.write_bytes(b"x")
-    fresh.write_bytes(b"x")
+    folder = _own(tmp_path)
+    folder.mkdir(parents=True)
+    stale, fresh = folder / f".tmp-1-2-{'a' * 24}-old.tar", folder / f".tmp-3-4-{'b' * 24}-busy.tar"
+    foreign = folder / ".tmp-notes.txt"  # not a name the cache gives its temporary files
+    for path in (stale, fresh, foreign):
+        path.write_bytes(b"x")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    os.utime(foreign, (time.time() - 7200, time.time() - 7200))
     _read(f"{http[0]}/shard.tar", settings=settings)
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() and foreign.exists()
+
+
+def test_the_cache_deletes_only_what_it_wrote(http, tmp_path):
+    """cache_dir given as a folder that holds other files (a run folder, a home): eviction and the removal
+    of a bad copy touch only the copies its manifest lists."""
+    base, plan = http
+    for name in "abc":
+        plan.files[f"/{name}.tar"] = DATA
+    settings = _cached(tmp_path, limit=int(1.5 * len(DATA)))
+    mine = ShardCache(settings)
+    foreign = {tmp_path / "cache" / "run.lock": b"pid 1", tmp_path / "cache" / "big.tar": DATA + DATA,
+               _own(tmp_path) / "notes.txt": b"x", mine.path_for(f"{base}/c.tar"): b"not the shard"}
+    for path, content in foreign.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    os.utime(tmp_path / "cache" / "big.tar", (0, 0))  # the oldest file around: first in line for a plain LRU
+    for name in "ab":
+        assert _read(f"{base}/{name}.tar", settings=settings) == DATA
+        time.sleep(0.02)
+    assert not mine.path_for(f"{base}/a.tar").exists() and mine.path_for(f"{base}/b.tar").exists()  # a evicted
+    with pytest.warns(UserWarning, match="the cache did not write it .* read without the cache"):
+        assert _read(f"{base}/c.tar", size=len(DATA), settings=settings) == DATA  # a foreign file at c's copy name
+    assert all(path.read_bytes() == content for path, content in foreign.items())
+    assert (_own(tmp_path) / ShardCache.MANIFEST).read_text(encoding="utf-8").split() == [mine.path_for(f"{base}/b.tar").name]
 
 
 def _read_all_shards(base, settings, names, results):
@@ -537,7 +558,7 @@ def test_concurrent_readers_share_one_cache(http, tmp_path, room):
         thread.join(timeout=30)
     assert outcomes == [True] * 6 and all(worker.exitcode == 0 for worker in workers)
     held = _copies(tmp_path)
-    assert not list((tmp_path / "cache").glob(".tmp-*"))
+    assert not list(_own(tmp_path).glob(".tmp-*"))
     assert all(p.read_bytes() == DATA for p in held) and 1 <= len(held) <= 3
     if room == 10:  # nothing evicted: each shard was downloaded once, the other readers waited for it
         assert sorted(path for path, _, _ in plan.requests) == ["/s0.tar", "/s1.tar", "/s2.tar"]
@@ -633,3 +654,28 @@ def test_a_missing_remote_shard_is_skipped_counted_and_named(packed_split, http_
     messages = [str(w.message) for w in caught]
     assert any(gone in m and "HTTP Error 404" in m for m in messages)
     assert not any("s3cret" in m for m in messages)
+
+
+def test_a_swapped_remote_shard_is_refused_sample_by_sample(packed_split, http_server):
+    """Another valid shard in a shard's place, read uncached over http: training's ranged reads and
+    validation's front-to-back read both check every sample against the index's digest."""
+    from data_shards.stream import NoiseConfig, StreamSettings, build_train_loader, build_val_loader
+
+    files = {path.name: path.read_bytes() for path in packed_split.iterdir()}
+    index = ShardIndex.load(packed_split)
+    first, second = (shard.name for shard in index.shards[:2])
+    files[second] = files[first].ljust(max(len(files[first]), len(files[second])), b"\0")  # zeros: still a valid tar
+    http_server.plan = Plan(files={f"/train/{name}": data for name, data in files.items()})
+    url = f"http://127.0.0.1:{http_server.server_address[1]}/train/index.json"
+    noise = NoiseConfig(sigma=25)
+    settings = StreamSettings(patch=16, batch=2, num_workers=0, noise=noise, remote=FAST)
+    with pytest.warns(UserWarning) as caught:
+        batches = list(itertools.islice(iter(build_train_loader(url, settings)), 4))  # 8 draws: one epoch and more
+        val = build_val_loader(url, noise=noise, remote=FAST)
+        keys = [item["key"] for item in val]
+    assert sum(int(b["skipped"]) for b in batches) >= index.shards[1].samples
+    assert val.skipped == index.shards[1].samples and not set(keys) & set(index.shards[1].keys)
+    named = {key for key in index.shards[1].keys
+             if any(f"{second} bytes" in str(w.message) and f"key {key}: ValueError: these bytes are not the sample "
+                    "the index recorded" in str(w.message) for w in caught)}
+    assert named == set(index.shards[1].keys)

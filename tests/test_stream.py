@@ -3,6 +3,7 @@
 The accounting tests identify every drawn sample: image i of _constant_images holds the value i in
 every pixel, so any crop of it tells which sample it is."""
 
+import dataclasses
 import io
 import itertools
 import json
@@ -19,10 +20,11 @@ import torch.multiprocessing as mp
 
 from data_shards import pack as pack_module
 from data_shards.codec import encode_png
-from data_shards.index import INDEX_NAME, ShardIndex, ShardInfo, scan_offsets
+from data_shards.index import INDEX_NAME, ShardIndex, describe_shard
 from data_shards.index import main as index_main
-from data_shards.stream import (BadSampleError, NoiseConfig, StreamSettings, build_train_loader, build_val_loader)
-from data_shards.tar_writer import sha256_file
+from data_shards.remote import RemoteSettings, ShardReadError
+from data_shards.stream import (BadSampleError, Catalog, NoiseConfig, StreamSettings, _ShardReader, build_train_loader,
+                                build_val_loader)
 
 SIGMA = NoiseConfig(sigma=25)
 
@@ -38,10 +40,8 @@ def _write_shard(path, samples):
 
 
 def _index_shard(path):
-    """An index.json next to a hand-made shard, with the offsets read from its headers."""
-    offsets = scan_offsets(path)
-    shard = ShardInfo(name=path.name, samples=len(offsets) - 1, bytes=path.stat().st_size,
-                      sha256=sha256_file(path), offsets=offsets)
+    """An index.json next to a hand-made shard, with the records read from it."""
+    shard = describe_shard(path)
     ShardIndex(split="train", shards=(shard,), total_samples=shard.samples, inputs=(), channels=3,
                bit_depths=(8,), format="png", min_size=(8, 8), median_size=(8, 8), max_size=(8, 8),
                source_images=shard.samples, tile=None, stride=None, command="test", version="test",
@@ -177,7 +177,7 @@ def test_elastic_resume_sees_the_rest_of_the_epoch_exactly_once(uneven, before, 
 
 
 def test_data_smaller_than_a_global_batch_is_refused(uneven):
-    with pytest.raises(ValueError, match=r"23 samples cannot fill one global batch of 24 \(4 rank\(s\) x 6\)"):
+    with pytest.raises(ValueError, match=r"23 samples cannot fill one global batch of 24 \(4 process\(es\) x batch 6\)"):
         build_train_loader(uneven, _settings(batch=6, world_size=4))
 
 
@@ -200,20 +200,71 @@ def test_shuffle_mixes_the_tiles_of_many_images(tmp_path):
     assert np.mean([len(set(stored[i:i + 8])) for i in range(0, len(stored), 8)]) >= 6
 
 
-def test_an_index_without_offsets_is_refused_with_the_fix(uneven, tmp_path):
+def test_an_index_without_sample_records_is_refused_with_the_fix(uneven, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     for shard in ShardIndex.load(uneven).shards:
         (old / shard.name).write_bytes((uneven / shard.name).read_bytes())
     data = json.loads((uneven / INDEX_NAME).read_text())
     for shard in data["shards"]:
-        del shard["offsets"]
+        del shard["offsets"], shard["keys"], shard["blake3"]
     (old / INDEX_NAME).write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="python -m data_shards.index"):
+    fix = f"run `python -m data_shards.index {old}` once"
+    with pytest.raises(ValueError, match=fix):
         build_train_loader(old, _settings())
+    with pytest.raises(ValueError, match=fix):
+        build_val_loader(old, noise=SIGMA)
     assert index_main([str(old)]) == 0
     assert ShardIndex.load(old).shards == ShardIndex.load(uneven).shards
     assert _draw(old, 3)[0][0][0] == _draw(uneven, 3)[0][0][0]
+    (old / INDEX_NAME).write_text(json.dumps(data))
+    first = ShardIndex.load(old).shards[0].name
+    changed = bytearray((old / first).read_bytes())
+    changed[len(changed) // 3] ^= 0xFF  # since it was packed
+    (old / first).write_bytes(bytes(changed))
+    assert index_main([str(old)]) == 2  # the fix records only shards that still match their sha256
+
+
+@pytest.mark.parametrize("growth", [0, 4096], ids=["same-size", "larger"])
+def test_a_swapped_shard_is_refused_sample_by_sample(tmp_path, growth):
+    """A shard replaced by one of another data set packed alike: same keys, same sizes, every sample a
+    valid one at the index's byte ranges; only the digests tell. Training and validation skip and name
+    each sample (the rest of the data trains on), strict mode stops."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _constant_images(ours / "src", 6)
+    (theirs / "src").mkdir(parents=True)
+    for i in range(6):
+        np.save(theirs / "src" / f"s{i:03d}.npy", np.full((12, 12, 1), 200 + i, np.uint8))
+    source = _pack(ours / "src", ours / "out", "--format", "npy", "--shard-samples", 3)
+    other = _pack(theirs / "src", theirs / "out", "--format", "npy", "--shard-samples", 3)
+    swapped = ShardIndex.load(source).shards[1]
+    (source / swapped.name).write_bytes((other / swapped.name).read_bytes() + b"\0" * growth)
+    with pytest.warns(UserWarning) as caught:
+        batches = list(itertools.islice(iter(build_train_loader(source, _settings(batch=3))), 4))  # 2 epochs
+        val = build_val_loader(source, noise=SIGMA)
+        kept = [item["key"] for item in val]
+    drawn = [i for batch in batches for i in _ids(batch)]
+    # Each of the 3 swapped samples is drawn twice in 2 epochs, and some replacements are swapped ones too.
+    assert sum(int(b["skipped"]) for b in batches) >= 2 * 3 and max(drawn) < 6  # nothing of theirs trained
+    assert val.skipped == 3 and not set(kept) & set(swapped.keys)
+    for key in swapped.keys:
+        assert any(f"{swapped.name} bytes" in str(w.message) and f"key {key}: ValueError: these bytes are not the "
+                   f"sample the index recorded (digest differs; they hold key {key})" in str(w.message) for w in caught)
+    with pytest.raises(BadSampleError, match=f"{swapped.name} bytes .* these bytes are not the sample"):
+        list(itertools.islice(iter(build_train_loader(source, _settings(batch=3, strict=True))), 2))
+
+
+def test_a_read_through_an_open_handle_is_bounds_checked(uneven):
+    """The reader keeps a shard open after a sample; a later range of it must meet the bounds that opening
+    checks, before anything is read (ShardIndex.load refuses such ranges; an index built in code is not
+    loaded)."""
+    index = ShardIndex.load(uneven)
+    reader = _ShardReader(Catalog.from_index(index, index.shard_urls, str(uneven)), RemoteSettings())
+    start, end = index.shards[0].offsets[:2]
+    assert len(reader.read(0, start, end - start)) == end - start and reader.handles  # kept open
+    with pytest.raises(ShardReadError, match=r"bytes 2048\.\.1000000002048 are past the end of the shard"):
+        reader.read(0, 2048, 10**12)  # would allocate a terabyte
+    reader.close()
 
 
 def test_an_index_that_does_not_match_its_shard_is_named(uneven, tmp_path):
@@ -231,7 +282,8 @@ def test_an_index_that_does_not_match_its_shard_is_named(uneven, tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.warns(UserWarning, match=f"{first} bytes \\d+:\\d+: .*the index does not match the shard"):
+    with pytest.warns(UserWarning, match=f"{first} bytes \\d+:\\d+, key s\\d+: ValueError: these bytes are not the sample "
+                                         "the index recorded"):
         batches = list(itertools.islice(iter(build_train_loader(split, _settings(batch=4))), 6))
     assert sum(int(b["skipped"]) for b in batches) > 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from data_shards.geometry import SIZE_MULTIPLE, tiling_problem
+from data_shards.remote import folder_overlap, settings_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -58,7 +59,7 @@ class DataConfig:
     # Remote shards (http(s)://, s3://, pipe:), see docs/remote_storage.md.
     retries: int = 5  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
     timeout_s: float = 60.0  # longest any connect or read may block
-    cache_dir: str | None = None  # local whole-shard cache of remote shards, e.g. a node's SSD
+    cache_dir: str | None = None  # local whole-shard cache of remote shards (a node's SSD), apart from the run folder
     cache_limit_gb: float | None = None  # required with cache_dir: its size limit (10^9 bytes)
 
 
@@ -372,7 +373,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.grad_clip must be positive (or null to disable clipping)")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
-    _validate_remote(cfg.data)
+    _validate_remote(cfg.data, cfg.run_dir)
     for name in ("reference_world_size", "threads", "max_steps"):
         value = getattr(cfg.train, name)
         if value is not None and value < 1:
@@ -383,13 +384,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
 
 
-def _validate_remote(data: DataConfig) -> None:
-    if data.retries < 0:
-        raise ConfigError(f"data.retries={data.retries} must be >= 0 (0: a failed read skips the shard at once)")
-    if not data.timeout_s > 0:
-        raise ConfigError(f"data.timeout_s={data.timeout_s} must be a positive number of seconds")
-    if (data.cache_dir is None) != (data.cache_limit_gb is None):
-        raise ConfigError("data.cache_dir and data.cache_limit_gb go together: give the cache folder and the most "
-                          "disk it may use (e.g. data.cache_dir=/local_ssd/shards data.cache_limit_gb=500)")
-    if data.cache_limit_gb is not None and not data.cache_limit_gb > 0:
-        raise ConfigError(f"data.cache_limit_gb={data.cache_limit_gb} must be positive")
+_REMOTE_KEYS = {"retries": "data.retries", "timeout_s": "data.timeout_s", "cache_dir": "data.cache_dir",
+                "cache_limit": "data.cache_limit_gb", "backoff_s": "backoff_s"}
+
+
+def _validate_remote(data: DataConfig, run_dir: Path) -> None:
+    problem = settings_problem(data.retries, data.timeout_s, data.cache_dir, data.cache_limit_gb, names=_REMOTE_KEYS)
+    if problem:
+        raise ConfigError(problem)
+    overlap = data.cache_dir is not None and folder_overlap(data.cache_dir, run_dir)
+    if overlap:
+        raise ConfigError(f"data.cache_dir={data.cache_dir} {overlap} the run folder {run_dir}: the cache deletes the "
+                          "copies it evicts, and keeps its files apart from a run's; give it a folder of its own, "
+                          "e.g. data.cache_dir=/local_ssd/shard_cache")

@@ -9,13 +9,11 @@ from data_shards.demo import ensure_demo_data
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.pack import PackConfig, PackError, pack
 from data_shards.publish import build_once
-from data_shards.remote import RemoteSettings
-from data_shards.stream import (REINDEX, NoiseConfig, StreamSettings, build_train_loader, build_val_loader,
-                                noise_mismatch)
+from data_shards.remote import RemoteSettings, redact
+from data_shards.stream import (NoiseConfig, StreamSettings, build_train_loader, build_val_loader, global_batch_problem,
+                                index_source, noise_mismatch)
 from train.config import Config, ConfigError
 from train.schedule import Stage, StagePlan
-
-_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def resolve_sources(cfg: Config) -> tuple[str, str | None]:
@@ -60,20 +58,26 @@ def pack_val_folder(folder: Path, cache: Path) -> Path:
     return out / "val"
 
 
-def _local_index(source: str, what: str) -> ShardIndex | None:
-    if source.startswith(_REMOTE_PREFIXES) or "{" in source:
-        return None  # remote or brace pattern: the stream checks it when it opens the shards
-    path = Path(source)
-    if not path.exists():
+def _load_index(cfg: Config, source: str, what: str) -> ShardIndex | None:
+    """The index a data source names (local or remote, read with the run's retries and timeout), checked
+    whole; None for a shard pattern (the stream checks what it can when it opens the shards)."""
+    remote = "://" in source or source.startswith("pipe:")
+    if not index_source(source) and (remote or "{" in source):
+        return None
+    if not remote and not Path(source).exists():
         raise ConfigError(
             f"data.{what}: '{source}' does not exist; give a folder made by "
             "`python -m data_shards.pack ... --out DIR` (its train/ or val/ split), an index.json, "
             "a brace pattern or a URL"
         )
     try:
-        return ShardIndex.load(path)
+        index = ShardIndex.load(source, remote_settings(cfg))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.{what}: cannot read the shard index at '{source}': {err}") from err
+        raise ConfigError(f"data.{what}: cannot read the shard index: {err}") from err
+    problem = index.records_problem()
+    if problem:
+        raise ConfigError(f"data.{what}: {problem}")
+    return index
 
 
 def remote_settings(cfg: Config) -> RemoteSettings:
@@ -101,9 +105,9 @@ def val_noise_config(cfg: Config) -> NoiseConfig | None:
 def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str | None,
                world_size: int = 1) -> None:
     """Data-dependent config errors, raised before any training work (or worker) starts."""
-    index = _local_index(train_source, "train")
+    index = _load_index(cfg, train_source, "train")
     if val_source is not None:
-        _check_val(cfg, val_source, _local_index(val_source, "val"))
+        _check_val(cfg, val_source, _load_index(cfg, val_source, "val"))
     if index is None:
         return
     if index.total_samples == 0:
@@ -111,10 +115,6 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
     problem = noise_mismatch(bool(index.inputs), noise_config(cfg), f"data.train: '{train_source}'")
     if problem:
         raise ConfigError(problem)
-    if any(shard.offsets is None for shard in index.shards):
-        raise ConfigError(f"data.train: the index of '{train_source}' has no sample offsets (packed before they "
-                          f"were recorded): run `{REINDEX.replace('SPLIT_DIR', train_source)}` once (reads only "
-                          "the tar headers), or re-pack")
     largest = max(index.max_size) if index.max_size else None
     for stage in plan.stages:
         if largest is not None and stage.patch > largest:
@@ -123,15 +123,11 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
                 f"image in '{train_source}' (largest side {largest} px); lower the patch size or pack "
                 "larger images (and a smaller --tile)"
             )
-        # One micro-batch of the whole job must not hold a sample twice (the stream refuses it too, but
-        # only once every process has started); an optimizer step may span epochs.
-        global_batch = world_size * stage.batch
-        if index.total_samples < global_batch:
-            raise ConfigError(
-                f"data.train: '{train_source}' holds {index.total_samples} samples, fewer than one micro-batch "
-                f"of stage {stage.index} across all processes ({world_size} process(es) x batch {stage.batch} = "
-                f"{global_batch}). Pack more data or lower progressive.batch"
-            )
+        # The stream refuses it too, but only once every process has started; an optimizer step may span epochs.
+        problem = global_batch_problem(index.total_samples, world_size, stage.batch)
+        if problem:
+            raise ConfigError(f"data.train: '{redact(train_source)}': {problem} (stage {stage.index}); pack more "
+                              "data or lower progressive.batch")
 
 
 VAL_NOISE_SETTINGS = "for validation (val.noise_sigma, e.g. 25, or data.noise_* when it is null)"
