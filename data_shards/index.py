@@ -77,7 +77,7 @@ class ShardIndex:
         """Writes folder/index.json atomically (temp name, then rename)."""
         target = Path(folder) / INDEX_NAME
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json())
+        tmp.write_text(self.to_json(), encoding="utf-8")
         os.replace(tmp, target)
         return target
 
@@ -154,7 +154,7 @@ def _read_index_text(where: str) -> tuple[str, str]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no shard index here; a finished `restormer-pack` run writes "
                                 f"OUT/<split>/{INDEX_NAME} (an unfinished one leaves none)")
-    return path.read_text(), str(path)
+    return path.read_text(encoding="utf-8"), str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
