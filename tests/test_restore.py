@@ -134,6 +134,8 @@ def test_exported_weights_find_the_run_config(tmp_path):
         loaded = load_model(source)
         assert loaded.weights == tmp_path / "run" / "export" / "model.safetensors"
         assert torch.equal(loaded.model.output.weight, model.output.weight)
+    (tmp_path / "run" / "config.yaml").write_bytes(bytes(range(256)))  # damaged: only a naming hint is lost
+    assert torch.equal(load_model(tmp_path / "run").model.output.weight, model.output.weight)
 
 
 def test_official_file_names_imply_their_preset(tmp_path):
