@@ -403,7 +403,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.dist_timeout_s must be >= 1 second")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
-    check_limits(cfg)
+    _check_limits(cfg)
 
 
 # Every number of a config is a count, a size, a rate, a level or a time: none is negative, NaN or
@@ -416,17 +416,18 @@ RANGES = {
     "model.dim": (1, 1024), "model.num_blocks": (1, 64), "model.heads": (1, 64),
     "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
     "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
-    "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (8, 4096),
+    "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
 }
 
 
-def check_limits(cfg: Config) -> None:
-    """Every number within [0, NUMBER_LIMIT] and finite, and the RANGES; list items one by one."""
+def _check_limits(cfg: Config) -> None:
+    """Every number finite and within [0, NUMBER_LIMIT] or its RANGES entry; list items one by one."""
     for where, value in _numbers(cfg.to_dict(), ""):
-        low, high = RANGES.get(where.split("[")[0], (0, NUMBER_LIMIT))
+        key = where.split("[")[0]
+        low, high = RANGES.get(key, (0, NUMBER_LIMIT))
         if not low <= value <= high:  # False for NaN too
-            raise ConfigError(f"{where}={value} is outside [{low}, {high}]" + (
-                "" if (low, high) != (0, NUMBER_LIMIT) else ": numbers in a config are finite, >= 0 and below 2**31"))
+            why = "" if key in RANGES else ": numbers in a config are finite, >= 0 and below 2**31"
+            raise ConfigError(f"{where}={value} is outside [{low}, {high}]{why}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas}: give two values, e.g. [0.9, 0.999]")
 

@@ -72,9 +72,9 @@ def parse_yaml(text: str, source: str) -> Any:
         loader = _BoundedLoader(text)  # its reader refuses control characters at once
         return loader.get_single_data()
     except yaml.MarkedYAMLError as err:
-        raise YAMLInputError(f"{source}: {_describe(err)}") from err
+        raise YAMLInputError(f"{source}: {_one_line(_describe(err))}") from err
     except (yaml.YAMLError, ValueError, OverflowError) as err:  # ReaderError; a constructor's int() or date()
-        raise YAMLInputError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from err
+        raise YAMLInputError(f"{source}: not valid YAML: {_one_line(str(err))}") from err
     finally:
         if loader is not None:
             loader.dispose()
@@ -95,6 +95,10 @@ def read_yaml(path: Path) -> Any:
         raise YAMLInputError(f"{path}: not a text file (byte {data[err.start]:#04x} at offset {err.start} is not "
                              "UTF-8)") from err
     return parse_yaml(text, str(path))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _describe(err: yaml.MarkedYAMLError) -> str:
