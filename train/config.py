@@ -7,6 +7,7 @@ what a task or the demo changes. Everything is validated here, before any proces
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -407,8 +408,9 @@ def validate(cfg: Config) -> None:
 
 
 # Every number of a config is a count, a size, a rate, a level or a time: none is negative, NaN or
-# infinite, and none needs 2**31 or more (seeds, steps and timeouts end in C ints and timers that
-# overflow). Checked after the rules above, whose messages are more specific.
+# infinite, and no integer needs 2**31 or more (seeds, steps and timeouts end in C ints and timers
+# that overflow; a float as large as optim.lr=1e30 is a legitimate way to provoke non-finite steps).
+# Checked after the rules above, whose messages are more specific.
 NUMBER_LIMIT = 2**31 - 1
 # (low, high) of settings whose range is narrower; the architecture's are ~10x the largest official
 # Restormer (dim 48, blocks [4, 6, 6, 8], 8 heads, refinement 4), a larger one takes minutes to build.
@@ -416,18 +418,20 @@ RANGES = {
     "model.dim": (1, 1024), "model.num_blocks": (1, 64), "model.heads": (1, 64),
     "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
     "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
-    "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
+    "data.timeout_s": (0, NUMBER_LIMIT), "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
 }
 
 
 def _check_limits(cfg: Config) -> None:
-    """Every number finite and within [0, NUMBER_LIMIT] or its RANGES entry; list items one by one."""
+    """Every number finite, >= 0 and (integers) at most NUMBER_LIMIT, or within its RANGES entry."""
     for where, value in _numbers(cfg.to_dict(), ""):
-        key = where.split("[")[0]
-        low, high = RANGES.get(key, (0, NUMBER_LIMIT))
-        if not low <= value <= high:  # False for NaN too
-            why = "" if key in RANGES else ": numbers in a config are finite, >= 0 and below 2**31"
-            raise ConfigError(f"{where}={value} is outside [{low}, {high}]{why}")
+        key = where.split("[")[0]  # a list's items share its range
+        if key in RANGES:
+            low, high = RANGES[key]
+            if not low <= value <= high:  # False for NaN too
+                raise ConfigError(f"{where}={value} is outside [{low}, {high}]")
+        elif not (math.isfinite(value) and 0 <= value and (isinstance(value, float) or value <= NUMBER_LIMIT)):
+            raise ConfigError(f"{where}={value}: numbers in a config are finite and >= 0, integers below 2**31")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas}: give two values, e.g. [0.9, 0.999]")
 
