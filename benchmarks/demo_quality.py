@@ -70,17 +70,17 @@ def run_demo(seed: int, out: Path, overrides: list[str]) -> dict:
     wall = time.time() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "console.txt").write_text(proc.stdout)  # the run's own closing summary, for the record
+    (out / "console.txt").write_text(proc.stdout, encoding="utf-8")  # the run's own closing summary, for the record
     if proc.returncode:
         raise SystemExit(f"seed {seed}: the demo failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     val = [r for r in records if r.get("event") == "val"][-1]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     held_out = Score(val["val/psnr"], val["val/ssim"])
-    val_cfg = yaml.safe_load((out / "config.yaml").read_text())["val"]
+    val_cfg = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["val"]
     return {"wall": wall, "cpu": cpu, "steps": val["step"], "held-out": held_out,
             "tiling": (val_cfg["tile"], val_cfg["tile_overlap"]),
-            "baselines": json.loads((out / "baselines.json").read_text())}
+            "baselines": json.loads((out / "baselines.json").read_text(encoding="utf-8"))}
 
 
 def score_model(net: torch.nn.Module, items, tiling: tuple[int | None, int]) -> Score:

@@ -5,9 +5,9 @@
 Runs each scenario of tests/test_faults.py (kill -9 at random moments, SIGTERM/SIGUSR1, a killed or
 frozen DDP rank, damaged and swapped shards, lying http servers, hostile indexes, the cache's folder,
 pickle payloads, NaN losses, a full disk, damaged checkpoints, two runs on one folder, DeepSpeed on
-another process count, every bad config and pack argument) against real
+another process count, every bad config and pack argument, image bombs, hostile YAML) against real
 train/main.py processes, and prints: scenario | expected | observed | pass, then the message each bad
-input gets. Takes about 12 minutes on 2 CPU cores. docs/reliability.md
+input gets. Takes about 13 minutes on 2 CPU cores. docs/reliability.md
 explains the guarantees. Exit status 1 if any scenario failed.
 """
 
@@ -40,6 +40,12 @@ def pytest_node(*nodes: str) -> str:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:]
     return f"`pytest {' '.join(nodes)}` passed"
+
+
+def _shown(argument: str) -> str:
+    """A command-line argument as the message table shows it: short, control characters escaped."""
+    short = argument if len(argument) <= 60 else f"{argument[:40]}... ({len(argument)} characters)"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in short)
 
 
 def main() -> int:
@@ -87,6 +93,11 @@ def main() -> int:
             return (f"{len(messages[kind])} cases: each exits 2 with its one-line message from train/main.py and "
                     "`python -m data_shards.index`, restormer-verify reports it; no traceback (listed below)")
         return run
+
+    def hostile_configs(folder: Path) -> str:
+        observed, seen = faults.scenario_hostile_configs(folder)
+        messages["hostile config"] = [([_shown(a) for a in argv], code, line) for argv, code, line in seen]
+        return observed
 
     scenarios = [
         (f"kill -9 x{args.kills} on one run", "each --resume auto restart continues from the newest complete "
@@ -147,6 +158,14 @@ def main() -> int:
          lambda w: faults.scenario_foreign_files_in_cache(data, w)),
         ("every bad config value", "exit 2, message names the key and the fix", bad_inputs("config")),
         ("every bad restormer-pack argument", "exit 2, message names the problem", bad_inputs("pack")),
+        # Hostile inputs of issue 28: a named skip or one line of error, never a traceback or a blown memory.
+        ("image bombs (PNG, 16-bit PNG, TIFF, npy: ~200 bytes claiming 14000x14000) in restormer-pack",
+         "each refused from its header, skipped and listed; the good images packed (exit 0); --strict: exit 2, "
+         "one line", faults.scenario_image_bombs_pack),
+        ("the same image bombs in tools.restore", "each skipped and named, the good images restored, exit 1",
+         faults.scenario_image_bombs_restore),
+        ("hostile config files and overrides: broken, 20000-deep, binary, alias bomb, 2 MB; NaN, negative, "
+         "huge numbers", "exit 2 with one line each, refused in under a second", hostile_configs),
     ]
 
     rows, failed = [], 0

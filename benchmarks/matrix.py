@@ -221,7 +221,7 @@ def run_cells(plan: dict) -> None:
                     traceback.print_exc()
         cell.seconds = time.perf_counter() - started
         if accelerator is None or accelerator.is_main_process:
-            with open(plan["results"], "a") as f:
+            with open(plan["results"], "a", encoding="utf-8") as f:
                 f.write(json.dumps(asdict(cell)) + "\n")
     if accelerator is not None:
         # As train/main.py: a barrier after the last collective, a pause before exit (gloo threads otherwise abort at exit).
@@ -259,7 +259,7 @@ def _step_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():  # written by rank 0 only
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
+    return [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "event" not in r]
 
 
 def _l1_at(run_dir: Path, step: int) -> float | None:
@@ -344,7 +344,7 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
         plan = {"mode": name, "recipes": recipes, "steps": steps, "out": str(out / "runs"),
                 "data": data, "results": str(results)}
         plan_file = out / f"{name}.plan.json"
-        plan_file.write_text(json.dumps(plan))
+        plan_file.write_text(json.dumps(plan), encoding="utf-8")
         started = time.perf_counter()
         try:
             proc = subprocess.run([*launch_command(MODES[name], cpu), str(plan_file)], cwd=ROOT, env=env,
@@ -352,8 +352,8 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
             tail, code = (proc.stdout + proc.stderr)[-3000:], proc.returncode
         except subprocess.TimeoutExpired as err:
             tail, code = f"timed out after {timeout:.0f} s: {str(err.stderr or '')[-2000:]}", None
-        (out / f"{name}.log").write_text(tail)
-        done = {c["recipe"]: Cell(**c) for c in map(json.loads, results.read_text().splitlines())} \
+        (out / f"{name}.log").write_text(tail, encoding="utf-8")
+        done = {c["recipe"]: Cell(**c) for c in map(json.loads, results.read_text(encoding="utf-8").splitlines())} \
             if results.is_file() else {}
         for recipe in recipes:
             cell = done.get(recipe) or Cell(recipe, name, "failed", f"launch exit {code}: {tail[-500:]}")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if "worker" in args:
-        run_cells(json.loads(Path(args.worker).read_text()))
+        run_cells(json.loads(Path(args.worker).read_text(encoding="utf-8")))
         return 0
     unknown = sorted(set(args.recipes) - set(DATA_KIND))
     if unknown:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(c.status == 'refused' for c in cells)} refused, {sum(c.status == 'failed' for c in cells)} failed; "
           f"{elapsed:.0f} s wall")
     if args.json:
-        args.json.write_text(json.dumps([asdict(c) for c in cells], indent=1))
+        args.json.write_text(json.dumps([asdict(c) for c in cells], indent=1), encoding="utf-8")
     return 1 if any(c.status == "failed" for c in cells) else 0
 
 

@@ -3,6 +3,10 @@
 Pillow decodes 16-bit RGB(A) PNGs to 8 bits silently (it keeps the high byte). DPDD is 16-bit RGB,
 so `decode_png` reads those files twice through Pillow's C decoder, once for the high and once for
 the low byte of every sample, and `encode_png` writes them with its own minimal PNG writer.
+
+Every decoder here checks the image's size from its header (Pillow's size, tifffile's series shape,
+the npy header) against one pixel limit, MAX_PIXELS, before it decodes a byte: a small file that
+claims a huge image (a decompression bomb) is refused with PixelLimitError and allocates nothing.
 """
 
 from __future__ import annotations
@@ -17,23 +21,47 @@ from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy"})
 
+# The most pixels (height x width) an image may have, for every decoder of the project: the packer's
+# workers, the training stream's loader workers, verify, restore and evaluate. Decoding a 16-bit RGB
+# PNG peaks at about 16 bytes per pixel (measured; restore's float32 tensor adds little more), so at
+# 2**26 pixels (8192 x 8192) one image costs a loader worker or restore about 1 GiB, where the
+# 12000 x 12000 16-bit PNG of issue 28 cost 4.3 GB per worker. The limit is above every public
+# restoration set (SIDD and DPDD frames are under 17 MP) and a 61 MP full-frame photo. For larger
+# images pack and restore take --max-pixels (pack must then cut them with --tile, as the stream
+# keeps this limit; restore bounds the model's memory with its own --tile).
+MAX_PIXELS = 1 << 26
+
+# check_pixels replaces Pillow's own bomb check (a warning above 89 MP, an error above 179 MP): that
+# one would refuse what --max-pixels allows, and warn about images that check_pixels refuses anyway.
+Image.MAX_IMAGE_PIXELS = None
+
 # Pillow's 16-bit raw modes for which it only keeps the high byte, and the mode that reads the low one.
 _LOW_BYTE_RAWMODE = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+_TIFF_AXES = ("YX", "YXS", "SYX")  # one 2-D image: gray, interleaved or planar samples
 
 
 class ImageError(ValueError):
     """An image that cannot be read or stored losslessly; the message says why."""
 
 
-def decode_png(data: bytes) -> np.ndarray:
+class PixelLimitError(ImageError):
+    """An image whose header claims more pixels than the limit; nothing of it was decoded."""
+
+
+def check_pixels(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Raises PixelLimitError when a height x width image is over `max_pixels`."""
+    if height * width > max_pixels:
+        raise PixelLimitError(f"{width}x{height} is {height * width:,} pixels, over the limit of {max_pixels:,}")
+
+
+def decode_png(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """PNG bytes -> uint8 or uint16 array of shape (H, W, C), C in {1, 2, 3, 4}, values as stored."""
-    return _from_pil(Image.open(io.BytesIO(data)), lambda: Image.open(io.BytesIO(data)))
+    return _from_pil(lambda: Image.open(io.BytesIO(data)), max_pixels)
 
 
-def decode_npy(data: bytes) -> np.ndarray:
+def decode_npy(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """npy bytes -> array; never unpickles (a shard is untrusted input)."""
-    array = np.load(io.BytesIO(data), allow_pickle=False)
-    return array[..., None] if array.ndim == 2 else array
+    return _load_npy(io.BytesIO(data), max_pixels)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -54,21 +82,18 @@ def encode_png(array: np.ndarray, level: int = 1) -> bytes:
     return out.getvalue()
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Any supported file -> uint8/uint16 (H, W, C) array exactly as stored (alpha still attached)."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            array = array[..., None] if array.ndim == 2 else array
+            with open(path, "rb") as file:
+                array = _load_npy(file, max_pixels)
         elif suffix in (".tif", ".tiff"):
-            import tifffile  # ships with scikit-image; Pillow truncates 16-bit RGB TIFFs too
-
-            array = tifffile.imread(path)
-            array = array[..., None] if array.ndim == 2 else array
+            array = _read_tiff(path, max_pixels)
         else:
-            array = _from_pil(Image.open(path), lambda: Image.open(path))
+            array = _from_pil(lambda: Image.open(path), max_pixels)
     except ImageError:
         raise
     except Exception as err:  # Pillow, tifffile and numpy raise many types for a corrupt file
@@ -100,16 +125,61 @@ def to_channels(array: np.ndarray, color: str) -> tuple[np.ndarray, str | None]:
     return np.ascontiguousarray(array), note
 
 
-def _from_pil(image: Image.Image, reopen) -> np.ndarray:
+def _load_npy(file, max_pixels: int) -> np.ndarray:
+    """An open npy file -> (H, W, C) array; the header's shape and dtype are checked before the data
+    is read (np.load allocates what the header claims)."""
+    start = file.tell()
+    version = np.lib.format.read_magic(file)
+    if version not in ((1, 0), (2, 0)):
+        raise ImageError(f"npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(file)
+    if len(shape) not in (2, 3):
+        raise ImageError(f"unsupported pixel layout: shape {shape} (need (H, W) or (H, W, C))")
+    _check_header(shape[0], shape[1], shape[2] if len(shape) == 3 else 1, dtype, max_pixels)
+    file.seek(start)
+    array = np.load(file, allow_pickle=False)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
+    import tifffile  # ships with scikit-image; Pillow truncates 16-bit RGB TIFFs too
+
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        if series.axes not in _TIFF_AXES:
+            raise ImageError(f"TIFF of shape {series.shape} (axes {series.axes}) is not one 2-D image: "
+                             "pages, volumes and stacks are not read")
+        shape = dict(zip(series.axes, series.shape))
+        _check_header(shape["Y"], shape["X"], shape.get("S", 1), series.dtype, max_pixels)
+        array = series.asarray()
+    if series.axes == "SYX":
+        return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _check_header(height: int, width: int, channels: int, dtype: np.dtype, max_pixels: int) -> None:
+    check_pixels(height, width, max_pixels)
+    if channels > 4 or np.dtype(dtype) not in (np.uint8, np.uint16):
+        raise ImageError(f"unsupported pixel layout: {channels} channels of {dtype} (need 8- or 16-bit gray or RGB)")
+
+
+def _from_pil(open_image, max_pixels: int) -> np.ndarray:
+    """Decodes the image that `open_image()` opens, after checking its header's size."""
+    image = open_image()
+    check_pixels(image.height, image.width, max_pixels)
     raw_mode = image.tile[0].args if image.format == "PNG" and image.tile else None
     if isinstance(raw_mode, tuple):
         raw_mode = raw_mode[0]
     if raw_mode in _LOW_BYTE_RAWMODE:
-        high = np.asarray(image)
-        low_image = reopen()
+        # In place, closing each Pillow image once read: the peak is 16 bytes per pixel, not 26.
+        array = np.asarray(image).astype(np.uint16)
+        image.close()
+        array <<= 8
+        low_image = open_image()
         low_image.tile = [tile._replace(args=_LOW_BYTE_RAWMODE[raw_mode]) for tile in low_image.tile]
-        low = np.asarray(low_image)
-        array = (high.astype(np.uint16) << 8) | low
+        array |= np.asarray(low_image)
+        low_image.close()
     elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(image).astype(np.uint16)
     elif image.mode in ("L", "LA", "RGB", "RGBA"):

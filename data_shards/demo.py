@@ -132,7 +132,7 @@ def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
 
 def _complete(root: Path) -> bool:
     stamp = root / _STAMP
-    return (stamp.exists() and stamp.read_text().strip() == DEMO_VERSION
+    return (stamp.exists() and stamp.read_text(encoding="utf-8").strip() == DEMO_VERSION
             and (root / "train" / INDEX_NAME).exists() and (root / "val" / INDEX_NAME).exists())
 
 
@@ -146,7 +146,7 @@ def _build(out: Path) -> None:
                 np.save(path, image, allow_pickle=False)
                 rows.append(f"{split}/{name}.npy,{split}")
         manifest = Path(src) / "manifest.csv"
-        manifest.write_text("\n".join(rows) + "\n")
+        manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
         pack(PackConfig(out=out, manifest=manifest, format="npy", color="rgb", tile=TILE, progress=False,
                         command="data_shards.demo.ensure_demo_data()"))
-    (out / _STAMP).write_text(DEMO_VERSION + "\n")
+    (out / _STAMP).write_text(DEMO_VERSION + "\n", encoding="utf-8")

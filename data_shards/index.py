@@ -271,11 +271,11 @@ def _read_index_text(where: str, settings: RemoteSettings | None) -> tuple[str, 
         if not path.exists():
             raise FileNotFoundError(f"{path}: no shard index here; a finished `restormer-pack` run writes "
                                     f"OUT/<split>/{INDEX_NAME} (an unfinished one leaves none)")
-        size = path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise ValueError(f"{path}: {size} bytes, more than any shard index ({MAX_INDEX_BYTES >> 20} MiB, "
-                             "about 80 bytes per sample); not an index, or split the data set")
-        data, location = path.read_bytes(), str(path)
+        with open(path, "rb") as handle:  # bounded: a device file (/dev/zero) reports no size
+            data, location = handle.read(MAX_INDEX_BYTES + 1), str(path)
+        if len(data) > MAX_INDEX_BYTES:
+            raise ValueError(f"{path}: more than any shard index ({MAX_INDEX_BYTES >> 20} MiB, about 80 bytes "
+                             "per sample); not an index, or split the data set")
     try:
         return data.decode("utf-8"), location
     except UnicodeDecodeError as err:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_shards.codec import ImageError, encode_npy, encode_png, read_image, to_channels
+from data_shards.codec import (MAX_PIXELS, ImageError, PixelLimitError, check_pixels, encode_npy, encode_png,
+                               read_image, to_channels)
 from data_shards.geometry import tile_positions
 from data_shards.index import INDEX_NAME, ShardIndex
 from data_shards.sources import SampleSpec, Scan, SourceError, read_manifest, scan_clean, scan_paired
@@ -59,6 +60,7 @@ class PackConfig:
     split: str | None = None  # every sample into this one split (e.g. "val" for a test set)
     seed: int = 0
     strict: bool = False
+    max_pixels: int = MAX_PIXELS  # largest source image read; what is stored stays within MAX_PIXELS
     overwrite: bool = False
     progress: bool = True
     command: str = ""
@@ -273,7 +275,7 @@ def _load_sample(task: tuple[SampleSpec, PackConfig, int | None]) -> _Loaded:
         arrays = {}
         for member, path in (("target", spec.target), *spec.inputs):
             current = path
-            array, note = to_channels(read_image(path), config.color)
+            array, note = to_channels(read_image(path, config.max_pixels), config.color)
             if note:
                 loaded.notes.append((str(path), note))
             arrays[member] = array
@@ -285,18 +287,27 @@ def _load_sample(task: tuple[SampleSpec, PackConfig, int | None]) -> _Loaded:
         loaded.channels = shape[2]
         loaded.bit_depths = {8 * a.dtype.itemsize for a in arrays.values()}
         height, width = shape[:2]
+        h, w = (min(tile, height), min(tile, width)) if tile else (height, width)
+        try:  # the stream decodes stored samples under the default limit, whatever --max-pixels said
+            check_pixels(h, w, MAX_PIXELS)
+        except PixelLimitError as err:
+            raise ImageError(f"stored {'in tiles' if tile else 'whole'}: {err} that the training stream decodes; "
+                             + ("use a smaller --tile" if tile else "cut it with --tile (train split only)")) from err
         stride = config.stride or tile
         ys = tile_positions(height, tile, stride) if tile else [0]
         xs = tile_positions(width, tile, stride) if tile else [0]
         for y in ys:
             for x in xs:
-                h, w = (min(tile, height), min(tile, width)) if tile else (height, width)
                 key = f"{spec.key}-tile{y}x{x}" if tile else spec.key
                 meta = {"source": spec.source, "tile": [y, x] if tile else None}
                 members = [(f"{member}.{config.format}", _encode(array[y:y + h, x:x + w], config))
                            for member, array in arrays.items()]
                 members.append(("json", json.dumps(meta, sort_keys=True).encode()))
                 loaded.items.append((key, members, (h, w)))
+    except PixelLimitError as err:
+        loaded.items.clear()
+        loaded.error = (str(current), f"{err} (--max-pixels raises it; images above {MAX_PIXELS:,} pixels "
+                                      "also need --tile)")
     except (ImageError, OSError) as err:
         loaded.items.clear()
         loaded.error = (str(current), str(err))
@@ -453,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="parallel processes; output is identical for any N")
     run.add_argument("--strict", action="store_true",
                      help="stop at the first bad sample instead of skipping it and listing it at the end")
+    run.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                     help="largest image read, in pixels, checked from the file header before decoding (default "
+                          "%(default)s = 8192x8192; larger ones are skipped and listed); a stored sample must stay "
+                          "within the default, so images above it need --tile")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -470,12 +485,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    if args.max_pixels < 1:
+        parser.error("--max-pixels must be at least 1")
     config = PackConfig(
         out=args.out, source=args.source, inputs=tuple(args.input), target=args.target, manifest=args.manifest,
         format=args.format, png_level=args.png_level, color=args.color, tile=args.tile, stride=args.stride,
         shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * (1 << 20)),
         spread_bytes=int(args.spread_mb * (1 << 20)), workers=args.workers,
-        val_fraction=args.val_fraction, split=args.split, seed=args.seed, strict=args.strict, overwrite=args.overwrite,
+        val_fraction=args.val_fraction, split=args.split, seed=args.seed, strict=args.strict,
+        max_pixels=args.max_pixels, overwrite=args.overwrite,
         progress=not args.no_progress,
         command=shlex.join(["restormer-pack", *(sys.argv[1:] if argv is None else argv)]),
     )

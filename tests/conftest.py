@@ -111,6 +111,42 @@ def random_png(path: Path, height: int, width: int, channels: int = 3, bits: int
     return write_png(path, array)
 
 
+def image_bomb(path: Path, width: int, height: int, bits: int = 8) -> Path:
+    """A file of a few hundred bytes whose header claims a width x height image (8-bit gray or 16-bit
+    RGB; .png, .tif or .npy): decoding it would allocate the whole image."""
+    import struct
+    import zlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+        header = struct.pack(">IIBBBBB", width, height, bits, 0 if bits == 8 else 2, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                         + chunk(b"IDAT", zlib.compress(bytes(4096))) + chunk(b"IEND", b""))
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(path, np.zeros((1, 1) if bits == 8 else (1, 1, 3), np.uint8 if bits == 8 else np.uint16),
+                         metadata=None)
+        data = bytearray(path.read_bytes())  # little-endian classic TIFF: patch width, length, rows per strip
+        (ifd,) = struct.unpack_from("<I", data, 4)
+        (count,) = struct.unpack_from("<H", data, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind = struct.unpack_from("<HH", data, entry)
+            if tag in (256, 257, 278):
+                struct.pack_into("<I" if kind == 4 else "<H", data, entry + 8, width if tag == 256 else height)
+        path.write_bytes(bytes(data))
+    else:
+        header = {"descr": "<u1" if bits == 8 else "<u2", "fortran_order": False,
+                  "shape": (height, width) if bits == 8 else (height, width, 3)}
+        with open(path, "wb") as file:
+            np.lib.format.write_array_header_1_0(file, header)
+    return path
+
+
 def synthetic_images(folder: Path, count: int = 10, size: int = 40, flat: bool = False) -> list[Path]:
     """Smooth colour fields with an edge, as 8-bit PNGs img0.png ... `flat`: each image one distinct
     grey level (10, 30, ..., 190), so a training crop tells which image it came from."""

@@ -128,6 +128,17 @@ def test_resume_path_refuses_a_damaged_checkpoint_with_the_cause(tmp_path):
         check_resume_arg(str(make(tmp_path, 4, complete=False)), tmp_path)
 
 
+def test_resume_path_refuses_a_damaged_state_file_in_the_same_form(tmp_path):
+    """train.main reads trainer_state.json before any process starts: its refusal reads like the others."""
+    from train.config import Config
+    from train.main import refuse_unmappable_resume
+
+    path = make(tmp_path, 3)
+    flip(path, STATE_FILE)  # a byte of the JSON text becomes >= 0x80: not UTF-8 any more
+    with pytest.raises(CheckpointError, match=r"--resume .*: refused, trainer_state.json: unreadable \(UnicodeDecode"):
+        refuse_unmappable_resume(str(path), Config(), 1)
+
+
 def test_a_checkpoint_without_manifest_is_accepted_unverified(tmp_path):
     """Written by a version before manifests: accepted (with a warning from the Checkpointer)."""
     path = make(tmp_path, 3, sealed=False)

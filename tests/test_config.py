@@ -3,6 +3,7 @@ import re
 import pytest
 
 from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
+from train.safe_yaml import MAX_DEPTH, MAX_NODES, YAMLInputError, parse_yaml
 
 
 def test_defaults_are_the_official_recipe():
@@ -87,6 +88,38 @@ def test_a_removed_key_is_explained_but_ignored_in_an_old_checkpoint_config():
     old = load_config().to_dict()
     old["data"]["resume"] = "fresh"  # what checkpoints saved before exact resume hold
     assert config_from_dict(old, "old checkpoint") == load_config()
+
+
+def test_yaml_is_bounded_in_depth_and_in_nodes_with_aliases_counted_in_full():
+    assert parse_yaml("[" * MAX_DEPTH + "]" * MAX_DEPTH, "x") is not None
+    with pytest.raises(YAMLInputError, match=f"x: refused: nested deeper than {MAX_DEPTH} levels"):
+        parse_yaml("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "x")
+    items = (MAX_NODES - 15) // 11  # 11 nodes per alias of a ten-number list; 15 for the rest of the document
+    fits = "a: &a [" + ", ".join(["1"] * 10) + "]\nb: [" + ", ".join(["*a"] * items) + "]"
+    assert len(parse_yaml(fits, "x")["b"]) == items
+    with pytest.raises(YAMLInputError, match="more than 10,000 values once aliases are expanded"):
+        parse_yaml(fits.replace("]\nb: [", "]\nb: [*a, *a, "), "x")
+
+
+def test_aliases_in_a_config_still_work(tmp_path):
+    path = tmp_path / "aliases.yaml"
+    path.write_text("optim: {lr: &lr 2.0e-4}\nlr: {schedule: cosine, eta_min: *lr}\n", encoding="utf-8")
+    assert load_config(path).lr.eta_min == 2e-4
+
+
+@pytest.mark.parametrize("data", [[1, 2], "text", 3])
+def test_a_saved_config_that_is_not_a_mapping_is_a_config_error(data):
+    with pytest.raises(ConfigError, match="old/config.yaml: the top level must be a mapping of sections"):
+        config_from_dict(data, "old/config.yaml")
+
+
+def test_numbers_are_finite_non_negative_and_bounded():
+    with pytest.raises(ConfigError, match=re.escape("lr.eta_mins[1]=inf: numbers in a config are finite and >= 0")):
+        load_config(None, ["lr.eta_mins=[3e-4, .inf]"])
+    with pytest.raises(ConfigError, match=re.escape("model.heads[2]=0 is outside [1, 64]")):
+        load_config(None, ["model.heads=[1, 2, 0, 8]"])
+    with pytest.raises(ConfigError, match="optim.betas=.*give two values"):
+        load_config(None, ["optim.betas=[0.9]"])
 
 
 def test_blind_denoising_recipes_validate_at_one_sigma():

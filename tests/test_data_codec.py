@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_shards.codec import ImageError, decode_npy, decode_png, encode_npy, encode_png, read_image, to_channels
+from conftest import image_bomb
+from data_shards.codec import (MAX_PIXELS, ImageError, PixelLimitError, decode_npy, decode_png, encode_npy, encode_png,
+                               read_image, to_channels)
 from data_shards.degrade import NoiseConfig, add_noise, mixup, paired_crop
 from data_shards.geometry import dihedral
 
@@ -74,6 +76,53 @@ def test_read_image_formats_and_corrupt_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ImageError, match="cannot decode"):
         read_image(tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("name,bits", [("a.png", 8), ("a.png", 16), ("a.tif", 8), ("a.tif", 16), ("a.npy", 8),
+                                       ("a.npy", 16)])
+def test_an_image_bomb_is_refused_from_its_header(tmp_path, name, bits):
+    bomb = image_bomb(tmp_path / name, 14000, 14000, bits)  # a few hundred bytes claiming 196 MP
+    with pytest.raises(PixelLimitError, match=f"14000x14000 is 196,000,000 pixels, over the limit of {MAX_PIXELS:,}"):
+        read_image(bomb)
+    decoder = {".png": decode_png, ".npy": decode_npy}.get(bomb.suffix)
+    if decoder is not None:  # the formats a shard may hold
+        with pytest.raises(PixelLimitError, match="14000x14000"):
+            decoder(bomb.read_bytes())
+
+
+@pytest.mark.parametrize("name", ["g8.png", "c16.png", "c8.jpg", "g16.tif", "c16.tif", "c8.npy"])
+def test_every_decoder_applies_the_pixel_limit_given(tmp_path, name):
+    import tifffile
+
+    bits = 16 if "16" in name else 8
+    image = np.random.default_rng(4).integers(0, 2**bits, (6, 5, 1 if name[0] == "g" else 3)).astype(
+        np.uint16 if bits == 16 else np.uint8)
+    path = tmp_path / name
+    if path.suffix == ".tif":
+        tifffile.imwrite(path, image[..., 0] if image.shape[2] == 1 else image)
+    elif path.suffix == ".npy":
+        np.save(path, image)
+    elif path.suffix == ".jpg":
+        Image.fromarray(image).save(path)
+    else:
+        path.write_bytes(encode_png(image))
+    assert read_image(path, max_pixels=30).shape == image.shape
+    with pytest.raises(PixelLimitError, match="5x6 is 30 pixels, over the limit of 29"):
+        read_image(path, max_pixels=29)
+
+
+def test_planar_tiffs_are_read_and_stacks_refused(tmp_path):
+    import tifffile
+
+    rgb = np.random.default_rng(5).integers(0, 65536, (4, 6, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), planarconfig="separate", photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "planar.tif"), rgb)
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 4, 6), np.uint8), photometric="minisblack")
+    with pytest.raises(ImageError, match="not one 2-D image"):
+        read_image(tmp_path / "stack.tif")
+    np.save(tmp_path / "wide.npy", np.zeros((2, 2, 5000), np.uint8))  # few pixels, many channels
+    with pytest.raises(ImageError, match="5000 channels"):
+        read_image(tmp_path / "wide.npy")
 
 
 def test_to_channels_drops_alpha_with_note_and_converts():

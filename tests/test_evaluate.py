@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_NET_ARGS, tiny_net, write_png
+from conftest import TINY_NET_ARGS, image_bomb, tiny_net, write_png
 from model import save_safetensors
 from tools.evaluate import main, noisy_copy
 
@@ -115,7 +115,23 @@ def test_missing_pairs_and_size_mismatches_name_the_file(tmp_path, identity_weig
     (tmp_path / "input" / "b.png").unlink()
     assert main(common) == 2
     err = capsys.readouterr().err
-    assert "a.png" in err and "differ in size" in err
+    assert "skipped: " in err and "a.png" in err and "differ in size" in err
+    assert "none of the 1 images could be scored" in err
+
+
+def test_undecodable_and_over_limit_images_are_skipped_and_the_rest_scored(tmp_path, identity_weights, capsys):
+    for name in ("a.png", "c.png"):
+        write_png(tmp_path / "clean" / name, smooth_image(0))
+    image_bomb(tmp_path / "clean" / "b.png", 12000, 12000, bits=16)
+    (tmp_path / "clean" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    csv = tmp_path / "e.csv"
+    assert main(["-w", str(identity_weights), *TINY_ARGS, "--target", str(tmp_path / "clean"), "--sigma", "5",
+                 "--csv", str(csv)]) == 1
+    captured = capsys.readouterr()
+    assert "b.png: 12000x12000 is 144,000,000 pixels, over the limit" in captured.err
+    assert "d.png: cannot decode" in captured.err and "1 image(s) over --max-pixels" in captured.err
+    assert "2 skipped (named above), not in the means" in captured.out
+    assert list(pd.read_csv(csv)["image"]) == ["a.png", "c.png"]
 
 
 def test_restored_images_can_be_saved(tmp_path, identity_weights):

@@ -32,7 +32,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY_RUN, accelerate_cmd, child_env, loopback_http, pack_images, records
+from conftest import (ROOT, TINY_NET_ARGS, TINY_RUN, accelerate_cmd, child_env, image_bomb, loopback_http,
+                      pack_images, records, tiny_net)
 from model import read_state_dict
 from data_shards.index import MAX_INDEX_BYTES, ShardIndex, describe_shard
 from data_shards.remote import CACHE_SUBFOLDER, ShardCache
@@ -759,14 +760,23 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     return [([*options, *base, *overrides], message) for options, overrides, message in argvs]
 
 
+def captured(main, argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command-line main() run in process (argparse exits included)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue().strip()
+
+
 def run_main(argv: list[str]) -> tuple[int, str]:
     """train/main.py's main() in process: config mistakes return before any training work."""
     from train.main import main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue().strip()
+    code, _, err = captured(main, argv)
+    return code, err
 
 
 def pack_cases(src: Path, scratch: Path) -> list[tuple[list[str], str]]:
@@ -834,13 +844,8 @@ def pack_cases(src: Path, scratch: Path) -> list[tuple[list[str], str]]:
 def run_pack(argv: list[str]) -> tuple[int, str]:
     from data_shards.pack import main as pack_main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = pack_main([*argv, "--no-progress"])
-        except SystemExit as exit_:  # argparse errors
-            code = exit_.code
-    return code, err.getvalue().strip()
+    code, _, err = captured(pack_main, [*argv, "--no-progress"])
+    return code, err
 
 
 def scenario_bad_inputs(cases, runner) -> list[tuple[list[str], int, str]]:
@@ -1077,6 +1082,109 @@ def scenario_foreign_files_in_cache(data: Path, work: Path) -> str:
             ".tar, one in the cache's own subfolder) untouched")
 
 
+# ---------------------------------------------------------------- hostile inputs: image bombs, YAML
+
+
+BOMBS = {"PNG": ("png8_bomb.png", 8), "16-bit PNG": ("png16_bomb.png", 16), "TIFF": ("tiff_bomb.tif", 8),
+         "npy": ("npy_bomb.npy", 8)}
+BOMB_SIDE = 14000  # 196 MP, over data_shards.codec.MAX_PIXELS: issue 28's TIFF that killed tools.restore
+
+
+def bomb_folder(folder: Path) -> list[Path]:
+    """Two good RGB images and one bomb of each kind: a few hundred bytes whose header claims BOMB_SIDE^2."""
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(folder / f"good{i}.png")
+    return [image_bomb(folder / name, BOMB_SIDE, BOMB_SIDE, bits) for name, bits in BOMBS.values()]
+
+
+def scenario_image_bombs_pack(work: Path) -> str:
+    """Pack skips and lists every bomb (the good images are packed); --strict stops at the first, exit 2."""
+    from data_shards.pack import main as pack_main
+
+    bombs = bomb_folder(work / "src")
+    started = time.perf_counter()
+    code, out, err = captured(pack_main, [str(work / "src"), "--out", str(work / "out"), "--color", "rgb",
+                                          "--no-progress"])
+    seconds = time.perf_counter() - started
+    assert code == 0 and "Traceback" not in err, f"exit {code}:\n{err[-2000:]}"
+    listed = [line.strip() for line in out.splitlines() if "pixels, over the limit" in line]
+    assert sorted(line.split(":")[0] for line in listed) == sorted(map(str, bombs)), out
+    assert "packed 2 samples from 6 images" in out, out
+    code, _, err = captured(pack_main, [str(work / "src"), "--out", str(work / "strict"), "--color", "rgb",
+                                        "--strict", "--no-progress"])
+    assert code == 2 and len(err.splitlines()) == 1 and "over the limit" in err, err
+    return (f"exit 0 in {seconds:.1f} s, the 2 good images packed, the {len(bombs)} bombs listed as skipped "
+            f"(`{listed[0].replace(str(work), '<work>')[:120]}...`); --strict: exit 2, one line naming the first")
+
+
+def scenario_image_bombs_restore(work: Path) -> str:
+    """tools.restore names every bomb, restores the good images around them and exits 1."""
+    from model import save_safetensors
+    from tools.restore import main as restore_main
+
+    bombs = bomb_folder(work / "src")
+    weights = work / "tiny.safetensors"
+    save_safetensors(tiny_net(), weights)
+    started = time.perf_counter()
+    code, out, err = captured(restore_main, [str(work / "src"), "-w", str(weights), "--preset", "default",
+                                             *TINY_NET_ARGS, "-o", str(work / "out")])
+    seconds = time.perf_counter() - started
+    assert code == 1 and "Traceback" not in err, f"exit {code}:\n{err[-2000:]}"
+    named = [line for line in err.splitlines() if line.startswith("skipped: ") and "over the limit" in line]
+    assert len(named) == len(bombs), err
+    assert sorted(p.name for p in (work / "out").iterdir()) == ["good0.png", "good1.png"]
+    return (f"exit 1 in {seconds:.1f} s: the 2 good images restored, the {len(bombs)} bombs skipped and named "
+            f"(`{named[0].replace(str(work), '<work>')[:110]}...`)")
+
+
+def alias_bomb(levels: int = 9, fan: int = 9) -> str:
+    """YAML of about 400 bytes whose aliases expand to fan**levels values ("billion laughs")."""
+    lines = ["l0: &l0 [" + ", ".join(["lol"] * fan) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fan) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\noptim: {{lr: *l{levels - 1}}}\n"
+
+
+def hostile_config_cases(scratch: Path) -> list[tuple[list[str], str]]:
+    """(train/main.py arguments, the message that must come back) for hostile config files and overrides.
+    --print-config: a case that is wrongly accepted returns at once instead of training."""
+    files = {"deep.yaml": ("a: " + "[" * 20000 + "]" * 20000 + "\n").encode(), "binary.yaml": bytes(range(256)) * 4,
+             "bomb.yaml": alias_bomb().encode(), "huge.yaml": b"# padding\n" * 200_000}
+    for name, data in files.items():
+        (scratch / name).write_bytes(data)
+    cases = [(["--config", str(scratch / name)], message) for name, message in (
+        ("deep.yaml", "refused: nested deeper than 32 levels"), ("binary.yaml", "not a text file (byte 0x80"),
+        ("bomb.yaml", "more than 10,000 values once aliases are expanded"), ("huge.yaml", "larger than the 1,048,576"))]
+    cases += [([override], message) for override, message in (
+        ("optim.lr={a: [1,", "not valid YAML: while parsing a flow node"),
+        ("optim.lr=" + "[" * 20000, "refused: nested deeper than 32 levels"),
+        ("optim.betas=&a [1, *a]", "recursive alias"), ("run_name=a\x00b", "unacceptable character #x0000"),
+        ("optim.lr=!!python/object/apply:os.system ['true']", "could not determine a constructor"),
+        ("train.seed=" + "1" * 5000, "Exceeds the limit (4300 digits)"),
+        ("optim.lr=.nan", "optim.lr=nan: numbers in a config are finite"), ("train.seed=-1", "train.seed=-1: numbers"),
+        ("train.dist_timeout_s=99999999999999999999", "integers below 2**31"),
+        ("data.num_workers=100000", "data.num_workers=100000 is outside [0, 256]"),
+        ("optim.betas=[2, 3]", "optim.betas[0]=2.0 is outside"))]
+    return [(["--print-config", *options], message) for options, message in cases]
+
+
+def scenario_hostile_configs(scratch: Path) -> tuple[str, list[tuple[list[str], int, str]]]:
+    """Every case of hostile_config_cases exits 2 with one line; returns the row's text and the messages."""
+    seconds = []
+
+    def timed(argv: list[str]) -> tuple[int, str]:
+        started = time.perf_counter()
+        code, err = run_main(argv)
+        seconds.append(time.perf_counter() - started)
+        assert len(err.splitlines()) <= 1, f"{argv[:3]}: more than one line:\n{err[:2000]}"
+        return code, err
+
+    seen = scenario_bad_inputs(hostile_config_cases(scratch), timed)
+    bomb = next(t for (argv, _, _), t in zip(seen, seconds) if argv[-1].endswith("bomb.yaml"))
+    return (f"{len(seen)} cases: each exits 2 with one line, no traceback; the slowest refused in "
+            f"{max(seconds) * 1000:.0f} ms, the alias bomb in {bomb * 1000:.0f} ms (listed below)"), seen
+
+
 # ---------------------------------------------------------------- the tests
 
 
@@ -1227,3 +1335,12 @@ def test_a_cache_folder_that_is_holds_or_lies_in_the_run_folder_is_refused(data,
 
 def test_the_cache_evicts_only_its_own_copies(data, tmp_path):
     scenario_foreign_files_in_cache(data, tmp_path)
+
+
+def test_image_bombs_are_skipped_and_listed_by_pack_and_named_by_restore(tmp_path):
+    scenario_image_bombs_pack(tmp_path / "pack")
+    scenario_image_bombs_restore(tmp_path / "restore")
+
+
+def test_hostile_config_files_and_overrides_exit_2_with_one_line(tmp_path):
+    scenario_hostile_configs(tmp_path)

@@ -49,3 +49,23 @@ def test_test_modules_do_not_import_each_other_or_benchmarks():
              for name in imported_modules(path)
              if name.split(".")[0] in test_names | bench_names or name.startswith("benchmarks")]
     assert not wrong, "\n".join(wrong)
+
+
+def test_text_files_are_opened_with_an_explicit_encoding():
+    """open() in text mode, read_text() and write_text() name their encoding: the locale's default
+    (e.g. ASCII under LANG=C) would turn one odd byte into a UnicodeDecodeError traceback."""
+    wrong = []
+    for package in (*FLOORS, "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+                    continue
+                func = node.func
+                if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} {func.attr}()")
+                elif isinstance(func, ast.Name) and func.id == "open":
+                    mode = node.args[1] if len(node.args) > 1 else next(
+                        (k.value for k in node.keywords if k.arg == "mode"), None)
+                    if not (isinstance(mode, ast.Constant) and "b" in mode.value):
+                        wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} open() in text mode")
+    assert not wrong, "\n".join(wrong)

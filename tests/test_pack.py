@@ -10,6 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import image_bomb
 from data_shards import pack as pack_module
 from data_shards import verify
 from data_shards.index import ShardIndex, describe_shard, reindex
@@ -188,6 +189,31 @@ def test_strict_stops_at_first_bad_sample_and_leaves_no_whole_looking_shard(tmp_
     for shard in folder.glob("*.tar"):  # finished shards are complete tars, never truncated ones
         with tarfile.open(shard) as tar:
             assert len(tar.getnames()) == 2
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_listed_or_stop_strict(tmp_path, capsys):
+    _photos(tmp_path / "src", count=2)
+    image_bomb(tmp_path / "src" / "tiff_bomb.tif", 14000, 14000, bits=16)  # issue 28: 196 MP in 230 bytes
+    image_bomb(tmp_path / "src" / "png_bomb.png", 12000, 12000, bits=16)
+    assert _run(tmp_path / "src", "--out", tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "skipped 2:" in out and ShardIndex.load(tmp_path / "out" / "train").total_samples == 2
+    assert "tiff_bomb.tif: 14000x14000 is 196,000,000 pixels, over the limit of 67,108,864 (--max-pixels" in out
+    assert "png_bomb.png: 12000x12000 is 144,000,000 pixels" in out
+    assert _run(tmp_path / "src", "--out", tmp_path / "strict", "--strict") == 2
+    assert "_bomb." in capsys.readouterr().err
+
+
+def test_max_pixels_reads_larger_images_that_tiles_keep_within_the_stream_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pack_module, "MAX_PIXELS", 40 * 40)  # the photos are 40x56
+    _photos(tmp_path / "src", count=2)
+    assert _run(tmp_path / "src", "--out", tmp_path / "o1") == 0
+    assert "skipped 2:" in capsys.readouterr().out
+    assert _run(tmp_path / "src", "--out", tmp_path / "o2", "--max-pixels", 3000) == 0
+    assert "stored whole: 56x40 is 2,240 pixels, over the limit of 1,600 that the training stream decodes; " \
+           "cut it with --tile" in capsys.readouterr().out
+    assert _run(tmp_path / "src", "--out", tmp_path / "o3", "--max-pixels", 3000, "--tile", 32) == 0
+    assert ShardIndex.load(tmp_path / "o3" / "train").max_size == (32, 32)
 
 
 def test_refuses_bad_output_and_empty_input(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_NET, TINY_NET_ARGS, random_png
+from conftest import TINY_NET, TINY_NET_ARGS, image_bomb, random_png
 from conftest import tiny_net as tiny
 from data_shards.codec import read_image
 from model import save_official_pth, save_safetensors
@@ -134,6 +134,8 @@ def test_exported_weights_find_the_run_config(tmp_path):
         loaded = load_model(source)
         assert loaded.weights == tmp_path / "run" / "export" / "model.safetensors"
         assert torch.equal(loaded.model.output.weight, model.output.weight)
+    (tmp_path / "run" / "config.yaml").write_bytes(bytes(range(256)))  # damaged: only a naming hint is lost
+    assert torch.equal(load_model(tmp_path / "run").model.output.weight, model.output.weight)
 
 
 def test_official_file_names_imply_their_preset(tmp_path):
@@ -187,6 +189,23 @@ def test_missing_inputs_and_unreadable_images_are_reported(tmp_path, capsys):
     assert main([str(tmp_path / "in"), *common]) == 1  # the good image is still restored
     assert "broken.png" in capsys.readouterr().err
     assert (tmp_path / "out" / "good.png").is_file()
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_named_and_the_next_restored(tmp_path, capsys):
+    weights = tmp_path / "tiny.safetensors"
+    save_safetensors(tiny(), weights)
+    random_png(tmp_path / "in" / "a.png", 8, 8)
+    image_bomb(tmp_path / "in" / "b.tif", 14000, 14000)  # issue 28: a MemoryError traceback, nothing after it
+    random_png(tmp_path / "in" / "c.png", 16, 8)
+    common = ["-w", str(weights), "--preset", "default", *TINY_NET_ARGS, "-o", str(tmp_path / "out")]
+    assert main([str(tmp_path / "in"), *common]) == 1
+    captured = capsys.readouterr()
+    assert "skipped: " + str(tmp_path / "in" / "b.tif") + ": 14000x14000 is 196,000,000 pixels" in captured.err
+    assert "1 image(s) over --max-pixels 67108864: raise it" in captured.err
+    assert "restored 2 image(s)" in captured.out and "1 skipped" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    assert main([str(tmp_path / "in" / "c.png"), *common, "--overwrite", "--max-pixels", "127"]) == 1
+    assert "8x16 is 128 pixels, over the limit of 127" in capsys.readouterr().err
 
 
 def test_bad_tile_settings_are_rejected(tmp_path, capsys):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import image_bomb
 from data_shards import pack as pack_module
 from data_shards.codec import encode_png
 from data_shards.index import INDEX_NAME, ShardIndex, describe_shard
@@ -351,6 +352,22 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
         assert len(list(val)) == 4 and val.skipped == 2
     with pytest.raises(BadSampleError, match="broken"):
         list(build_val_loader(str(tmp_path / "bad.tar"), noise=SIGMA, strict=True))
+
+
+def test_an_image_bomb_in_a_shard_is_a_named_bad_sample(tmp_path):
+    """Pack never stores one, but shards can come from elsewhere: refused from the header, nothing decoded."""
+    good = encode_png(np.full((8, 8, 3), 9, np.uint8))
+    bombs = {suffix: image_bomb(tmp_path / f"bomb{suffix}", 12000, 12000, bits=16).read_bytes()
+             for suffix in (".png", ".npy")}
+    samples = [("k0", {"target.png": good}), ("png_bomb", {"target.png": bombs[".png"]}),
+               ("npy_bomb", {"target.npy": bombs[".npy"]}), ("k3", {"target.png": good})]
+    _write_shard(tmp_path / "bombs.tar", samples)
+    with pytest.warns(UserWarning) as caught:
+        val = build_val_loader(str(tmp_path / "bombs.tar"), noise=SIGMA)
+        assert [item["key"] for item in val] == ["k0", "k3"] and val.skipped == 2
+    warned = " ".join(str(w.message) for w in caught)
+    assert "bombs.tar, key png_bomb: PixelLimitError: 12000x12000 is 144,000,000 pixels" in warned
+    assert "key npy_bomb: PixelLimitError" in warned
 
 
 @pytest.mark.timeout(60)

@@ -20,6 +20,10 @@ bit depth; --quantize), PSNR with data range 1, SSIM with an 11x11 Gaussian
 window (sigma 1.5), the Y channel of ITU-R BT.601 (MATLAB rgb2ycbcr), --border pixels cropped from
 each side. The degraded input is scored as given, beside the restored one. For dual-pixel data the
 degraded image is the left view.
+
+An image that cannot be decoded, is over --max-pixels or does not match its pair in size is skipped
+and named; the means cover the other images. Exit status: 0 every image scored; 1 some skipped;
+2 bad arguments, weights or data (nothing scored).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from data_shards.degrade import NoiseConfig, add_noise, key_seed
 from model import WeightsMismatchError, restore
 from tools.imageio import ImageError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
-from tools.restore import add_inference_args, check_inference_args, pair_right_views, read_input
+from tools.restore import add_inference_args, check_inference_args, pair_right_views, print_limit_hint, read_input
 from train.metrics import score
 
 
@@ -50,6 +54,13 @@ class Sample:
     input: torch.Tensor  # (1, Cin, H, W) in [0, 1] (noisy inputs may leave the range)
     target: torch.Tensor  # (1, C, H, W)
     bits: int | None  # the target's bit depth when known
+
+
+@dataclass
+class Skipped:
+    """An image of the test set that could not be scored."""
+
+    error: ImageError
 
 
 def noisy_copy(clean: torch.Tensor, sigma: float, seed: int, key: str) -> torch.Tensor:
@@ -73,7 +84,8 @@ def _match_targets(inputs: list[Path], target_dir: Path) -> list[Path]:
 
 
 def folder_samples(loaded: LoadedModel, target_dir: str, input_dir: str | None, right_dir: str | None,
-                   sigma: float | None, seed: int, max_images: int | None) -> tuple[int, Iterator[Sample]]:
+                   sigma: float | None, seed: int, max_images: int | None,
+                   max_pixels: int) -> tuple[int, Iterator[Sample | Skipped]]:
     """(number of images, iterator): paired folders, or clean targets plus seeded Gaussian noise."""
     target_root = Path(target_dir)
     if input_dir is not None:
@@ -84,18 +96,24 @@ def folder_samples(loaded: LoadedModel, target_dir: str, input_dir: str | None, 
         inputs = targets
     rights = pair_right_views(inputs, right_dir)
 
-    def generate() -> Iterator[Sample]:
+    def read(path: Path, right: Path | None, target_path: Path) -> Sample:
+        target, bits = read_tensor(target_path, loaded.out_channels, max_pixels)
+        key = target_path.relative_to(target_root).as_posix()
+        if sigma is None:
+            degraded, _ = read_input(loaded, path, right, max_pixels)
+        else:
+            degraded = noisy_copy(target, sigma, seed, key)
+        if degraded.shape[-2:] != target.shape[-2:]:
+            raise ImageError(f"{path}: input {tuple(degraded.shape[-2:])} and target "
+                             f"{tuple(target.shape[-2:])} differ in size")
+        return Sample(key, degraded, target, bits)
+
+    def generate() -> Iterator[Sample | Skipped]:
         for path, right, target_path in zip(inputs, rights, targets):
-            target, bits = read_tensor(target_path, loaded.out_channels)
-            key = target_path.relative_to(target_root).as_posix()
-            if sigma is None:
-                degraded, _ = read_input(loaded, path, right)
-            else:
-                degraded = noisy_copy(target, sigma, seed, key)
-            if degraded.shape[-2:] != target.shape[-2:]:
-                raise ImageError(f"{path}: input {tuple(degraded.shape[-2:])} and target "
-                                 f"{tuple(target.shape[-2:])} differ in size")
-            yield Sample(key, degraded, target, bits)
+            try:
+                yield read(path, right, target_path)
+            except ImageError as err:
+                yield Skipped(err)
 
     return len(inputs), generate()
 
@@ -178,16 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             total, samples = shard_samples(args.shards, args.sigma, args.max_images)
         else:
             total, samples = folder_samples(loaded, args.target, args.input, args.right, args.sigma, args.seed,
-                                            args.max_images)
+                                            args.max_images, args.max_pixels)
     except (FileNotFoundError, ModelLoadError, WeightsMismatchError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     print(f"model: {loaded.describe()} on {device}", file=sys.stderr)
-    rows = []
+    rows, skipped = [], []
     start = time.perf_counter()
     try:
         for sample in tqdm(samples, total=total, desc="evaluate", unit="img", dynamic_ncols=True):
+            if isinstance(sample, Skipped):
+                tqdm.write(f"skipped: {sample.error}", file=sys.stderr)
+                skipped.append(sample.error)
+                continue
             t0 = time.perf_counter()
             restored = restore(loaded.model, sample.input, args.tile, args.overlap, args.precision,
                                args.self_ensemble).cpu()
@@ -202,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": seconds})
             if args.save_images:
                 write_png(Path(args.save_images) / Path(sample.key).with_suffix(".png"), restored, bits or 8)
-    except (ImageError, ValueError) as err:  # a corrupt file or a mismatched pair: name it and stop
+    except ValueError as err:  # e.g. clean-only shards without --sigma
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print_limit_hint(skipped, args.max_pixels)
     if not rows:
-        print("error: the test set holds no images", file=sys.stderr)
+        print("error: " + (f"none of the {len(skipped)} images could be scored (named above)" if skipped
+                           else "the test set holds no images"), file=sys.stderr)
         return 2
 
     table = pd.DataFrame(rows)
@@ -215,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     table.to_csv(csv_path, index=False, float_format="%.6f")
     elapsed = time.perf_counter() - start
     print(f"{len(table)} images, {elapsed:.1f} s ({table['seconds'].mean():.2f} s/image restoring); "
-          f"border {args.border}; per-image results: {csv_path}")
+          f"border {args.border}; per-image results: {csv_path}"
+          + (f"; {len(skipped)} skipped (named above), not in the means" if skipped else ""))
     print(format_summary(summarize(table)))
-    return 0
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -13,27 +13,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_shards.codec import IMAGE_SUFFIXES, ImageError, encode_png, read_image, to_channels
+from data_shards.codec import IMAGE_SUFFIXES, MAX_PIXELS, ImageError, PixelLimitError, encode_png, read_image, to_channels
 from train.pixels import to_array
 
-__all__ = ["ImageError", "collect_images", "read_tensor", "write_png"]
+__all__ = ["MAX_PIXELS", "ImageError", "PixelLimitError", "collect_images", "read_tensor", "write_png"]
 
 
-def read_tensor(path: str | Path, channels: int) -> tuple[torch.Tensor, int]:
+def read_tensor(path: str | Path, channels: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, int]:
     """An image file -> ((1, channels, H, W) float32 in [0, 1], bit depth 8 or 16).
 
     channels: 3 replicates a gray file to RGB, 1 converts RGB to luma (ITU-R 601); alpha is dropped.
+    An image over `max_pixels` raises PixelLimitError before it is decoded.
     """
     try:
-        array, _ = to_channels(read_image(path), "gray" if channels == 1 else "rgb")
+        array, _ = to_channels(read_image(path, max_pixels), "gray" if channels == 1 else "rgb")
     except ImageError as err:
-        raise ImageError(f"{path}: {err}") from err
+        raise type(err)(f"{path}: {err}") from err
     except OSError as err:
         raise ImageError(f"{path}: cannot read ({err.strerror or err})") from err
     bits = 16 if array.dtype == np.uint16 else 8
-    # float64 for the division, so v / 65535 is the nearest float32 and rounds back to v on writing.
-    scaled = array.astype(np.float64) / float(2**bits - 1)
-    return torch.from_numpy(scaled.astype(np.float32)).permute(2, 0, 1).unsqueeze(0).contiguous(), bits
+    # v / 65535 divided in float64 and rounded once is the nearest float32, which rounds back to v on
+    # writing. Looked up from a table of all 2**bits levels, the image never has a float64 copy.
+    levels = (np.arange(2**bits, dtype=np.float64) / float(2**bits - 1)).astype(np.float32)
+    planes = np.ascontiguousarray(array.transpose(2, 0, 1))
+    del array
+    return torch.from_numpy(levels[planes]).unsqueeze(0), bits
 
 
 def write_png(path: str | Path, img: torch.Tensor, bits: int) -> Path:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from model import PRESETS, Restormer, infer_arch, load_weights, read_state_dict
 
 from train import checkpoint as ckpt
 from train.config import ARCH_FIELDS
 from train.exporting import SAFETENSORS_FILE
+from train.safe_yaml import YAMLInputError, read_yaml
 
 # File-name prefixes of the official release's weights and the preset each needs.
 OFFICIAL_NAMES = {
@@ -72,8 +72,8 @@ def _config_preset(config_path: Path | None) -> str | None:
     if config_path is None:
         return None
     try:
-        data = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(config_path)
+    except YAMLInputError:
         return None
     section = data.get("model") if isinstance(data, dict) else None
     return section.get("preset") if isinstance(section, dict) else None

@@ -49,7 +49,7 @@ def read_metrics(path: Path) -> RunMetrics:
     stages: dict[int, dict] = {}
     run = RunMetrics()
     last_step = 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
@@ -212,7 +212,7 @@ def write_markdown(run_dir: Path, run: RunMetrics, charts: list[Path], samples: 
         for path in reversed(samples):
             lines += [f"step {int(path.stem.split('_')[1])}:", "", f"![{path.stem}]({path.relative_to(out_dir).as_posix()})", ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

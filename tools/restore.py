@@ -7,6 +7,11 @@
 Images are padded by reflection to a multiple of 8 and cropped back. --tile restores a large image in
 overlapping tiles whose seams are blended, so memory stays bounded whatever the image size. The
 output is a PNG with the input's bit depth (8 or 16) unless --bits says otherwise.
+
+An image that cannot be decoded, or whose header claims more than --max-pixels (default 8192x8192,
+checked before decoding), is skipped and named, and the next one is restored. Exit status: 0 every
+image restored; 1 some skipped (the others are written) or out of memory; 2 bad arguments, inputs or
+weights (nothing restored).
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ from tqdm.auto import tqdm
 
 from data_shards.geometry import tiling_problem
 from model import PRECISIONS, WeightsMismatchError, restore
-from tools.imageio import ImageError, collect_images, read_tensor, write_png
+from tools.imageio import MAX_PIXELS, ImageError, PixelLimitError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
 
-def read_input(loaded: LoadedModel, path: Path, right: Path | None) -> tuple[torch.Tensor, int]:
+def read_input(loaded: LoadedModel, path: Path, right: Path | None,
+               max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, int]:
     """The model's input for one image (a dual-pixel model takes left and right views stacked)."""
     if not loaded.dual_pixel:
-        return read_tensor(path, loaded.in_channels)
+        return read_tensor(path, loaded.in_channels, max_pixels)
     if right is None:
         raise ImageError(f"{path}: the dual-pixel model needs the right view too (--right)")
-    left_img, bits = read_tensor(path, 3)
-    right_img, _ = read_tensor(right, 3)
+    left_img, bits = read_tensor(path, 3, max_pixels)
+    right_img, _ = read_tensor(right, 3, max_pixels)
     if left_img.shape != right_img.shape:
         raise ImageError(f"{path} and {right}: left and right views differ in size "
                          f"({tuple(left_img.shape[-2:])} vs {tuple(right_img.shape[-2:])})")
@@ -70,12 +76,17 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                        help="average over the 8 flips/rotations (x8 compute); not for dual-pixel models")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     group.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                       help="largest image read, in pixels, checked from the file header before decoding; larger "
+                            "ones are skipped and named (default %(default)s = 8192x8192; raise it with --tile)")
 
 
 def check_inference_args(args: argparse.Namespace, loaded: LoadedModel) -> None:
     problem = args.tile is not None and tiling_problem(args.tile, args.overlap)
     if problem:
         raise ValueError(f"--tile {args.tile} --overlap {args.overlap}: {problem}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels {args.max_pixels} must be at least 1")
     if args.self_ensemble and loaded.dual_pixel:
         raise ValueError("--self-ensemble would flip the left/right disparity of dual-pixel input; "
                          "leave it off for dual-pixel models")
@@ -130,29 +141,36 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {loaded.describe()} on {device}", file=sys.stderr)
     start = time.perf_counter()
-    failed = 0
+    skipped: list[ImageError] = []
     bar = tqdm(list(zip(inputs, rights, targets)), desc="restore", unit="img", dynamic_ncols=True)
     for path, right, target in bar:
         bar.set_postfix_str(path.name, refresh=False)
         try:
-            x, bits = read_input(loaded, path, right)
+            x, bits = read_input(loaded, path, right, args.max_pixels)
         except ImageError as err:
             tqdm.write(f"skipped: {err}", file=sys.stderr)
-            failed += 1
+            skipped.append(err)
             continue
         try:
             restored = restore(loaded.model, x, args.tile, args.overlap, args.precision, args.self_ensemble)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             bar.close()
             print(f"error: out of memory on {path} ({x.shape[-1]}x{x.shape[-2]}); restore it in tiles, e.g. "
                   f"--tile {min(args.tile or 1024, 1024) // 2}", file=sys.stderr)
             return 1
         write_png(target, restored, bits if args.bits == "auto" else int(args.bits))
     bar.close()
-    done = len(inputs) - failed
-    print(f"restored {done} image(s) in {time.perf_counter() - start:.1f} s -> {out_dir}"
-          + (f"; {failed} unreadable (see above)" if failed else ""))
-    return 1 if failed else 0
+    print(f"restored {len(inputs) - len(skipped)} image(s) in {time.perf_counter() - start:.1f} s -> {out_dir}"
+          + (f"; {len(skipped)} skipped (named above)" if skipped else ""))
+    print_limit_hint(skipped, args.max_pixels)
+    return 1 if skipped else 0
+
+
+def print_limit_hint(skipped: list[ImageError], max_pixels: int) -> None:
+    over = sum(isinstance(err, PixelLimitError) for err in skipped)
+    if over:
+        print(f"{over} image(s) over --max-pixels {max_pixels}: raise it to read them, with --tile to bound "
+              "the model's memory", file=sys.stderr)
 
 
 if __name__ == "__main__":

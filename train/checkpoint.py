@@ -127,8 +127,8 @@ def seal(folder: Path, state: dict[str, Any]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint, checked against its own hash when it carries one."""
     try:
-        doc = json.loads((path / STATE_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        doc = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{STATE_FILE}: unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(doc, dict):
         raise CheckpointError(f"{STATE_FILE}: not a JSON object")
@@ -201,8 +201,7 @@ def choose(arg: str | None, candidates: list[Path], check: Callable[[Path], str 
         path = Path(arg)
         problem = check(path)
         if problem is not None:
-            raise CheckpointError(f"--resume {arg}: refused, {problem}. Resume from another checkpoint, or "
-                                  "with --resume auto to take the newest one that verifies")
+            raise refused(arg, problem)
         return Choice(path, (), is_sealed(path))
     rejected = []
     for path in reversed(candidates):
@@ -218,12 +217,18 @@ def choose(arg: str | None, candidates: list[Path], check: Callable[[Path], str 
     return Choice(None)
 
 
+def refused(arg: str, problem: str) -> CheckpointError:
+    """The one form of the error for a damaged checkpoint given as --resume PATH."""
+    return CheckpointError(f"--resume {arg}: refused, {problem}. Resume from another checkpoint, or with "
+                           "--resume auto to take the newest one that verifies")
+
+
 # ---------------------------------------------------------------- files and folders
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -361,7 +366,7 @@ class Checkpointer:
                 note = self._lock.acquire()
                 if note:
                     print(f"run lock: {note}", file=sys.stderr, flush=True)
-                (self.run_dir / CONFIG_FILE).write_text(config_yaml)
+                (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
             except (RunLockedError, OSError) as err:
                 failure = err
         if self._any(failure is not None):
@@ -529,7 +534,7 @@ class Checkpointer:
                     from safetensors.torch import save_file
 
                     save_file(ema, str(tmp / EMA_FILE))
-                (tmp / CONFIG_FILE).write_text(config_yaml)
+                (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         except Exception as err:  # open(), torch.save and safetensors each report a full disk their own way
             return err
         return None

@@ -7,6 +7,7 @@ what a task or the demo changes. Everything is validated here, before any proces
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 
 from data_shards.geometry import SIZE_MULTIPLE, tiling_problem
 from data_shards.remote import folder_overlap, settings_problem
+from train.safe_yaml import YAMLInputError, parse_yaml, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -268,7 +270,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. optim.lr=2e-4)")
     dotted, raw = text.split("=", 1)
-    return dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return dotted.strip().split("."), parse_yaml(raw, override_source(text)) if raw.strip() else None
+    except YAMLInputError as err:
+        raise ConfigError(str(err)) from err
+
+
+def override_source(text: str) -> str:
+    """How messages name an override: its text cut short (it may be a megabyte long), control
+    characters escaped (the message stays one line)."""
+    shown = text if len(text) <= 80 else f"{text[:60]} ... {text[-15:]}"
+    return "override '" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown) + "'"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config's sections (bounded, see train.safe_yaml); ConfigError naming the file if unusable."""
+    try:
+        data = read_yaml(path)
+    except YAMLInputError as err:
+        raise ConfigError(str(err)) from err
+    return _sections(data, str(path))
+
+
+def _sections(data: Any, source: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -276,19 +305,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         resolved = resolve_config_path(str(path))
-        try:
-            data = yaml.safe_load(resolved.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{resolved}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{resolved}: the top level must be a mapping of sections")
-        _merge(cfg, data, "", str(resolved))
+        _merge(cfg, read_config_file(resolved), "", str(resolved))
     for text in overrides or []:
         keys, value = parse_override(text)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}
-        _merge(cfg, nested, "", f"override '{text}'")
+        _merge(cfg, nested, "", override_source(text))
     validate(cfg)
     return cfg
 
@@ -296,7 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
     """A config saved by a run (a checkpoint's config.yaml); keys removed since are ignored."""
     cfg = Config()
-    _merge(cfg, data, "", source, old=True)
+    _merge(cfg, _sections(data, source), "", source, old=True)
     validate(cfg)
     return cfg
 
@@ -382,6 +405,48 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.dist_timeout_s must be >= 1 second")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
+    _check_limits(cfg)
+
+
+# Every number of a config is a count, a size, a rate, a level or a time: none is negative, NaN or
+# infinite, and no integer needs 2**31 or more (seeds, steps and timeouts end in C ints and timers
+# that overflow; a float as large as optim.lr=1e30 is a legitimate way to provoke non-finite steps).
+# Checked after the rules above, whose messages are more specific.
+NUMBER_LIMIT = 2**31 - 1
+# (low, high) of settings whose range is narrower; the architecture's are ~10x the largest official
+# Restormer (dim 48, blocks [4, 6, 6, 8], 8 heads, refinement 4), a larger one takes minutes to build.
+RANGES = {
+    "model.dim": (1, 1024), "model.num_blocks": (1, 64), "model.heads": (1, 64),
+    "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
+    "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
+    "data.timeout_s": (0, NUMBER_LIMIT), "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
+}
+
+
+def _check_limits(cfg: Config) -> None:
+    """Every number finite, >= 0 and (integers) at most NUMBER_LIMIT, or within its RANGES entry."""
+    for where, value in _numbers(cfg.to_dict(), ""):
+        key = where.split("[")[0]  # a list's items share its range
+        if key in RANGES:
+            low, high = RANGES[key]
+            if not low <= value <= high:  # False for NaN too
+                raise ConfigError(f"{where}={value} is outside [{low}, {high}]")
+        elif not (math.isfinite(value) and 0 <= value and (isinstance(value, float) or value <= NUMBER_LIMIT)):
+            raise ConfigError(f"{where}={value}: numbers in a config are finite and >= 0, integers below 2**31")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas}: give two values, e.g. [0.9, 0.999]")
+
+
+def _numbers(tree: Any, where: str):
+    """(dotted key, value) of every number in a config's to_dict(), list items as key[i]."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{where}.{key}" if where else key)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _numbers(value, f"{where}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield where, tree
 
 
 _REMOTE_KEYS = {"retries": "data.retries", "timeout_s": "data.timeout_s", "cache_dir": "data.cache_dir",

@@ -13,6 +13,7 @@ from data_shards.remote import RemoteSettings, redact
 from data_shards.stream import (NoiseConfig, StreamSettings, build_train_loader, build_val_loader, global_batch_problem,
                                 index_source, noise_mismatch)
 from train.config import Config, ConfigError
+from train.metrics import SSIM_WINDOW
 from train.schedule import Stage, StagePlan
 
 
@@ -139,6 +140,10 @@ def _check_val(cfg: Config, source: str, index: ShardIndex | None) -> None:
     problem = noise_mismatch(bool(index.inputs), val_noise_config(cfg), f"data.val: '{source}'", VAL_NOISE_SETTINGS)
     if problem:
         raise ConfigError(problem)
+    if index.min_size is not None and min(index.min_size) - 2 * cfg.val.border < SSIM_WINDOW:
+        raise ConfigError(f"val.border={cfg.val.border} leaves less than SSIM's {SSIM_WINDOW}-pixel window of the "
+                          f"smallest validation image ({index.min_size[1]}x{index.min_size[0]}) in '{source}'; "
+                          "lower val.border")
     if cfg.val.classical_baselines and index.inputs:
         raise ConfigError(f"val.classical_baselines adds Gaussian noise to clean validation images, but data.val "
                           f"'{source}' holds degraded inputs: set val.classical_baselines=false")

@@ -51,5 +51,5 @@ def write_export(out_dir: str | Path, weights: Weights) -> dict[str, Path]:
         written["pth"] = out_dir / OFFICIAL_FILE
         save_official_pth(params, written["pth"], params_ema=ema)
     written["config"] = out_dir / CONFIG_FILE
-    written["config"].write_text(yaml.safe_dump({"model": dict(weights.arch)}, sort_keys=False))
+    written["config"].write_text(yaml.safe_dump({"model": dict(weights.arch)}, sort_keys=False), encoding="utf-8")
     return written

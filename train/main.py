@@ -21,7 +21,8 @@ import time
 import torch
 
 from data_shards.stream import BadSampleError
-from train.checkpoint import CHECKPOINTS_DIR, CheckpointError, Checkpointer, check_resume_arg, complete_checkpoints, read_state
+from train.checkpoint import (CHECKPOINTS_DIR, CheckpointError, Checkpointer, check_resume_arg, complete_checkpoints,
+                              read_state, refused)
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
 from train.host_memory import retain_freed_memory
@@ -124,7 +125,7 @@ def run_baselines(cfg, val_source: str):
 
     sigma = val_noise_config(cfg).sigma
     baselines = classical_baselines(val_images(cfg, val_source, 0, 1), sigma, cfg.val.border)
-    (cfg.run_dir / "baselines.json").write_text(json.dumps(baselines.to_dict(), indent=1) + "\n")
+    (cfg.run_dir / "baselines.json").write_text(json.dumps(baselines.to_dict(), indent=1) + "\n", encoding="utf-8")
     return baselines
 
 
@@ -163,10 +164,10 @@ def refuse_unmappable_resume(arg: str | None, cfg, world_size: int) -> None:
         return
     try:
         state = read_state(found[-1])
-    except CheckpointError:
+    except CheckpointError as err:
         if arg == "auto":
             return
-        raise
+        raise refused(arg, str(err)) from err
     resume_step(cfg, int(state["step"]), int(state["world_size"]), world_size)
 
 

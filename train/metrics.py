@@ -40,7 +40,10 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     return 10.0 * torch.log10(1.0 / mse)
 
 
-def _gaussian_taps(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+SSIM_WINDOW = 11  # pixels: SSIM is computed where the whole window fits (the valid region)
+
+
+def _gaussian_taps(size: int = SSIM_WINDOW, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     return g / g.sum()
@@ -49,6 +52,9 @@ def _gaussian_taps(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> t
 def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False) -> torch.Tensor:
     """Per-image SSIM, shape (B,): Gaussian 11x11 window, valid region only (no padding)."""
     pred, target = _prepare(pred, target, border, y_channel)
+    if min(pred.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels; this one is "
+                         f"{pred.shape[-1]}x{pred.shape[-2]} after cropping a border of {border}")
     # The five local moments in one stack, blurred by the window's two 1-D factors: the same sums as
     # the 11x11 window, in 22 taps instead of 121 (SSIM of full-size photos dominated evaluation).
     stack = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)

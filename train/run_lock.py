@@ -56,7 +56,7 @@ class Holder:
 def _proc_start(pid: int) -> str | None:
     """Start time of a process in clock ticks since boot (Linux), None where /proc cannot tell."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
 

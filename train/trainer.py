@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from model import Restormer, build_model, load_weights, restore_image
 from train.checkpoint import Checkpointer
-from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict
+from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
@@ -84,7 +83,10 @@ class Trainer:
         arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
         self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
-        net = self._build_net()
+        try:
+            net = self._build_net()
+        except ValueError as err:  # an architecture the model refuses, e.g. heads that do not divide dim
+            raise ConfigError(f"model: {err}") from err
         if cfg.model.init_weights:
             try:
                 load_weights(net, cfg.model.init_weights)
@@ -180,7 +182,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step} (resume #{self.resume_count})", flush=True)
 
     def _network_changes(self, config_file: Path) -> list[str]:
-        saved = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+        saved = config_from_dict(read_config_file(config_file), str(config_file))
         return [f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
                 for k in ARCH_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
 
