@@ -276,9 +276,8 @@ def check_export(cfg, weights: Path) -> str:
     import torch
 
     from model import build_model, load_weights
-    from train.config import ARCH_FIELDS
 
-    arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+    arch = cfg.model.shape_overrides()
     ours = build_model(cfg.model.preset, **arch).eval()
     load_weights(ours, weights)
     x = torch.rand(1, ours.patch_embed.proj.in_channels, 24, 32, generator=torch.Generator().manual_seed(0))

@@ -1,15 +1,17 @@
 """Restormer: the network, its task presets, weight files and whole-image inference."""
-from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image
-from .presets import PRESETS, build_model
+from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image, tiling_problem
+from .presets import ARCH_FIELDS, PRESETS, SIZE_MULTIPLE, build_model
 from .restormer import Restormer
 from .weights import (WeightsMismatchError, infer_arch, load_weights, read_state_dict, save_official_pth,
                       save_safetensors)
 
 __all__ = [
+    "ARCH_FIELDS",
     "PRECISIONS",
     "PRESETS",
     "PaddedModel",
     "Restormer",
+    "SIZE_MULTIPLE",
     "WeightsMismatchError",
     "build_model",
     "infer_arch",
@@ -20,4 +22,5 @@ __all__ = [
     "restore_image",
     "save_official_pth",
     "save_safetensors",
+    "tiling_problem",
 ]

@@ -1,9 +1,17 @@
-"""Named configurations of every task in the official Restormer release (Options/*.yml there)."""
+"""Named configurations of every task in the official Restormer release (Options/*.yml there), and the
+facts about the network's shape that configs, data and tools rely on."""
 from __future__ import annotations
 
 from typing import Any
 
 from .restormer import Restormer
+
+# Three 2x downsamplings: image sides (and so patches and tiles) must be multiples of 8.
+SIZE_MULTIPLE = 8
+
+# The preset and the shape arguments a config or a tool may set on top of it: weights load only into
+# a network built with the same values.
+ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
 
 _WITH_BIAS_RGB: dict[str, Any] = {"inp_channels": 3, "out_channels": 3, "LayerNorm_type": "WithBias"}
 _BIAS_FREE_RGB: dict[str, Any] = {"inp_channels": 3, "out_channels": 3, "LayerNorm_type": "BiasFree"}
@@ -27,3 +35,4 @@ def build_model(preset: str = "default", **overrides: Any) -> Restormer:
     if preset not in PRESETS:
         raise ValueError(f"unknown Restormer preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     return Restormer(**{**PRESETS[preset], **overrides})
+

@@ -1,8 +1,9 @@
 import re
+import typing
 
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
+from train.config import CONFIG_DIR, Config, ConfigError, config_from_dict, load_config
 
 
 def test_defaults_are_the_official_recipe():
@@ -56,6 +57,18 @@ def test_dotted_overrides_are_typed():
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
+
+
+def test_every_choice_the_config_accepts_has_one_implementation():
+    from train.losses import OBJECTIVES
+    from train.schedule import SCHEDULES
+    from train.trainer import OPTIMIZERS
+
+    hints = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()
+             if hasattr(section, "__dataclass_fields__")}
+    for table, (section, key) in ((OBJECTIVES, ("loss", "name")), (SCHEDULES, ("lr", "schedule")),
+                                  (OPTIMIZERS, ("optim", "name"))):
+        assert set(table) == set(typing.get_args(hints[section][key])), (section, key)
 
 
 def test_unknown_recipe_lists_the_recipes():
