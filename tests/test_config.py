@@ -52,6 +52,11 @@ def test_dotted_overrides_are_typed():
         ("data.timeout_s=0", "data.timeout_s=0.0 must be a positive"),
         ("data.cache_dir=/tmp/c", "data.cache_dir and data.cache_limit_gb go together"),
         ("data.cache_limit_gb=10", "data.cache_dir and data.cache_limit_gb go together"),
+        ("model.preset=denoise", "unknown preset 'denoise'; valid presets: default, motion_deblurring"),
+        ("model.heads=[3,2,4,8]", "dim 16 is not divisible by num_heads 3"),
+        ("model.dim=15", "dim 15 must be even"),
+        ("model.num_blocks=[0,1,1,1]", "num_blocks [0, 1, 1, 1]: every level needs a transformer block"),
+        ("model.ffn_expansion_factor=2.2", "read the expansion factor as 2.1875 and would build [35, 70, 140, 280]"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

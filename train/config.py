@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model import ARCH_FIELDS, SIZE_MULTIPLE, tiling_problem
+from model import ARCH_FIELDS, SIZE_MULTIPLE, arch_problem, tiling_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -310,6 +310,11 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that need no data and no processes; data-dependent checks live in train.data."""
+    overrides = cfg.model.shape_overrides()
+    problem = arch_problem(cfg.model.preset, **overrides)
+    if problem:
+        given = "".join(f", {k}={v}" for k, v in overrides.items())
+        raise ConfigError(f"model (preset {cfg.model.preset}{given}): {problem}")
     p = cfg.progressive
     if not (len(p.iters) == len(p.patch) == len(p.batch)) or not p.iters:
         raise ConfigError(
