@@ -1,5 +1,5 @@
-"""Loader throughput: our shard stream vs a BasicSR-style folder-of-PNG loader on the same photos,
-the epoch stream vs the stream it replaced, its shuffle quality and its resume time.
+"""Loader throughput: our shard stream vs a BasicSR-style folder-of-PNG loader on the same photos, the
+stream's shuffle quality and its resume time.
 
     python benchmarks/loader_speed.py [--images 16] [--size 1024] [--batches 30] [--workers 1 2 4]
                                       [--sections pack speed check shuffle resume]
@@ -9,18 +9,18 @@ Task: Gaussian denoising sigma 25, random crop + 8 flips/rotations, batch 8, flo
 - folder:      decode the whole PNG, then crop (the BasicSR way), torch DataLoader, batch_size 8
 - stream png:  `restormer-pack --tile 256 --format png`, then build_train_loader
 - stream npy:  `restormer-pack --tile 256 --format npy` (raw arrays: no decode cost)
-- legacy stream png/npy: the per-slot random-draw stream with a shuffle buffer that the epoch stream
-  replaced (benchmarks/legacy_stream.py), on the same shards
 samples/s counts training samples delivered after a warm-up; MB/s is storage read (bytes per stored
 sample or file x samples/s). With 1 worker, 1000 / (samples/s) is the CPU cost of one sample on one
-core, which sizes --num_workers against the GPU's consumption. Pack throughput is images/s.
+core, which sizes --num_workers against the GPU's consumption. Samples per CPU-second (each loader
+in-process) is the same cost measured in CPU time, steady on a loaded machine where wall-clock
+rates are not. Pack throughput is images/s.
 
 Shuffle: a dual-pixel-style 16-bit pack (left, right, target; tile 512, stride 256 on 1680x1120:
 24 tiles per image), scaled down 8x per side (tile 64, stride 32 on 210x140, random pixels so that
 PNG sizes scale too) with every byte budget scaled by 1/64 alike (shards of ~85 samples as 256 MB
-shards hold, the legacy 64 MB shuffle buffer, the pack's 512 MB spread buffer). Figures: distinct
-source images per batch of 8, and per 64 consecutive draws (the order-quality figure: a buffer or a
-sequential read shows there), against what a uniform permutation gives.
+shards hold, the pack's 512 MB spread buffer). Figures: distinct source images per batch of 8, and per
+64 consecutive draws (the order-quality figure: a buffer or a sequential read shows there), against
+what a uniform permutation gives.
 Check: the cost of proving each sample against the index (the BLAKE3 digest of its bytes, which the
 stream computes on every read), per sample and per MB, beside the stream's whole CPU cost per sample
 (in-process, patch 128): the share of the loader's time that the check takes.
@@ -53,9 +53,6 @@ from data_shards.geometry import dihedral
 from data_shards.index import ShardIndex, sample_digest
 from data_shards.pack import PackConfig, pack
 from data_shards.stream import StreamSettings, build_train_loader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import legacy_stream  # noqa: E402
 
 BATCH = 8
 NOISE = NoiseConfig(sigma=25)
@@ -120,12 +117,6 @@ def folder_rate(files, patch, workers, count) -> float:
 def stream_rate(source, patch, workers, count) -> float:
     settings = StreamSettings(patch=patch, batch=BATCH, num_workers=workers, noise=NOISE)
     return rate(iter(build_train_loader(source, settings)), count)
-
-
-def legacy_rate(source, patch, workers, count) -> float:
-    loader = legacy_stream.build_train_loader(source, patch_size=patch, batch_size=BATCH, seed=0,
-                                              num_workers=workers, noise=NOISE)
-    return rate(iter(loader), count)
 
 
 def tile_pack(tmp: Path, fmt: str) -> Path:
@@ -209,12 +200,9 @@ def shuffle_section(tmp: Path, images: int) -> None:
         source = dual_pixel_pack(tmp / "dp", images, spread)
         index = ShardIndex.load(source)
         tiles = index.total_samples // images
-        legacy = legacy_stream.build_train_loader(source, patch_size=DP_TILE // 2, batch_size=BATCH, seed=0,
-                                                  num_workers=1, shuffle_bytes=(64 << 20) // SCALE**2)
-        epoch = build_train_loader(source, StreamSettings(patch=DP_TILE // 2, batch=BATCH, num_workers=1))
-        for name, loader in (("legacy stream", legacy), ("epoch stream", epoch)):
-            draws = [s for batch in itertools.islice(iter(loader), draws_per_run // BATCH) for s in source_of(batch)]
-            rows.append((name, "spread" if spread else "together", distinct(draws, 8), distinct(draws, 64)))
+        loader = build_train_loader(source, StreamSettings(patch=DP_TILE // 2, batch=BATCH, num_workers=1))
+        draws = [s for batch in itertools.islice(iter(loader), draws_per_run // BATCH) for s in source_of(batch)]
+        rows.append(("stream", "spread" if spread else "together", distinct(draws, 8), distinct(draws, 64)))
     print(f"\nshuffle: {images} dual-pixel-style images x {tiles} tiles (16-bit, 3 members), "
           f"{len(index.shards)} shards, batch {BATCH}")
     print("| stream | pack order of an image's tiles | distinct images / batch of 8 | distinct / 64 draws |")
@@ -312,7 +300,6 @@ def speed_section(tmp: Path, files: list[Path], args) -> None:
         index = ShardIndex.load(source)
         per_sample = sum(s.bytes for s in index.shards) / index.total_samples
         loaders[f"stream {fmt} tiles 256"] = (lambda p, w, n, s=source: stream_rate(s, p, w, n), per_sample)
-        loaders[f"legacy stream {fmt} tiles 256"] = (lambda p, w, n, s=source: legacy_rate(s, p, w, n), per_sample)
     print("\n| loader | patch | workers | samples/s | MB/s read | ms/sample/core (1 worker) |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -324,27 +311,22 @@ def speed_section(tmp: Path, files: list[Path], args) -> None:
                 cost = f"{1000 / samples_s:.1f}" if workers == 1 else ""
                 print(f"| {name} | {patch} | {workers} | {samples_s:.0f} | "
                       f"{samples_s * per_sample / 1e6:.1f} | {cost} |", flush=True)
-    print("\n| tiles 256, patch | format | epoch stream samples/CPU-s | legacy stream | epoch / legacy |")
-    print("|---|---|---|---|---|")
+    print("\n| patch | folder PNG samples/CPU-s | stream png tiles 256 | stream npy tiles 256 |")
+    print("|---|---|---|---|")
     for patch in args.patches:
-        for fmt in ("png", "npy"):
-            source = tmp / fmt / "train"
-            epoch = cpu_rate(iter(build_train_loader(source, StreamSettings(
-                patch=patch, batch=BATCH, num_workers=0, noise=NOISE))), args.batches)
-            legacy = cpu_rate(iter(legacy_stream.build_train_loader(
-                source, patch_size=patch, batch_size=BATCH, seed=0, num_workers=0, noise=NOISE)), args.batches)
-            print(f"| {patch} | {fmt} | {epoch:.0f} | {legacy:.0f} | {epoch / legacy:.2f} |", flush=True)
+        folder = DataLoader(FolderPNG(files, patch), batch_size=BATCH, num_workers=0,
+                            sampler=RandomSampler(files, replacement=True, num_samples=10**9))
+        streams = [cpu_rate(iter(build_train_loader(tmp / fmt / "train", StreamSettings(
+            patch=patch, batch=BATCH, num_workers=0, noise=NOISE))), args.batches) for fmt in ("png", "npy")]
+        print(f"| {patch} | {cpu_rate(iter(folder), args.batches):.0f} | "
+              + " | ".join(f"{r:.0f}" for r in streams) + " |", flush=True)
     folder_name = "folder PNG (decode full, crop)"
     for patch in args.patches:
         for workers in args.workers:
             base = results[(folder_name, patch, workers)]
             ratios = ", ".join(f"{name}: {results[(name, patch, workers)] / base:.1f}x"
-                               for name in loaders if name != folder_name and not name.startswith("legacy"))
-            epoch_vs_legacy = ", ".join(
-                f"{fmt}: {results[(f'stream {fmt} tiles 256', patch, workers)] / results[(f'legacy stream {fmt} tiles 256', patch, workers)]:.2f}"
-                for fmt in ("png", "npy"))
-            print(f"patch {patch}, {workers} workers, speed-up over the folder loader: {ratios}; "
-                  f"epoch stream / legacy stream: {epoch_vs_legacy}")
+                               for name in loaders if name != folder_name)
+            print(f"patch {patch}, {workers} workers, speed-up over the folder loader: {ratios}")
 
 
 if __name__ == "__main__":

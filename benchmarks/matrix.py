@@ -82,9 +82,10 @@ DATA_KIND = {
 }
 
 # The smallest network and run that still go through every kernel: 4 levels, multi-head attention
-# (heads 1, 2, 4, 8 of the recipes), a padded GDFN width (int(8 * 2.66) = 21 -> 32), one stage.
+# (heads 1, 2, 4, 8 of the recipes), a padded GDFN width (int(8 * 2.66) = 21 -> 32), one stage; one
+# refinement block, or none where the recipe has none (its export carries an identity block for apps).
 SHRINK = [
-    "model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1",
+    "model.dim=8", "model.num_blocks=[1,1,1,1]",
     "progressive.iters=[8]", "progressive.patch=[16]", "progressive.batch=[2]",
     "data.num_workers=0", "train.threads=1", "train.log_every=1", "train.reference_world_size=null",
     "val.every=1000000", "train.ckpt_every=1000000", "val.grid_images=1", "val.grid_crop=16",
@@ -190,7 +191,9 @@ def run_cells(plan: dict) -> None:
         started = time.perf_counter()
         out = Path(plan["out"]) / plan["mode"] / recipe
         data = plan["data"][DATA_KIND[recipe]]
-        overrides = [*SHRINK, f"data.train={data['train']}", f"data.val={data['val']}", f"output_dir={out}"]
+        refinement = 0 if load_config(recipe).model.num_refinement_blocks == 0 else 1  # None: the official 4
+        overrides = [*SHRINK, f"model.num_refinement_blocks={refinement}", f"data.train={data['train']}",
+                     f"data.val={data['val']}", f"output_dir={out}"]
         steps = plan["steps"]
         try:
             cfg = load_config(recipe, [*overrides, f"train.max_steps={steps}"])
@@ -276,9 +279,8 @@ def check_export(cfg, weights: Path) -> str:
     import torch
 
     from model import build_model, load_weights
-    from train.config import ARCH_FIELDS
 
-    arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+    arch = cfg.model.shape_overrides()
     ours = build_model(cfg.model.preset, **arch).eval()
     load_weights(ours, weights)
     x = torch.rand(1, ours.patch_embed.proj.in_channels, 24, 32, generator=torch.Generator().manual_seed(0))

@@ -62,7 +62,7 @@ VAL_IMAGES = _skimage("chelsea.png", "coffee.png", "rocket.jpg")
 # Full size, the retina photo alone gave 39% of the tiles and the mostly black Hubble field 18%:
 # capped, each photo weighs about the same, and the downscale shrinks JPEG blocking and sensor
 # noise away (the model learns to keep what it sees in its targets). Measured on CBSD68 and the
-# held-out photos with the dead leaves below: benchmarks/demo_quality.py, README "The demo".
+# held-out photos with the dead leaves below: benchmarks/demo_quality.py, docs/demo.md.
 MAX_SIDE = 512
 # Synthetic photos with natural statistics (occluding edges at every scale, flat regions): more
 # varied content than 8 photos hold, made here rather than downloaded.

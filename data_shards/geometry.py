@@ -17,19 +17,6 @@ def tile_positions(length: int, tile: int, stride: int) -> list[int]:
     return positions
 
 
-# Three 2x downsamplings: image sides (and so tiles) must be multiples of 8.
-SIZE_MULTIPLE = 8
-
-
-def tiling_problem(tile: int, overlap: int) -> str | None:
-    """What is wrong with restoring in tile x tile crops that overlap by `overlap` pixels, or None."""
-    if tile <= 0 or tile % SIZE_MULTIPLE:
-        return f"the tile ({tile}) must be a positive multiple of {SIZE_MULTIPLE}"
-    if overlap % SIZE_MULTIPLE or not 0 <= overlap < tile:
-        return f"the overlap ({overlap}) must be a multiple of {SIZE_MULTIPLE}, >= 0 and smaller than the tile ({tile})"
-    return None
-
-
 def dihedral(image, mode: int, axes: tuple[int, int] = (0, 1)):
     """The mode-th of the 8 flips/rotations of the square (mode 0 is the identity) over `axes`
     (rows, columns): modes 4-7 flip the rows first, then every mode turns (mode % 4) quarter turns.

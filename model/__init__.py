@@ -1,16 +1,19 @@
 """Restormer: the network, its task presets, weight files and whole-image inference."""
-from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image
-from .presets import PRESETS, build_model
+from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image, tiling_problem
+from .presets import ARCH_FIELDS, PRESETS, SIZE_MULTIPLE, arch_problem, build_model
 from .restormer import Restormer
 from .weights import (WeightsMismatchError, infer_arch, load_weights, read_state_dict, save_official_pth,
-                      save_safetensors)
+                      save_safetensors, with_identity_refinement)
 
 __all__ = [
+    "ARCH_FIELDS",
     "PRECISIONS",
     "PRESETS",
     "PaddedModel",
     "Restormer",
+    "SIZE_MULTIPLE",
     "WeightsMismatchError",
+    "arch_problem",
     "build_model",
     "infer_arch",
     "load_weights",
@@ -20,4 +23,6 @@ __all__ = [
     "restore_image",
     "save_official_pth",
     "save_safetensors",
+    "tiling_problem",
+    "with_identity_refinement",
 ]

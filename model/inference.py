@@ -9,10 +9,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_shards.geometry import SIZE_MULTIPLE, dihedral, tile_positions, tiling_problem, undo_dihedral
+from data_shards.geometry import dihedral, tile_positions, undo_dihedral
+
+from .presets import SIZE_MULTIPLE
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SPATIAL = (-2, -1)
+
+
+def tiling_problem(tile: int, overlap: int) -> str | None:
+    """What is wrong with restoring in tile x tile crops that overlap by `overlap` pixels, or None."""
+    if tile <= 0 or tile % SIZE_MULTIPLE:
+        return f"the tile ({tile}) must be a positive multiple of {SIZE_MULTIPLE}"
+    if overlap % SIZE_MULTIPLE or not 0 <= overlap < tile:
+        return f"the overlap ({overlap}) must be a multiple of {SIZE_MULTIPLE}, >= 0 and smaller than the tile ({tile})"
+    return None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -86,7 +86,8 @@ def load_weights(model: nn.Module, path_or_state: str | os.PathLike | Mapping[st
                  strict: bool = True, key: str | None = None):
     """Load weights into `model`, raising one WeightsMismatchError that names every bad key.
 
-    Shape mismatches always raise; missing/unexpected keys raise only when strict.
+    Shape mismatches always raise; missing/unexpected keys raise only when strict. The identity
+    refinement block of an export (with_identity_refinement) is dropped for a network without one.
     Returns load_state_dict's (missing_keys, unexpected_keys) result.
     """
     if isinstance(path_or_state, Mapping):
@@ -94,6 +95,8 @@ def load_weights(model: nn.Module, path_or_state: str | os.PathLike | Mapping[st
     else:
         state, source = read_state_dict(path_or_state, key=key), str(path_or_state)
     expected = model.state_dict()
+    if _is_identity_padding(state) and not _blocks(expected, "refinement"):
+        state = {k: v for k, v in state.items() if not k.startswith("refinement.")}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, tuple(v.shape), tuple(expected[k].shape))
@@ -138,6 +141,45 @@ def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], pat
 
 
 _LEVELS = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+# A transformer block whose two output projections are zero adds nothing to its input: x + 0 + 0.
+_OUTPUT_PROJECTIONS = ("attn.project_out.", "ffn.project_out.")
+
+
+def _blocks(state: Mapping[str, torch.Tensor], stage: str) -> int:
+    """Transformer blocks of a stage (its highest block index + 1; 0 when it has none)."""
+    indices = {int(k.split(".")[1]) for k in state if k.startswith(stage + ".") and k.split(".")[1].isdigit()}
+    return max(indices) + 1 if indices else 0
+
+
+def _is_identity_padding(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the refinement stage is the single identity block with_identity_refinement writes."""
+    prefixes = tuple(f"refinement.0.{p}" for p in _OUTPUT_PROJECTIONS)
+    projections = [v for k, v in state.items() if k.startswith(prefixes)]
+    return _blocks(state, "refinement") == 1 and len(projections) >= 2 and not any(v.any() for v in projections)
+
+
+def with_identity_refinement(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`, plus one identity refinement block when it has none.
+
+    Restoration apps that load Restormer through spandrel (chaiNNer and others) detect it by a
+    `refinement.0` block, so a network without refinement blocks is written as one with a single
+    block that computes exactly the same function: a copy of decoder_level1's last block (same
+    shapes: 2 x dim channels, heads[0]) whose attention and GDFN output projections are zero.
+    Copying real weights rather than zeroing them all keeps q and k non-zero: zero ones give NaN in
+    fp16, where their L2 normalisation divides by a norm of 0. infer_arch counts no refinement block
+    then, and load_weights drops it for a network without one."""
+    if _blocks(state, "refinement"):
+        return dict(state)
+    source = f"decoder_level1.{_blocks(state, 'decoder_level1') - 1}."
+    block = {}
+    for key, value in state.items():
+        if key.startswith(source):
+            rest = key[len(source):]
+            zero = rest.startswith(_OUTPUT_PROJECTIONS)
+            block[f"refinement.0.{rest}"] = torch.zeros_like(value) if zero else value.clone()
+    last = ("skip_conv.", "output.")  # what follows the refinement stage in the network's own order
+    return {**{k: v for k, v in state.items() if not k.startswith(last)}, **block,
+            **{k: v for k, v in state.items() if k.startswith(last)}}
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
@@ -147,7 +189,8 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
     convolutions, blocks per level from the block indices, heads from each level's attention
     temperature, the GDFN width from its projection, bias and LayerNorm type from which
     parameters exist, the dual-pixel task from its extra skip convolution. So an exported or official
-    file needs no preset or config file beside it. Raises ValueError for a state dict that is not a
+    file needs no preset or config file beside it. A single identity refinement block (written for
+    apps, see with_identity_refinement) counts as none. Raises ValueError for a state dict that is not a
     Restormer's.
     """
     try:
@@ -156,11 +199,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
     except KeyError as err:
         raise ValueError(f"not Restormer weights: no {err.args[0]!r} entry") from err
 
-    def blocks(stage: str) -> int:
-        indices = {int(k.split(".")[1]) for k in state if k.startswith(stage + ".") and k.split(".")[1].isdigit()}
-        return max(indices) + 1 if indices else 0
-
-    num_blocks = [blocks(stage) for stage in _LEVELS]
+    num_blocks = [_blocks(state, stage) for stage in _LEVELS]
     if 0 in num_blocks:
         raise ValueError(f"not Restormer weights: no transformer blocks at {_LEVELS[num_blocks.index(0)]}")
     dim = int(embed.shape[0])
@@ -172,13 +211,28 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
         "out_channels": int(output.shape[0]),
         "dim": dim,
         "num_blocks": num_blocks,
-        "num_refinement_blocks": blocks("refinement"),
+        "num_refinement_blocks": 0 if _is_identity_padding(state) else _blocks(state, "refinement"),
         "heads": heads,
         "ffn_expansion_factor": _expansion_factor(hidden, [dim * 2**level for level in range(4)]),
         "bias": f"{first}.attn.qkv.bias" in state,
         "LayerNorm_type": "WithBias" if f"{first}.norm1.body.bias" in state else "BiasFree",
         "dual_pixel_task": "skip_conv.weight" in state,
     }
+
+
+def gdfn_widths_problem(dim: int, hidden: list[int]) -> str | None:
+    """Why apps would build other GDFN widths than `hidden` (per level) from the weights, or None.
+
+    spandrel (chaiNNer's loader) reads one expansion factor off level 1: 2.66 (the official factor)
+    when level 1's width is int(dim * 2.66), else width / dim; then builds int(channels * factor) at
+    every level. infer_arch reads every level's width and needs no such rule."""
+    factor = 2.66 if hidden[0] == int(dim * 2.66) else hidden[0] / dim
+    read = [int(dim * 2**level * factor) for level in range(len(hidden))]
+    if read == hidden:
+        return None
+    return (f"its GDFN widths {hidden} (dim {dim}) do not follow from level 1's: apps that load Restormer through "
+            f"spandrel (chaiNNer) read the expansion factor as {factor:g} and would build {read}. Choose "
+            "ffn_expansion_factor with dim x factor a whole number, or 2.66")
 
 
 def _expansion_factor(hidden: list[int], widths: list[int]) -> float:

@@ -1,8 +1,9 @@
 import re
+import typing
 
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
+from train.config import CONFIG_DIR, Config, ConfigError, config_from_dict, load_config
 from train.safe_yaml import MAX_DEPTH, MAX_NODES, YAMLInputError, parse_yaml
 
 
@@ -52,11 +53,28 @@ def test_dotted_overrides_are_typed():
         ("data.timeout_s=0", "data.timeout_s=0.0 must be a positive"),
         ("data.cache_dir=/tmp/c", "data.cache_dir and data.cache_limit_gb go together"),
         ("data.cache_limit_gb=10", "data.cache_dir and data.cache_limit_gb go together"),
+        ("model.preset=denoise", "unknown preset 'denoise'; valid presets: default, motion_deblurring"),
+        ("model.heads=[3,2,4,8]", "dim 16 is not divisible by num_heads 3"),
+        ("model.dim=15", "dim 15 must be even"),
+        ("model.num_blocks=[0,1,1,1]", "num_blocks [0, 1, 1, 1]: every level needs a transformer block"),
+        ("model.ffn_expansion_factor=2.2", "read the expansion factor as 2.1875 and would build [35, 70, 140, 280]"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
+
+
+def test_every_choice_the_config_accepts_has_one_implementation():
+    from train.losses import OBJECTIVES
+    from train.schedule import SCHEDULES
+    from train.trainer import OPTIMIZERS
+
+    hints = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()
+             if hasattr(section, "__dataclass_fields__")}
+    for table, (section, key) in ((OBJECTIVES, ("loss", "name")), (SCHEDULES, ("lr", "schedule")),
+                                  (OPTIMIZERS, ("optim", "name"))):
+        assert set(table) == set(typing.get_args(hints[section][key])), (section, key)
 
 
 def test_unknown_recipe_lists_the_recipes():

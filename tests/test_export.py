@@ -6,8 +6,10 @@ import torch
 import yaml
 
 from conftest import TINY_NET, TINY_NET_ARGS
-from model import build_model, read_state_dict, save_safetensors
+from model import PRESETS, Restormer, build_model, infer_arch, load_weights, read_state_dict, save_safetensors
+from model_vectors import perturbed
 from train import checkpoint as ckpt
+from train.exporting import Weights, write_export
 from tools.export import check_onnx, export_onnx, main
 from tools.loading import load_model
 
@@ -98,3 +100,48 @@ def test_onnx_graph_rejects_nothing_torch_would_accept(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 3, 13, 19), dtype=np.float32)
     assert session.run(None, {"input": x})[0].shape == (1, 3, 13, 19)
+
+
+# What spandrel 0.4.2 (spandrel_extra_arches 0.2.0, Restormer's detector) requires of a state dict: every
+# one of these keys. Checked against spandrel itself by benchmarks/spandrel_exports.py (docs/export.md).
+SPANDREL_RESTORMER_KEYS = (
+    "patch_embed.proj.weight", "encoder_level1.0.norm1.body.weight", "encoder_level1.0.attn.temperature",
+    "encoder_level1.0.attn.qkv.weight", "encoder_level1.0.attn.qkv_dwconv.weight",
+    "encoder_level1.0.attn.project_out.weight", "encoder_level1.0.norm2.body.weight",
+    "encoder_level1.0.ffn.project_in.weight", "encoder_level1.0.ffn.dwconv.weight",
+    "encoder_level1.0.ffn.project_out.weight", "down1_2.body.0.weight", "encoder_level2.0.attn.temperature",
+    "down2_3.body.0.weight", "encoder_level3.0.attn.temperature", "down3_4.body.0.weight",
+    "latent.0.attn.temperature", "up4_3.body.0.weight", "reduce_chan_level3.weight",
+    "decoder_level3.0.attn.temperature", "up3_2.body.0.weight", "reduce_chan_level2.weight",
+    "decoder_level2.0.attn.temperature", "up2_1.body.0.weight", "decoder_level1.0.attn.temperature",
+    "refinement.0.norm1.body.weight", "refinement.0.attn.temperature", "output.weight",
+)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_an_export_without_refinement_blocks_is_what_apps_detect_and_computes_the_same(tmp_path, preset):
+    """The export carries one identity refinement block: apps (spandrel) build a network with it and get our
+    output exactly; our own loader reads the architecture back without it."""
+    torch.manual_seed(0)
+    model = perturbed(build_model(preset, **{**TINY_NET, "num_refinement_blocks": 0})).eval()
+    written = write_export(tmp_path, Weights(model.state_dict(), {"preset": preset, "num_refinement_blocks": 0}))
+    x = torch.rand(1, model.patch_embed.proj.in_channels, 24, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    for path in (written["safetensors"], written["pth"]):
+        state = read_state_dict(path)
+        assert not set(SPANDREL_RESTORMER_KEYS) - set(state), path
+        # As spandrel builds it: every refinement block the file holds.
+        as_apps_read_it = Restormer(**{**infer_arch(state), "num_refinement_blocks": 1}).eval()
+        load_weights(as_apps_read_it, state)
+        reloaded = load_model(path)
+        assert reloaded.arch["num_refinement_blocks"] == 0 and len(reloaded.model.refinement) == 0
+        with torch.no_grad():
+            assert torch.equal(as_apps_read_it(x), expected) and torch.equal(reloaded.model(x), expected)
+    assert yaml.safe_load(written["config"].read_text())["model"]["num_refinement_blocks"] == 0
+
+
+def test_networks_with_refinement_blocks_are_exported_as_they_are(tmp_path):
+    model = tiny()
+    state = read_state_dict(write_export(tmp_path, Weights(model.state_dict(), {"preset": "default"}))["safetensors"])
+    assert state.keys() == model.state_dict().keys() and infer_arch(state)["num_refinement_blocks"] == 1

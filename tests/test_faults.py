@@ -609,7 +609,7 @@ train_step, compute_losses = trainer.Trainer.train_step, trainer.compute_losses
 
 
 def counting_step(self, stage):
-    now["step"] = self.step + 1
+    now["step"] = self.state.step + 1
     return train_step(self, stage)
 
 

@@ -2,7 +2,8 @@
 
 The weight files and config.yaml are written by the trainer's own export writer (train/exporting.py):
 when the source holds EMA weights too (a checkpoint with ema.safetensors, a run's export/, an official
-.pth with 'params_ema'), model.safetensors is the EMA and model_official.pth keeps both keys.
+.pth with 'params_ema'), model.safetensors is the EMA and model_official.pth keeps both keys. Both load
+in chaiNNer and the other apps that read Restormer through spandrel (docs/export.md).
 
     python -m tools.export -w runs/demo -o exported/
     python -m tools.export -w deraining.pth -o exported/ --formats onnx

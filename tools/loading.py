@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from model import PRESETS, Restormer, infer_arch, load_weights, read_state_dict
-
+from model import ARCH_FIELDS, PRESETS, Restormer, infer_arch, load_weights, read_state_dict
 from train import checkpoint as ckpt
-from train.config import ARCH_FIELDS
 from train.exporting import SAFETENSORS_FILE
 from train.safe_yaml import YAMLInputError, read_yaml
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data_shards.geometry import tiling_problem
-from model import PRECISIONS, WeightsMismatchError, restore
+from model import PRECISIONS, WeightsMismatchError, restore, tiling_problem
 from tools.imageio import MAX_PIXELS, ImageError, PixelLimitError, collect_images, read_tensor, write_png
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args, pick_device
 

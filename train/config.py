@@ -12,12 +12,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from data_shards.geometry import SIZE_MULTIPLE, tiling_problem
 from data_shards.remote import folder_overlap, settings_problem
+from model import ARCH_FIELDS, SIZE_MULTIPLE, arch_problem, tiling_problem
 from train.safe_yaml import YAMLInputError, parse_yaml, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -26,11 +26,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 class ConfigError(ValueError):
     """A config that cannot run, with what was wrong and how to fix it."""
 
-
-BEST_METRICS = ("psnr", "ssim")  # validation figures that can pick the best checkpoint
-
-# ModelConfig fields that fix the network's shape: weights only load into the same values.
-ARCH_FIELDS = ("preset", "dim", "num_blocks", "num_refinement_blocks", "heads", "ffn_expansion_factor")
 
 
 @dataclass
@@ -45,6 +40,10 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     init_weights: str | None = None  # official .pth / safetensors to fine-tune from
+
+    def shape_overrides(self) -> dict[str, Any]:
+        """The shape fields set here (model.ARCH_FIELDS but the preset): build_model(preset, **these)."""
+        return {k: getattr(self, k) for k in ARCH_FIELDS if k != "preset" and getattr(self, k) is not None}
 
 
 @dataclass
@@ -76,7 +75,7 @@ class ProgressiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: Literal["adamw", "sgd"] = "adamw"  # implementations: train.trainer.OPTIMIZERS
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
@@ -88,7 +87,7 @@ class OptimConfig:
 class LRConfig:
     # restart_cosine: the official schedule, cosine from lr to eta_mins[i] over periods[i]
     # (eta_mins[0] == lr makes the first period constant). cosine: lr -> eta_min over the run.
-    schedule: str = "restart_cosine"  # restart_cosine | cosine | constant
+    schedule: Literal["restart_cosine", "cosine", "constant"] = "restart_cosine"  # train.schedule.SCHEDULES
     periods: list[int] = field(default_factory=lambda: [92000, 208000])
     eta_mins: list[float] = field(default_factory=lambda: [3e-4, 1e-6])
     eta_min: float = 1e-6
@@ -97,7 +96,7 @@ class LRConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "l1"  # l1 | l2 | charbonnier | psnr
+    name: Literal["l1", "l2", "charbonnier", "psnr"] = "l1"  # implementations: train.losses.OBJECTIVES
     charbonnier_eps: float = 1e-3
 
 
@@ -123,7 +122,7 @@ class ValConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online if logged in, else offline
     project: str = "restormer"
     entity: str | None = None
     group: str | None = None
@@ -132,19 +131,19 @@ class TrackingConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    mixed_precision: str | None = None  # no | bf16 | fp16; null: what `accelerate launch` says
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # null: what `accelerate launch` says
     grad_accum: int = 1
     ema_decay: float | None = None  # e.g. 0.999; validation and export then use the EMA weights
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 3  # the best checkpoint is kept in addition
-    best_metric: str = "psnr"  # psnr | ssim; with val.y_channel the Y-channel figure (paper's convention)
+    best_metric: Literal["psnr", "ssim"] = "psnr"  # with val.y_channel the Y-channel figure (paper's convention)
     max_nonfinite: int = 20  # consecutive non-finite steps before the run stops
     threads: int | None = None  # torch intra-op threads on CPU; null keeps torch's default
     # The recipe's GPU count. On another world size `batch_rule` keeps the global batch
     # (accumulate), keeps the samples seen (iterations), or changes nothing (none).
     reference_world_size: int | None = 8
-    batch_rule: str = "accumulate"  # accumulate | iterations | none
+    batch_rule: Literal["accumulate", "iterations", "none"] = "accumulate"
     max_steps: int | None = None  # stop early (smoke tests); the schedule still follows the recipe
     dist_timeout_s: int = 1800  # a collective waiting longer (a dead rank) fails instead of hanging
 
@@ -177,7 +176,8 @@ class Config:
 # ---------------------------------------------------------------- building from YAML + overrides
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
+    where = f"{name} (from {source})"
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -190,7 +190,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
+                return _coerce(value, option, name, source)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0])
@@ -198,7 +198,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_type, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is Literal:
+        options = typing.get_args(annotation)
+        if isinstance(value, str) and value in options:
+            return value
+        raise ConfigError(f"{name}='{value}' is not one of: {', '.join(options)} (from {source})")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -252,7 +257,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str, old: boo
                 raise ConfigError(f"'{where}' (from {source}) is a section, give a mapping")
             _merge(current, value, f"{where}.", source, old)
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where} (from {source})"))
+            setattr(obj, key, _coerce(value, hints[key], where, source))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -327,11 +332,6 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 # ---------------------------------------------------------------- validation
 
 
-def _choice(value: str, options: tuple[str, ...], where: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{where}='{value}' is not one of: {', '.join(options)}")
-
-
 def validate(cfg: Config) -> None:
     """Checks that need no data and no processes; data-dependent checks live in train.data."""
     p = cfg.progressive
@@ -348,8 +348,6 @@ def validate(cfg: Config) -> None:
                 f"progressive.patch[{i}]={patch}: Restormer downsamples 3 times, so patch sizes "
                 f"must be positive multiples of {SIZE_MULTIPLE}"
             )
-    _choice(cfg.optim.name, ("adamw", "sgd"), "optim.name")
-    _choice(cfg.lr.schedule, ("restart_cosine", "cosine", "constant"), "lr.schedule")
     if cfg.lr.schedule == "restart_cosine":
         if len(cfg.lr.periods) != len(cfg.lr.eta_mins) or not cfg.lr.periods:
             raise ConfigError("lr.periods and lr.eta_mins need the same, non-zero length")
@@ -360,11 +358,6 @@ def validate(cfg: Config) -> None:
             )
     if cfg.lr.warmup_iters < 0:
         raise ConfigError("lr.warmup_iters must be >= 0")
-    _choice(cfg.loss.name, ("l1", "l2", "charbonnier", "psnr"), "loss.name")
-    _choice(cfg.tracking.wandb, ("auto", "online", "offline", "disabled"), "tracking.wandb")
-    _choice(cfg.train.batch_rule, ("accumulate", "iterations", "none"), "train.batch_rule")
-    if cfg.train.mixed_precision is not None:
-        _choice(cfg.train.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")
     if cfg.data.noise_sigma is not None and cfg.data.noise_sigma_range is not None:
         raise ConfigError("set data.noise_sigma (fixed) or data.noise_sigma_range (blind), not both")
     if cfg.data.noise_sigma_range is not None:
@@ -375,7 +368,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.noise_sigma must be >= 0")
     if cfg.val.noise_sigma is not None and cfg.val.noise_sigma < 0:
         raise ConfigError("val.noise_sigma must be >= 0")
-    _choice(cfg.train.best_metric, BEST_METRICS, "train.best_metric")
     for name in ("grad_accum", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
@@ -406,17 +398,23 @@ def validate(cfg: Config) -> None:
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
     _check_limits(cfg)
+    # Last: it builds the network (on the meta device) from numbers the checks above bounded.
+    overrides = cfg.model.shape_overrides()
+    problem = arch_problem(cfg.model.preset, **overrides)
+    if problem:
+        given = "".join(f", {k}={v}" for k, v in overrides.items())
+        raise ConfigError(f"model (preset {cfg.model.preset}{given}): {problem}")
 
 
 # Every number of a config is a count, a size, a rate, a level or a time: none is negative, NaN or
 # infinite, and no integer needs 2**31 or more (seeds, steps and timeouts end in C ints and timers
 # that overflow; a float as large as optim.lr=1e30 is a legitimate way to provoke non-finite steps).
-# Checked after the rules above, whose messages are more specific.
+# Checked after the rules above, whose messages are more specific (an empty level: model.arch_problem).
 NUMBER_LIMIT = 2**31 - 1
 # (low, high) of settings whose range is narrower; the architecture's are ~10x the largest official
 # Restormer (dim 48, blocks [4, 6, 6, 8], 8 heads, refinement 4), a larger one takes minutes to build.
 RANGES = {
-    "model.dim": (1, 1024), "model.num_blocks": (1, 64), "model.heads": (1, 64),
+    "model.dim": (1, 1024), "model.num_blocks": (0, 64), "model.heads": (1, 64),
     "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
     "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
     "data.timeout_s": (0, NUMBER_LIMIT), "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),

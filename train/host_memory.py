@@ -6,7 +6,7 @@ block freed so far. It also returns the free top of the heap to the kernel once 
 the threshold. A training step frees most of its activations, so the next step page-faults them in
 again, zero-filled by the kernel. Fixing both thresholds keeps freed blocks for reuse. On 2 AVX2
 cores this cut the demo's system time from 27.6 to 3.7 s and its wall time by ~10% (its 96-px step
-from 177 to 151 ms), with bit-identical weights (README "On other CPUs").
+from 177 to 151 ms), with bit-identical weights (docs/performance.md "Host memory").
 """
 from __future__ import annotations
 

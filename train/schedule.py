@@ -10,32 +10,48 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 from train.config import Config, ConfigError, LRConfig
+
+
+def _cosine_from(base_lr: float, eta_min: float, progress: float) -> float:
+    return eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress))
+
+
+def _constant(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
+    return base_lr
+
+
+def _cosine(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
+    return _cosine_from(base_lr, lr_cfg.eta_min, min(step / max(recipe_iters, 1), 1.0))
+
+
+def _restart_cosine(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
+    """BasicSR's CosineAnnealingRestartCyclicLR with restart weights 1."""
+    start = 0
+    last = len(lr_cfg.periods) - 1
+    for i, (period, eta_min) in enumerate(zip(lr_cfg.periods, lr_cfg.eta_mins)):
+        if step < start + period or i == last:
+            return _cosine_from(base_lr, eta_min, min((step - start) / period, 1.0))
+        start += period
+    raise AssertionError("unreachable: the last period returns")
+
+
+# lr.schedule -> the rate before warmup (the names are LRConfig.schedule's choices).
+SCHEDULES: dict[str, Callable[[LRConfig, float, int, float], float]] = {
+    "restart_cosine": _restart_cosine,
+    "cosine": _cosine,
+    "constant": _constant,
+}
 
 
 def lr_at(lr_cfg: LRConfig, base_lr: float, recipe_iters: int, step: float) -> float:
     """Rate at recipe iteration `step` (0-based; fractional when train.batch_rule=iterations stretches
     the run: see StagePlan.step_scale). `recipe_iters`, the recipe's length (the sum of
     progressive.iters), is the span of `cosine`; warmup_iters and periods count recipe iterations too."""
-    if lr_cfg.warmup_iters and step < lr_cfg.warmup_iters:
-        warm = (step + 1) / lr_cfg.warmup_iters
-    else:
-        warm = 1.0
-    if lr_cfg.schedule == "constant":
-        return base_lr * warm
-    if lr_cfg.schedule == "cosine":
-        progress = min(step / max(recipe_iters, 1), 1.0)
-        return warm * (lr_cfg.eta_min + 0.5 * (base_lr - lr_cfg.eta_min) * (1 + math.cos(math.pi * progress)))
-    # restart_cosine (BasicSR's CosineAnnealingRestartCyclicLR with restart weights 1).
-    start = 0
-    last = len(lr_cfg.periods) - 1
-    for i, (period, eta_min) in enumerate(zip(lr_cfg.periods, lr_cfg.eta_mins)):
-        if step < start + period or i == last:
-            progress = min((step - start) / period, 1.0)
-            return warm * (eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress)))
-        start += period
-    raise AssertionError("unreachable: the last period returns")
+    warm = (step + 1) / lr_cfg.warmup_iters if lr_cfg.warmup_iters and step < lr_cfg.warmup_iters else 1.0
+    return warm * SCHEDULES[lr_cfg.schedule](lr_cfg, base_lr, recipe_iters, step)
 
 
 @dataclass(frozen=True)

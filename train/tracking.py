@@ -8,12 +8,15 @@ by us and stored in every checkpoint, so a resumed job continues the same W&B ru
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from train.config import TrackingConfig
 
@@ -69,3 +72,58 @@ class MetricsFile:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class LogWindow:
+    """The figures of the optimizer steps since the last log line: summed step by step, averaged when
+    logged. A step with a non-finite loss or gradient (the optimizer skipped it) counts in the losses
+    and times, not in the mean gradient norm."""
+
+    _SUMMED = ("loss", "l1", "l2", "data_wait")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.steps = self.skipped = self.images = self.pixels = 0
+        self.sums = dict.fromkeys((*self._SUMMED, "grad_norm", "step_time"), 0.0)
+        self.lr = math.nan
+
+    def add(self, figures: dict[str, Any], images: int, pixels: int, step_time: float) -> None:
+        """One optimizer step: Trainer.train_step's figures, the images and pixels it trained on."""
+        self.steps += 1
+        for name in self._SUMMED:
+            self.sums[name] += figures[name]
+        if figures["finite"]:
+            self.sums["grad_norm"] += figures["grad_norm"]
+        else:
+            self.skipped += 1
+        self.sums["step_time"] += step_time
+        self.images += images
+        self.pixels += pixels
+        self.lr = figures["lr"]
+
+    def rates(self) -> dict[str, float]:
+        """This process's throughput since the window opened (every rank's is gathered for the log)."""
+        elapsed = time.perf_counter() - self.started
+        return {"images_per_s": self.images / elapsed, "pixels_per_s": self.pixels / elapsed,
+                "data_wait_share": self.sums["data_wait"] / max(elapsed, 1e-9)}
+
+    def means(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {"lr": self.lr, **{k: self.sums[k] / n for k in ("loss", "l1", "l2")},
+                "grad_norm": self.sums["grad_norm"] / max(self.steps - self.skipped, 1),
+                "step_time_s": self.sums["step_time"] / n}  # rank 0's mean wall time per optimizer step
+
+
+def across_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The log's view of every rank's figures (name -> (world_size,) tensor): totals, means and maxima."""
+    return {
+        "images_per_s": float(ranks["images_per_s"].sum()),
+        "images_per_s_per_proc": float(ranks["images_per_s"].mean()),
+        "pixels_per_s": float(ranks["pixels_per_s"].sum()),
+        "pixels_per_s_per_proc": float(ranks["pixels_per_s"].mean()),
+        "data_wait_share": float(ranks["data_wait_share"].mean()),
+        "data_wait_share_max": float(ranks["data_wait_share"].max()),
+        "peak_mem_gb_max": float(ranks["peak_mem_gb"].max()),
+        "bad_samples_skipped": int(ranks["bad_samples"].sum()),
+        **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(ranks["peak_mem_gb"])},
+    }

@@ -8,23 +8,24 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from model import Restormer, build_model, load_weights, restore_image
+from model import ARCH_FIELDS, Restormer, build_model, load_weights, restore_image
 from train.checkpoint import Checkpointer
-from train.config import ARCH_FIELDS, Config, ConfigError, config_from_dict, read_config_file
+from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
 from train.metrics import score, score_names
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages, resume_step
-from train.tracking import MetricsFile, init_trackers, new_run_id
+from train.state import DataPosition, TrainState
+from train.tracking import LogWindow, MetricsFile, across_ranks, init_trackers
 
 
 
@@ -32,12 +33,14 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adamw":
-        # Fused: one kernel for all parameters, ~3x faster than foreach on CPU too (benchmarks/model_speed.py).
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
+# optim.name -> the optimizer of `params` (the names are OptimConfig.name's choices).
+OPTIMIZERS: dict[str, Callable[[OptimConfig, Any], torch.optim.Optimizer]] = {
+    # Fused: one kernel for all parameters, ~3x faster than foreach on CPU too (benchmarks/model_speed.py).
+    "adamw": lambda o, params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                                 fused=True),
+    "sgd": lambda o, params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                             foreach=True),
+}
 
 
 def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, plan: StagePlan, world_size: int) -> None:
@@ -80,7 +83,7 @@ class Trainer:
         self.recipe_total = sum(cfg.progressive.iters)
         resume_from = checkpointer.resume_point(resume)
 
-        arch = {k: v for k, v in vars(cfg.model).items() if k in ARCH_FIELDS and k != "preset" and v is not None}
+        arch = cfg.model.shape_overrides()
         self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
         try:
@@ -96,7 +99,7 @@ class Trainer:
             net.set_activations("checkpoint")
         if cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, net.parameters())
+        optimizer = OPTIMIZERS[cfg.optim.name](cfg.optim, net.parameters())
         if cfg.model.compile:
             # Dynamic shapes: one graph serves every progressive-learning patch size. torch 2.13's
             # dynamo fails on dynamic shapes inside activation checkpointing: then one graph per stage.
@@ -115,17 +118,10 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
         self.ema = EMA(self.network(), cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-        # Everything below is the training state a checkpoint carries (see state_dict).
-        self.step = 0
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.resume_count = 0
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+        self.state = TrainState(data=DataPosition(cfg.train.seed))  # what a checkpoint carries
+        # Not in any checkpoint: this launch's figures.
+        self.nonfinite_streak = 0  # non-finite steps in a row: train.max_nonfinite stops the run
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
-        self.data_position = 0  # global training samples consumed (all ranks): where the stream goes on
-        self.data_epoch = 0
-        self.run_id = new_run_id()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -137,38 +133,24 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        stage = self.plan.stage_at(self.step)
-        return {
-            "step": self.step,
-            "stage": stage.index,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "resume_count": self.resume_count,
-            "nonfinite_total": self.nonfinite_total,
-            "run_id": self.run_id,
-            "world_size": self.acc.num_processes,
-            "data": {"seed": self.cfg.train.seed, "position": self.data_position, "epoch": self.data_epoch},
-        }
+        return self.state.state_dict(self.plan.stage_at(self.state.step).index, self.acc.num_processes)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = resume_step(self.cfg, int(state["step"]), int(state["world_size"]), self.acc.num_processes)
-        self.best_metric = state["best_metric"]
-        self.best_step = state["best_step"]
-        self.nonfinite_total = int(state["nonfinite_total"])
-        self.run_id = state["run_id"]
-        self.resume_count = int(state["resume_count"]) + 1
-        data = state.get("data", {})
-        if "position" not in data:
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        state = TrainState.from_state_dict(saved)
+        state.step = resume_step(self.cfg, state.step, int(saved["world_size"]), self.acc.num_processes)
+        state.resume_count += 1
+        if "position" not in saved.get("data", {}):
             print("note: this checkpoint predates exact data resume; the stream starts again at epoch 0", flush=True)
-        elif data.get("seed") != self.cfg.train.seed and self.acc.is_main_process:
-            print(f"note: train.seed changed from {data.get('seed')} to {self.cfg.train.seed}: the rest of the epoch "
+        elif state.data.seed != self.cfg.train.seed and self.acc.is_main_process:
+            print(f"note: train.seed changed from {state.data.seed} to {self.cfg.train.seed}: the rest of the epoch "
                   "follows another order, so some samples of this epoch are seen twice and others not at all", flush=True)
-        self.data_position, self.data_epoch = int(data.get("position", 0)), int(data.get("epoch", 0))
+        state.data.seed = self.cfg.train.seed
+        self.state = state
 
     def save_checkpoint(self) -> Path:
         """Every rank takes part (accelerate/DeepSpeed write per-rank state); see train/checkpoint.py."""
-        return self.checkpointer.save(self.step, self.state_dict(), self.ema.state_dict() if self.ema else None,
-                                      self.cfg.to_yaml(), self.best_step)
+        return self.checkpointer.save(self.state.step, self.state_dict(), self.ema.state_dict() if self.ema else None,
+                                      self.cfg.to_yaml(), self.state.best_step)
 
     def load_checkpoint(self, path: Path) -> None:
         loaded = self.checkpointer.load(path, self._network_changes, with_ema=self.ema is not None)
@@ -179,7 +161,7 @@ class Trainer:
                 self.ema.reset(self.network())
         self.load_state_dict(loaded.state)
         if self.acc.is_main_process:
-            print(f"resumed from {path} at step {self.step} (resume #{self.resume_count})", flush=True)
+            print(f"resumed from {path} at step {self.state.step} (resume #{self.state.resume_count})", flush=True)
 
     def _network_changes(self, config_file: Path) -> list[str]:
         saved = config_from_dict(read_config_file(config_file), str(config_file))
@@ -195,7 +177,7 @@ class Trainer:
         if stage.index != self._stream_stage:
             # The position counts samples, so a new stage just cuts the same sequence into other batches.
             settings = stream_settings(self.cfg, stage, self.acc.process_index, self.acc.num_processes,
-                                       self.data_position)
+                                       self.state.data.position)
             self._stream = train_batches(self.train_source, settings)
             self._stream_stage = stage.index
         return self._stream
@@ -213,7 +195,7 @@ class Trainer:
         summed = torch.zeros(len(names), device=self.acc.device)
         data_wait = 0.0
         # Set before the micro-batches: DeepSpeed steps inside the last backward.
-        lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.step * self.plan.step_scale)
+        lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.state.step * self.plan.step_scale)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for micro in range(stage.accum):
@@ -222,13 +204,13 @@ class Trainer:
             x, y = self._to_device(batch)
             data_wait += time.perf_counter() - t0
             self.bad_samples += int(batch["skipped"])
-            self.data_position, self.data_epoch = int(batch["next_position"]), int(batch["epoch"])
+            self.state.data.position, self.state.data.epoch = int(batch["next_position"]), int(batch["epoch"])
             last = micro == stage.accum - 1
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
             sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
             with sync:
                 out = self.model(x)
-                losses = compute_losses(self.cfg.loss.name, out, y, self.cfg.loss.charbonnier_eps)
+                losses = compute_losses(self.cfg.loss, out, y)
                 self._backward(losses["loss"] / stage.accum, last)
             # Summed on the device: one host sync per step, not three per micro-batch.
             summed = summed + torch.stack([losses[k].detach() for k in names]) / stage.accum
@@ -251,9 +233,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.network())
         else:
-            self.nonfinite_total += 1
+            self.state.nonfinite_total += 1
             self.nonfinite_streak += 1
-        self.step += 1
+        self.state.step += 1
         return {**sums, "lr": lr, "grad_norm": grad_norm, "data_wait": data_wait, "finite": finite}
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -284,48 +266,50 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
         total = self.plan.total_steps if cfg.train.max_steps is None else min(cfg.train.max_steps, self.plan.total_steps)
-        mode = init_trackers(acc, cfg.tracking, cfg.run_name, self.run_dir, self.run_id, cfg.to_dict())
+        mode = init_trackers(acc, cfg.tracking, cfg.run_name, self.run_dir, self.state.run_id, cfg.to_dict())
         if acc.is_main_process:
             print(self.plan.note, flush=True)
-            print(f"W&B: {mode} (run id {self.run_id})", flush=True)
+            print(f"W&B: {mode} (run id {self.state.run_id})", flush=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        bar = tqdm(total=total, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True, desc="train")
-        window = self._new_window()
+        bar = tqdm(total=total, initial=self.state.step, disable=not acc.is_main_process, dynamic_ncols=True,
+                   desc="train")
+        window = LogWindow()
         stopped_by = None
         try:
-            while self.step < total:
-                stage = self.plan.stage_at(self.step)
+            while self.state.step < total:
+                stage = self.plan.stage_at(self.state.step)
                 if stage.index != self._stream_stage and acc.is_main_process:
-                    self._log({"event": "stage", "step": self.step, "stage": stage.index, "patch": stage.patch,
+                    self._log({"event": "stage", "step": self.state.step, "stage": stage.index, "patch": stage.patch,
                                "batch": stage.batch, "accum": stage.accum})
                 t0 = time.perf_counter()
                 out = self.train_step(stage)
-                self._accumulate(window, out, stage, time.perf_counter() - t0)
+                window.add(out, stage.batch * stage.accum, stage.batch * stage.accum * stage.patch**2,
+                           time.perf_counter() - t0)
                 giving_up = self.nonfinite_streak >= cfg.train.max_nonfinite
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
                                 refresh=False)
-                if self.step % cfg.train.log_every == 0 or self.step == total or giving_up:
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == total or giving_up:
                     self._flush_window(window, stage, bar)
-                    window = self._new_window()
+                    window = LogWindow()
                 if giving_up:
                     raise NonFiniteError(
                         f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
-                        f"gradient (last at step {self.step}); stopped. The last good checkpoint is "
+                        f"gradient (last at step {self.state.step}); stopped. The last good checkpoint is "
                         f"{self.checkpointer.newest()}. Lower optim.lr, use bf16 instead of fp16, or "
                         "check the data for NaN/Inf"
                     )
                 validated = False
-                if self.val_source is not None and self.step % cfg.val.every == 0 and self.step < total:
+                if self.val_source is not None and self.state.step % cfg.val.every == 0 and self.state.step < total:
                     validated = self.validate()
-                if self.step % cfg.train.ckpt_every == 0 or validated:
+                if self.state.step % cfg.train.ckpt_every == 0 or validated:
                     self.save_checkpoint()
                 # A signal on any rank stops every rank at the same step, after a checkpoint.
                 signum = int(self._reduce_max(float(self._stop_signal)))
                 if signum:
                     stopped_by = signal.Signals(signum).name
                     break
-            summary = {"step": self.step, "stopped_by": stopped_by, "replicas_in_sync": self.replicas_in_sync()}
+            summary = {"step": self.state.step, "stopped_by": stopped_by, "replicas_in_sync": self.replicas_in_sync()}
             if stopped_by is None and self.val_source is not None:
                 self.validate()
                 summary.update(self.last_validation)
@@ -355,53 +339,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    @staticmethod
-    def _new_window() -> dict[str, float]:
-        return {"steps": 0, "loss": 0.0, "l1": 0.0, "l2": 0.0, "grad_norm": 0.0, "data_wait": 0.0,
-                "step_time": 0.0, "images": 0, "pixels": 0, "skipped": 0, "t0": time.perf_counter()}
-
-    @staticmethod
-    def _accumulate(window, out, stage, step_time) -> None:
-        window["steps"] += 1
-        for k in ("loss", "l1", "l2", "data_wait"):
-            window[k] += out[k]
-        window["grad_norm"] += out["grad_norm"] if out["finite"] else 0.0
-        window["skipped"] += 0 if out["finite"] else 1
-        window["step_time"] += step_time
-        window["images"] += stage.batch * stage.accum
-        window["pixels"] += stage.batch * stage.accum * stage.patch**2
-        window["lr"] = out["lr"]
-
-    def _flush_window(self, window, stage, bar) -> None:
-        acc = self.acc
-        elapsed = time.perf_counter() - window["t0"]
+    def _flush_window(self, window: LogWindow, stage, bar) -> None:
         # Every node's figures reach rank 0.
-        ranks = self._gather_named({
-            "images_per_s": window["images"] / elapsed, "pixels_per_s": window["pixels"] / elapsed,
-            "data_wait_share": window["data_wait"] / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(acc.device),
-            "bad_samples": self.bad_samples,
-        })
-        if not acc.is_main_process:
+        ranks = self._gather_named({**window.rates(), "peak_mem_gb": peak_memory_gb(self.acc.device),
+                                    "bad_samples": self.bad_samples})
+        if not self.acc.is_main_process:
             return
-        n = max(window["steps"], 1)
-        finite_steps = max(window["steps"] - window["skipped"], 1)
-        record = {
-            "step": self.step, "stage": stage.index, "patch": stage.patch, "batch": stage.batch,
-            "accum": stage.accum, "lr": window["lr"],
-            "loss": window["loss"] / n, "l1": window["l1"] / n, "l2": window["l2"] / n,
-            "grad_norm": window["grad_norm"] / finite_steps,
-            "step_time_s": window["step_time"] / n,  # rank 0's mean wall time per optimizer step
-            "skipped_steps": self.nonfinite_total,
-            "images_per_s": float(ranks["images_per_s"].sum()),
-            "images_per_s_per_proc": float(ranks["images_per_s"].mean()),
-            "pixels_per_s": float(ranks["pixels_per_s"].sum()),
-            "pixels_per_s_per_proc": float(ranks["pixels_per_s"].mean()),
-            "data_wait_share": float(ranks["data_wait_share"].mean()),
-            "data_wait_share_max": float(ranks["data_wait_share"].max()),
-            "peak_mem_gb_max": float(ranks["peak_mem_gb"].max()),
-            "bad_samples_skipped": int(ranks["bad_samples"].sum()),
-            **{f"peak_mem_gb/rank{r}": float(v) for r, v in enumerate(ranks["peak_mem_gb"])},
-        }
+        record = {"step": self.state.step, "stage": stage.index, "patch": stage.patch, "batch": stage.batch,
+                  "accum": stage.accum, **window.means(), "skipped_steps": self.state.nonfinite_total,
+                  **across_ranks(ranks)}
         self._log(record)
         bar.set_postfix(stage=stage.index, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         img_s=f"{record['images_per_s']:.1f}")
@@ -410,7 +356,7 @@ class Trainer:
         """Main process only: the local metrics file and the trackers get the same figures."""
         self.metrics.write(record)
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.acc.log(numeric, step=self.step)
+        self.acc.log(numeric, step=self.state.step)
 
     # ------------------------------------------------------------------ validation and export
 
@@ -443,12 +389,13 @@ class Trainer:
         # With val.y_channel the paper reports (and the official scripts select on) the Y-channel figure.
         key = f"val/{cfg.train.best_metric}"
         key = f"{key}_y" if f"{key}_y" in result else key
-        improved = self.best_metric is None or result[key] > self.best_metric
+        improved = self.state.best_metric is None or result[key] > self.state.best_metric
         if improved:
-            self.best_metric, self.best_step = result[key], self.step
+            self.state.best_metric, self.state.best_step = result[key], self.state.step
         if acc.is_main_process:
-            grid = save_grid(rows, self.run_dir / "samples" / f"step_{self.step:08d}.png", cfg.val.grid_crop) if rows else None
-            self._log({"event": "val", "step": self.step, **result, "best": self.best_metric})
+            grid = save_grid(rows, self.run_dir / "samples" / f"step_{self.state.step:08d}.png",
+                             cfg.val.grid_crop) if rows else None
+            self._log({"event": "val", "step": self.state.step, **result, "best": self.state.best_metric})
             if grid is not None:
                 self._log_image(grid)
         return improved
@@ -458,7 +405,8 @@ class Trainer:
             if tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")}, step=self.step)
+                tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")},
+                            step=self.state.step)
 
     def network(self) -> Restormer:
         """The plain Restormer being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
