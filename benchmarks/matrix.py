@@ -52,6 +52,7 @@ class Mode:
     processes: int
     precision: str  # accelerate's --mixed_precision
     deepspeed: str | None = None  # launch/ config file of the ZeRO stage
+    overrides: tuple[str, ...] = ()  # run config overrides of every cell, e.g. model.compile=true
 
 
 MODES = {m.name: m for m in (
@@ -193,7 +194,7 @@ def run_cells(plan: dict) -> None:
         data = plan["data"][DATA_KIND[recipe]]
         refinement = 0 if load_config(recipe).model.num_refinement_blocks == 0 else 1  # None: the official 4
         overrides = [*SHRINK, f"model.num_refinement_blocks={refinement}", f"data.train={data['train']}",
-                     f"data.val={data['val']}", f"output_dir={out}"]
+                     f"data.val={data['val']}", f"output_dir={out}", *plan["overrides"]]
         steps = plan["steps"]
         try:
             cfg = load_config(recipe, [*overrides, f"train.max_steps={steps}"])
@@ -328,10 +329,10 @@ def launch_command(mode: Mode, cpu: bool) -> list[str]:
                   str(Path(__file__).resolve()), "--worker"]
 
 
-def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, timeout: float,
+def run_matrix(modes: list[str | Mode], recipes: list[str], steps: int, out: Path, timeout: float,
                data: dict[str, dict[str, str]], cpu: bool = False) -> list[Cell]:
-    """Every cell (data from make_data; `cpu` hides the GPUs); a launch that dies or times out marks
-    its cells failed with the launcher's last words."""
+    """Every cell of `modes` (names of MODES, or Modes) and `recipes` (data from make_data; `cpu` hides
+    the GPUs); a launch that dies or times out marks its cells failed with the launcher's last words."""
     import torch
 
     cpu = cpu or not torch.cuda.is_available()
@@ -340,16 +341,18 @@ def run_matrix(modes: list[str], recipes: list[str], steps: int, out: Path, time
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cells = []
-    for name in modes:
+    for mode in modes:
+        mode = MODES[mode] if isinstance(mode, str) else mode
+        name = mode.name
         results = out / f"{name}.jsonl"
         results.unlink(missing_ok=True)
         plan = {"mode": name, "recipes": recipes, "steps": steps, "out": str(out / "runs"),
-                "data": data, "results": str(results)}
+                "data": data, "results": str(results), "overrides": list(mode.overrides)}
         plan_file = out / f"{name}.plan.json"
         plan_file.write_text(json.dumps(plan), encoding="utf-8")
         started = time.perf_counter()
         try:
-            proc = subprocess.run([*launch_command(MODES[name], cpu), str(plan_file)], cwd=ROOT, env=env,
+            proc = subprocess.run([*launch_command(mode, cpu), str(plan_file)], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=timeout)
             tail, code = (proc.stdout + proc.stderr)[-3000:], proc.returncode
         except subprocess.TimeoutExpired as err:

@@ -146,6 +146,9 @@ class TrainConfig:
     batch_rule: Literal["accumulate", "iterations", "none"] = "accumulate"
     max_steps: int | None = None  # stop early (smoke tests); the schedule still follows the recipe
     dist_timeout_s: int = 1800  # a collective waiting longer (a dead rank) fails instead of hanging
+    # Device memory per process the memory plan fits every stage into (train/memory_plan.py), in GB of
+    # 2^30 bytes: auto = the GPU's memory (no plan on a CPU), a number, or null for no plan.
+    memory_gb: float | Literal["auto"] | None = "auto"
 
 
 @dataclass
@@ -395,6 +398,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be >= 1 (or null)")
     if cfg.train.dist_timeout_s < 1:
         raise ConfigError("train.dist_timeout_s must be >= 1 second")
+    if isinstance(cfg.train.memory_gb, float) and not cfg.train.memory_gb > 0:
+        raise ConfigError(f"train.memory_gb={cfg.train.memory_gb}: give the device memory per process in GB (e.g. 24), "
+                          "auto (the GPU's own) or null (no memory plan)")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name '{cfg.run_name}' must be a non-empty name without '/'")
     _check_limits(cfg)

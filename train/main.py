@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="'auto': newest checkpoint of this run that verifies, if any; or a checkpoint folder")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-plan", action="store_true",
+                        help="print the memory plan (micro-batch, accumulation, activations per stage) and exit; "
+                             "plans for this machine's GPU, or for train.memory_gb=N on any machine")
+    parser.add_argument("--num-processes", type=int, metavar="N",
+                        help="with --print-plan: the process count to plan for (default: this launch's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     return parser.parse_args(argv)
 
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml())
             return 0
+        if args.print_plan:
+            return print_memory_plan(cfg, args.num_processes or world_size)
         plan = plan_stages(cfg, world_size)
         train_source, val_source = resolve_sources(cfg)
         check_data(cfg, plan, train_source, val_source, world_size)
@@ -127,6 +134,25 @@ def run_baselines(cfg, val_source: str):
     baselines = classical_baselines(val_images(cfg, val_source, 0, 1), sigma, cfg.val.border)
     (cfg.run_dir / "baselines.json").write_text(json.dumps(baselines.to_dict(), indent=1) + "\n", encoding="utf-8")
     return baselines
+
+
+def print_memory_plan(cfg, world_size: int) -> int:
+    """--print-plan: the plan for `world_size` processes of this launch's kind (accelerate launch's
+    precision and DeepSpeed settings where it set them), without training."""
+    from train.memory_plan import budget_bytes, describe, plan_for_run
+
+    if world_size < 1:
+        raise ConfigError(f"--num-processes {world_size}: give a process count of 1 or more")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if deepspeed else None
+    stages = plan_stages(cfg, world_size)
+    budget = budget_bytes(cfg.train.memory_gb, device)
+    plan = None if budget is None else plan_for_run(cfg, stages, budget, device, precision, world_size, zero_stage)
+    print(f"{stages.note}; {'fp32' if precision == 'no' else precision}{f', DeepSpeed ZeRO-{zero_stage}' if deepspeed else ''}")
+    print(describe(plan, cfg.train.memory_gb))
+    return 0
 
 
 def build_accelerator(cfg, world_size: int):

@@ -7,6 +7,7 @@ rate advances exactly once per optimizer step whatever the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -60,8 +61,10 @@ class Stage:
     start: int  # first optimizer step of the stage
     end: int  # one past the last
     patch: int
-    batch: int  # per process, per micro-step
-    accum: int  # micro-steps per optimizer step
+    batch: int  # per process and loaded batch
+    accum: int  # loaded batches per optimizer step
+    micro_batch: int  # images per forward/backward: batch, or a divisor of it (train/memory_plan.py)
+    activations: str  # what backward keeps: model.restormer.ACTIVATION_MODES
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,13 @@ class StagePlan:
     @property
     def total_steps(self) -> int:
         return self.stages[-1].end
+
+    def with_memory(self, memory) -> StagePlan:
+        """The stages with the micro-batches and activation modes of a train.memory_plan.MemoryPlan."""
+        fitted = {m.index: m for m in memory.stages}
+        stages = tuple(dataclasses.replace(s, micro_batch=fitted[s.index].micro_batch,
+                                           activations=fitted[s.index].activations) for s in self.stages)
+        return dataclasses.replace(self, stages=stages)
 
     def stage_at(self, step: int) -> Stage:
         for stage in self.stages:
@@ -87,6 +97,8 @@ def plan_stages(cfg: Config, world_size: int) -> StagePlan:
     ref = cfg.train.reference_world_size
     rule = cfg.train.batch_rule if ref is not None and ref != world_size else "none"
     user_accum = cfg.train.grad_accum
+    # Whole batches with the default activations until a memory plan says otherwise (StagePlan.with_memory).
+    activations = "checkpoint" if cfg.model.checkpointing else "lean"
     stages = []
     start = 0
     notes = []
@@ -108,7 +120,8 @@ def plan_stages(cfg: Config, world_size: int) -> StagePlan:
             # Keep the samples seen: fewer processes run proportionally more steps.
             step_scale = world_size / ref
             iters = max(1, round(iters * ref / world_size))
-        stages.append(Stage(i, start, start + iters, patch, batch, accum * user_accum))
+        stages.append(Stage(i, start, start + iters, patch, batch, accum * user_accum, micro_batch=batch,
+                            activations=activations))
         start += iters
     if rule == "accumulate":
         note = (

@@ -21,6 +21,7 @@ from train.config import Config, ConfigError, OptimConfig, config_from_dict, rea
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
+from train.memory_plan import MemoryPlan, budget_bytes, describe, plan_for_run
 from train.metrics import score, score_names
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages, resume_step
@@ -95,17 +96,19 @@ class Trainer:
                 load_weights(net, cfg.model.init_weights)
             except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing, refused pickle, wrong shapes
                 raise ConfigError(f"model.init_weights={cfg.model.init_weights}: {err}") from err
-        if cfg.model.checkpointing:
-            net.set_activations("checkpoint")
         if cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = OPTIMIZERS[cfg.optim.name](cfg.optim, net.parameters())
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.memory = self._plan_memory()
+        if self.memory is not None:
+            self.plan = self.plan.with_memory(self.memory)
         if cfg.model.compile:
             # Dynamic shapes: one graph serves every progressive-learning patch size. torch 2.13's
             # dynamo fails on dynamic shapes inside activation checkpointing: then one graph per stage.
-            net = torch.compile(net, dynamic=not cfg.model.checkpointing)
-        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+            checkpointing = any(s.activations == "checkpoint" for s in self.plan.stages)
+            net = torch.compile(net, dynamic=not checkpointing)
         # DeepSpeed keeps bf16/fp16 weights (no autocast); the network casts its input to them itself.
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
         self.weight_dtype = low if self.deepspeed and low is not None else torch.float32
@@ -129,6 +132,39 @@ class Trainer:
         self._stop_signal = 0
         self._stream = None
         self._stream_stage = -1
+
+    def _memory_note(self) -> str:
+        """The memory plan's table for the log, also kept in the run folder (memory_plan.txt)."""
+        note = describe(self.memory, self.cfg.train.memory_gb)
+        if self.memory is not None:
+            (self.run_dir / "memory_plan.txt").write_text(note + "\n", encoding="utf-8")
+        return note
+
+    def _plan_memory(self) -> MemoryPlan | None:
+        """The memory plan (train/memory_plan.py), the same on every rank: the budget is the smallest of
+        all ranks', the main process calibrates and plans, and every rank gets its plan or its refusal
+        (a ConfigError on every rank, before any step: a failure on one rank alone would hang the others)."""
+        acc = self.acc
+        budget = budget_bytes(self.cfg.train.memory_gb, acc.device)
+        if budget is None:
+            return None
+        if acc.num_processes > 1:
+            budget = -self._reduce_max(-budget)
+        result: MemoryPlan | str | None = None
+        if acc.is_main_process:
+            zero_stage = acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None
+            try:
+                result = plan_for_run(self.cfg, self.plan, budget, acc.device, acc.mixed_precision,
+                                      acc.num_processes, zero_stage)
+            except Exception as err:  # a refusal, or a calibration that failed: every rank must hear of it
+                result = str(err) if isinstance(err, ConfigError) else f"memory calibration failed: {err!r}"
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result])[0]
+        if isinstance(result, str):
+            raise ConfigError(f"train.memory_gb: {result}")
+        return result
 
     # ------------------------------------------------------------------ state
 
@@ -189,7 +225,8 @@ class Trainer:
         return x, y
 
     def train_step(self, stage) -> dict[str, float]:
-        """One optimizer step: `stage.accum` micro-batches, clip, step. Returns figures for the log."""
+        """One optimizer step: `stage.accum` loaded batches, each in micro-batches of `stage.micro_batch`
+        images (the memory plan's), then clip and step. Returns figures for the log."""
         stream = self._stream_for(stage)
         names = ("loss", "l1", "l2")
         summed = torch.zeros(len(names), device=self.acc.device)
@@ -198,22 +235,25 @@ class Trainer:
         lr = lr_at(self.cfg.lr, self.cfg.optim.lr, self.recipe_total, self.state.step * self.plan.step_scale)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(stage.accum):
+        pieces = stage.batch // stage.micro_batch
+        share = 1.0 / (stage.accum * pieces)  # every loss is a mean over equal micro-batches
+        for loaded in range(stage.accum):
             t0 = time.perf_counter()
             batch = next(stream)
             x, y = self._to_device(batch)
             data_wait += time.perf_counter() - t0
             self.bad_samples += int(batch["skipped"])
             self.state.data.position, self.state.data.epoch = int(batch["next_position"]), int(batch["epoch"])
-            last = micro == stage.accum - 1
-            # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
-            sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
-            with sync:
-                out = self.model(x)
-                losses = compute_losses(self.cfg.loss, out, y)
-                self._backward(losses["loss"] / stage.accum, last)
-            # Summed on the device: one host sync per step, not three per micro-batch.
-            summed = summed + torch.stack([losses[k].detach() for k in names]) / stage.accum
+            for piece, (x_micro, y_micro) in enumerate(zip(x.split(stage.micro_batch), y.split(stage.micro_batch))):
+                last = loaded == stage.accum - 1 and piece == pieces - 1
+                # Gradients are all-reduced only on the last micro-batch (DDP no_sync; DeepSpeed: boundary).
+                sync = contextlib.nullcontext() if last or self.deepspeed else self.acc.no_sync(self.model)
+                with sync:
+                    out = self.model(x_micro)
+                    losses = compute_losses(self.cfg.loss, out, y_micro)
+                    self._backward(losses["loss"] * share, last)
+                # Summed on the device: one host sync per step, not three per micro-batch.
+                summed = summed + torch.stack([losses[k].detach() for k in names]) * share
         sums = dict(zip(names, summed.tolist()))
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else math.inf
@@ -269,6 +309,7 @@ class Trainer:
         mode = init_trackers(acc, cfg.tracking, cfg.run_name, self.run_dir, self.state.run_id, cfg.to_dict())
         if acc.is_main_process:
             print(self.plan.note, flush=True)
+            print(self._memory_note(), flush=True)
             print(f"W&B: {mode} (run id {self.state.run_id})", flush=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=total, initial=self.state.step, disable=not acc.is_main_process, dynamic_ncols=True,
@@ -278,9 +319,12 @@ class Trainer:
         try:
             while self.state.step < total:
                 stage = self.plan.stage_at(self.state.step)
-                if stage.index != self._stream_stage and acc.is_main_process:
-                    self._log({"event": "stage", "step": self.state.step, "stage": stage.index, "patch": stage.patch,
-                               "batch": stage.batch, "accum": stage.accum})
+                if stage.index != self._stream_stage:
+                    self.network().set_activations(stage.activations)
+                    if acc.is_main_process:
+                        self._log({"event": "stage", "step": self.state.step, "stage": stage.index,
+                                   "patch": stage.patch, "batch": stage.batch, "accum": stage.accum,
+                                   "micro_batch": stage.micro_batch, "activations": stage.activations})
                 t0 = time.perf_counter()
                 out = self.train_step(stage)
                 window.add(out, stage.batch * stage.accum, stage.batch * stage.accum * stage.patch**2,

@@ -1,0 +1,185 @@
+"""Activation memory per training pixel and train-step time of model.Restormer, against the official code.
+
+Each case (implementation, preset, precision, activation mode, patch) runs in a fresh process: a
+warm-up step and --steps timed steps (forward, L1 loss, backward, AdamW) at batch --batch, then one
+step under model.memory.TensorMemoryMeter. Two figures per pixel, each the difference between two
+patch sizes divided by the pixels added, so fixed costs (interpreter, weights, optimizer) cancel:
+- peak RSS slope: what the machine sees (the process's high-water mark, VmHWM);
+- allocated slope: the bytes of tensors alive at the step's peak, what a GPU's caching allocator
+  counts (`torch.cuda.max_memory_allocated`).
+Step times are medians of the process CPU time (robust on a shared machine) and of wall time.
+
+    python benchmarks/model_memory.py --official path/to/restormer_arch.py
+
+The official file is not shipped (see benchmarks/model_speed.py). A second table applies the memory
+plan (train/memory_plan.py) to the official recipe's stages (patch x per-GPU batch on 8 GPUs, DDP,
+AdamW) on 24, 40 and 80 GB cards, with each implementation's measured allocated bytes per pixel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from benchmarks.model_speed import _official_class, _peak_rss_mib  # noqa: E402  (after the path)
+from model import PRESETS, build_model  # noqa: E402
+from model.memory import TensorMemoryMeter  # noqa: E402
+from train.config import ProgressiveConfig  # noqa: E402
+from train.host_memory import retain_freed_memory  # noqa: E402
+from train.memory_plan import GB, USABLE_SHARE, MemoryPlanError, Setup, StepCost, plan_memory  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CARDS_GB = (24, 40, 80)
+
+
+def _network(impl: str, preset: str, mode: str, official: str | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ours = build_model(preset)
+    if impl == "ours":
+        ours.set_activations(mode)
+        return ours.train()
+    net = _official_class(official)(**PRESETS[preset])
+    net.load_state_dict(ours.state_dict())
+    return net.train()
+
+
+def measure(case: dict) -> dict:
+    """One case in this process."""
+    torch.set_num_threads(case["threads"])
+    retain_freed_memory()
+    net = _network(case["impl"], case["preset"], case["mode"], case["official"])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-6, weight_decay=1e-4, fused=True)
+    channels = PRESETS[case["preset"]]["inp_channels"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(case["batch"], channels, case["patch"], case["patch"], generator=gen)
+    target = torch.rand(case["batch"], PRESETS[case["preset"]]["out_channels"], case["patch"], case["patch"], generator=gen)
+    dtype = DTYPES[case["dtype"]]
+
+    def forward_backward() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = net(x)
+        (out.float() - target).abs().mean().backward()
+
+    cpu, wall = [], []
+    for i in range(case["steps"] + 1):  # the first step warms up
+        c0, w0 = time.process_time(), time.perf_counter()
+        forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # the gradients stay allocated: the meter sees the step alone
+        if i:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    rss = _peak_rss_mib() * 2**20
+    meter = TensorMemoryMeter()
+    with meter:
+        forward_backward()
+    return {"rss": rss, "allocated": meter.peak, "cpu_s": statistics.median(cpu) if cpu else None,
+            "wall_s": statistics.median(wall) if wall else None}
+
+
+def run_case(**case) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _slope(low: dict, high: dict, key: str, batch: int, small: int, large: int) -> StepCost:
+    per_pixel = (high[key] - low[key]) / (batch * (large**2 - small**2))
+    return StepCost(per_pixel, max(0.0, low[key] - per_pixel * batch * small**2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=["default", "gaussian_color_denoising"])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=["lean", "plain", "checkpoint"],
+                        help="our activation modes to measure (model.restormer.ACTIVATION_MODES)")
+    parser.add_argument("--memory-patch", type=int, nargs=2, default=[48, 96], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--time-patch", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--official", metavar="PATH", help="the official restormer_arch.py (see the top of this file)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure(json.loads(args.case))))
+        return
+
+    impls = ([("official", "plain")] if args.official else []) + [("ours", mode) for mode in args.modes]
+    small, large = args.memory_patch
+    common = {"batch": args.batch, "threads": args.threads, "official": args.official}
+    print(f"batch {args.batch}, {args.threads} threads; memory from patches {small} -> {large} (1 step), "
+          f"time: median of {args.steps} steps; ratios against the official code in fp32 (memory) / same precision (time)")
+    print("| preset | precision | implementation | peak RSS B/px | x official fp32 | allocated B/px | x official fp32 | "
+          + " | ".join(f"step CPU ms at {p} (x official)" for p in args.time_patch) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(args.time_patch))
+    allocated: dict[tuple[str, str, str], StepCost] = {}
+    for preset in args.preset:
+        reference = None
+        for dtype in args.dtype:
+            official_time: dict[int, float] = {}
+            for impl, mode in impls:
+                case = {**common, "impl": impl, "preset": preset, "dtype": dtype, "mode": mode, "steps": 1}
+                low, high = run_case(**case, patch=small), run_case(**case, patch=large)
+                rss = _slope(low, high, "rss", args.batch, small, large)
+                alloc = _slope(low, high, "allocated", args.batch, small, large)
+                allocated[(preset, dtype, f"{impl} {mode}")] = alloc
+                if reference is None:
+                    reference = (rss.per_pixel, alloc.per_pixel)
+                times = []
+                for patch in args.time_patch:
+                    t = run_case(**{**case, "steps": args.steps}, patch=patch)["cpu_s"]
+                    if impl == "official":
+                        official_time[patch] = t
+                    ratio = f" ({t / official_time[patch]:.2f}x)" if patch in official_time else ""
+                    times.append(f"{t * 1e3:.0f}{ratio}")
+                name = "official" if impl == "official" else f"ours, {mode}"
+                print(f"| {preset} | {dtype} | {name} | {rss.per_pixel:.0f} | {rss.per_pixel / reference[0]:.2f}x | "
+                      f"{alloc.per_pixel:.0f} | {alloc.per_pixel / reference[1]:.2f}x | " + " | ".join(times) + " |",
+                      flush=True)
+    print()
+    print_recipe_fit(allocated, args.preset[0])
+
+
+def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: str) -> None:
+    """The official recipe's stages on 24/40/80 GB cards, planned as train/memory_plan.py plans them."""
+    recipe = ProgressiveConfig()
+    stages = [(i, p, b) for i, (p, b) in enumerate(zip(recipe.patch, recipe.batch))]
+    params = sum(p.numel() for p in build_model(preset).parameters())
+    print(f"The official recipe ({preset}: 8 GPUs, DDP, AdamW, per-GPU batch "
+          + ", ".join(f"{b} x {p} px" for _, p, b in stages) + ") per card; cells: micro-batch x accumulation "
+          "and activation mode per stage ('-': does not fit); planned with the allocated bytes per pixel above, "
+          f"{USABLE_SHARE:.0%} of the card less 1 GB")
+    print("| card | precision | implementation | " + " | ".join(f"{p} px x {b}" for _, p, b in stages) + " |")
+    print("|---|---|---|" + "---|" * len(stages))
+    for card in CARDS_GB:
+        for (cost_preset, dtype, impl), cost in allocated.items():
+            if cost_preset != preset or impl == "ours checkpoint":
+                continue
+            costs = {impl: cost}
+            if impl == "ours lean" and (preset, dtype, "ours checkpoint") in allocated:
+                costs["ours checkpoint"] = allocated[(preset, dtype, "ours checkpoint")]
+            setup = Setup(params=params, precision="no" if dtype == "fp32" else dtype, world_size=8)
+            cells = []
+            for stage in stages:
+                try:
+                    s = plan_memory([stage], setup, card * GB, 2**30, costs.__getitem__, modes=tuple(costs)).stages[0]
+                    cells.append(f"{s.micro_batch} x {s.batch // s.micro_batch}, {s.activations.removeprefix('ours ')}")
+                except MemoryPlanError:
+                    cells.append("-")
+            print(f"| {card} GB | {dtype} | {impl} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

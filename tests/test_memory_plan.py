@@ -1,0 +1,131 @@
+"""The memory plan: micro-batches and activation modes that fit a budget, checked against real runs."""
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, records, run, synthetic_images
+from train.config import ConfigError, load_config
+from train.main import main as train_main
+from train.memory_plan import GB, USABLE_SHARE, MemoryPlanError, Setup, StepCost, plan_for_run, plan_memory
+from train.schedule import plan_stages
+
+COSTS = {"lean": StepCost(per_pixel=10_000, fixed=0), "checkpoint": StepCost(per_pixel=2_000, fixed=0)}
+
+
+def _plan(stages, budget_gb: float, state_params: int = 0):
+    return plan_memory(stages, Setup(state_params), budget_gb * GB, 0, COSTS.__getitem__)
+
+
+def test_each_stage_gets_the_largest_micro_batch_that_divides_its_batch_and_fits():
+    # 10 kB per pixel: 8 x 128^2 px need 1.31 GB; 0.6 GB of usable memory takes 3 images, and 3 does
+    # not divide 8: 2 images x 4 keeps the global batch exactly.
+    plan = _plan([(0, 128, 8), (1, 64, 8)], 0.6 / USABLE_SHARE)
+    assert [(s.micro_batch, s.activations) for s in plan.stages] == [(2, "lean"), (8, "lean")]
+    assert all(s.predicted <= plan.usable for s in plan.stages)
+
+
+def test_checkpointing_only_where_one_image_does_not_fit_lean():
+    # One 512^2 image needs 2.6 GB lean, 0.52 GB with checkpointing: 0.6 GB takes one checkpointed image.
+    plan = _plan([(0, 64, 4), (1, 512, 2)], 0.6 / USABLE_SHARE)
+    assert [(s.micro_batch, s.activations) for s in plan.stages] == [(4, "lean"), (1, "checkpoint")]
+
+
+def test_a_stage_that_never_fits_is_refused_naming_stage_patch_need_and_budget():
+    with pytest.raises(MemoryPlanError) as err:
+        _plan([(0, 64, 4), (3, 1024, 1)], 1.0, state_params=10**7)
+    message = str(err.value)
+    assert "stage 3 (1024 px)" in message and "2.10 GB" in message and "train.memory_gb=1" in message
+    assert "\n" not in message
+
+
+def test_state_follows_the_optimizer_ema_processes_and_zero_sharding():
+    n = 10**6
+    assert sum(Setup(n).state_bytes().values()) == 16 * n  # fp32 weights, gradients, two Adam moments
+    assert sum(Setup(n, ema=True, world_size=2).state_bytes().values()) == 24 * n  # + EMA + DDP buckets
+    zero2 = Setup(n, precision="bf16", world_size=4, zero_stage=2).state_bytes()
+    assert zero2 == {"weights": 2 * n, "gradients": 2 * n / 4, "optimizer": 8 * n / 4, "fp32 master weights": n}
+    assert sum(Setup(n, "bf16", world_size=4, zero_stage=3).state_bytes().values()) == 16 * n / 4
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", ".nan", ".inf"])
+def test_bad_budgets_are_refused_in_one_line(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"train.memory_gb={value}"])
+    assert "train.memory_gb" in str(err.value) and "\n" not in str(err.value)
+
+
+TINY = ["model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1"]
+
+
+def test_print_plan_answers_for_every_recipe(capsys):
+    recipes = sorted(p.stem for p in (ROOT / "train" / "configs").glob("*.yaml"))
+    for recipe in recipes:
+        assert train_main(["--config", recipe, "--print-plan", "--num-processes", "2", *TINY,
+                           "train.memory_gb=24"]) == 0, recipe
+        out = capsys.readouterr().out
+        assert "memory plan: budget 24.0 GB" in out and "| stage | patch |" in out, recipe
+    assert train_main(["--print-plan", *TINY, "train.memory_gb=0.05"]) == 2
+    assert "does not fit the memory budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- against the measured peak
+
+
+RUN = ["model.dim=16", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1", "progressive.iters=[2,2,2]",
+       "progressive.patch=[64,96,128]", "progressive.batch=[4,4,4]", "train.reference_world_size=null",
+       "data.num_workers=0", "data.noise_sigma=25", "train.threads=1", "train.log_every=1", "val.every=1000",
+       "tracking.wandb=disabled", "train.seed=3"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from data_shards.pack import main as pack_main
+
+    root = tmp_path_factory.mktemp("plan")
+    synthetic_images(root / "images", count=10, size=160)
+    assert pack_main([str(root / "images"), "--out", str(root / "shards"), "--val-fraction", "0.2",
+                      "--no-progress"]) == 0
+    return root / "shards"
+
+
+def _train(photos, out, budget: str):
+    proc = run([sys.executable, "train/main.py", f"data.train={photos}/train", f"data.val={photos}/val",
+                f"output_dir={out}", *RUN, f"train.memory_gb={budget}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return records(out)
+
+
+def _stage_peaks(recs: list[dict]) -> list[float]:
+    """The logged peak (the process's peak RSS on a CPU) at the end of each stage."""
+    steps = [r for r in recs if "event" not in r]
+    return [max(r["peak_mem_gb_max"] for r in steps if r["stage"] == i) * GB for i in range(3)]
+
+
+def test_the_plan_predicts_and_holds_the_measured_peak(photos, tmp_path):
+    # Unconstrained: whole batches at three patch sizes; the growth between them is activation memory.
+    free = _train(photos, tmp_path / "free", "8")
+    peaks = _stage_peaks(free)
+    cfg = load_config("demo", [*RUN, "train.memory_gb=8"])
+    plan = plan_for_run(cfg, plan_stages(cfg, 1), 8 * GB, torch.device("cpu"), "no", 1, None)
+    assert [s.micro_batch for s in plan.stages] == [4, 4, 4]
+    for low, high in ((0, 1), (1, 2)):
+        predicted = plan.stages[high].predicted - plan.stages[low].predicted
+        measured = peaks[high] - peaks[low]
+        assert abs(measured - predicted) <= 0.15 * predicted, (low, high, measured, predicted)
+
+    # A budget that the last stage's whole batch does not fit: it is split, and every logged peak stays
+    # within the budget.
+    budget = (peaks[1] + 0.5 * (peaks[2] - peaks[1])) / USABLE_SHARE
+    tight = _train(photos, tmp_path / "tight", f"{budget / GB:.3f}")
+    stages = [(r["micro_batch"], r["activations"]) for r in tight if r.get("event") == "stage"]
+    assert stages[:2] == [(4, "lean"), (4, "lean")] and stages[2][0] < 4
+    assert all(p <= budget for p in _stage_peaks(tight))
+    table = (tmp_path / "tight" / "memory_plan.txt").read_text(encoding="utf-8")
+    assert re.search(r"\| 2 \| 128 \| 4 \| [12] x [24] \| lean \|", table)
+    # Micro-batches compute the same gradients as the whole batch (up to the order of sums).
+    losses = [[r["l1"] for r in recs if "event" not in r] for recs in (free, tight)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -1,0 +1,296 @@
+"""The memory plan: per progressive stage, the micro-batch, accumulation and activation mode that fit.
+
+A training process holds two kinds of memory on its device:
+- state, whose size follows from the parameter count and the setup: weights, gradients (and DDP's
+  gradient buckets), optimizer state, the EMA copy, DeepSpeed's fp32 master weights and ZeRO's
+  sharding of them (`Setup.state_bytes`);
+- a training step's activations and transients, linear in the pixels of a micro-batch. They are
+  measured, not assumed (`calibrate`): one forward and backward of the run's network at two small
+  patch sizes, under the run's precision and activation mode. On CUDA the caching allocator's peak
+  counts them (workspaces included); on a CPU, where oneDNN's buffers and the C library's heap add
+  ~15-25% to what the tensors hold, the process's peak RSS in a fresh process does. So the plan holds
+  for any preset and any `model.*` shape override.
+
+Each stage keeps its global batch exactly: its per-process batch is split into equal micro-batches
+(the largest divisor of the batch that fits) and the trainer accumulates them. Full activation
+checkpointing is used only where a micro-batch of one image does not fit otherwise, and a stage
+that does not fit even then is refused before any step. Every predicted peak stays within
+USABLE_SHARE of the budget, less what the device holds outside the training tensors (`reserved`:
+RESERVED_CUDA for the CUDA context and libraries; on a CPU the process's own memory, measured).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train.config import ConfigError
+
+USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved beyond allocated on CUDA)
+RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
+CALIBRATION_PATCHES = (32, 64)
+GB = 2**30  # as nvidia-smi counts, and the logged peak_mem_gb: a "24 GB" card holds 24 of these
+MODES = ("lean", "checkpoint")  # the fastest first: the plan takes the first that fits
+
+
+class MemoryPlanError(ConfigError):
+    """A stage that cannot fit the budget (with what it needs), or a calibration that failed."""
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A training step's memory beyond the state: fixed + per_pixel x (micro-batch x patch^2) bytes."""
+
+    per_pixel: float
+    fixed: float
+
+    def bytes(self, micro_batch: int, patch: int) -> float:
+        return self.fixed + self.per_pixel * micro_batch * patch * patch
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What decides the state's size: parameters, precision, optimizer, EMA, processes, DeepSpeed."""
+
+    params: int
+    precision: str = "no"  # no | bf16 | fp16
+    optimizer: str = "adamw"
+    ema: bool = False
+    world_size: int = 1
+    zero_stage: int | None = None  # None: DDP or one process
+
+    def state_bytes(self) -> dict[str, float]:
+        n, shards = self.params, self.world_size
+        moments = 2 if self.optimizer == "adamw" else 1
+        if self.zero_stage is None:
+            state = {"weights": 4 * n, "gradients": 4 * n, "optimizer": 4 * moments * n}
+            if shards > 1:
+                state["DDP buckets"] = 4 * n
+        else:
+            low = self.precision in ("bf16", "fp16")
+            width = 2 if low else 4
+            state = {"weights": width * n / (shards if self.zero_stage >= 3 else 1),
+                     "gradients": width * n / (shards if self.zero_stage >= 2 else 1),
+                     "optimizer": 4 * moments * n / (shards if self.zero_stage >= 1 else 1)}
+            if low:
+                state["fp32 master weights"] = 4 * n / (shards if self.zero_stage >= 1 else 1)
+        if self.ema:
+            state["EMA"] = 4 * n
+        return state
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    index: int
+    patch: int
+    batch: int  # per process and loaded batch (the schedule's)
+    micro_batch: int  # images per forward/backward: a divisor of batch
+    activations: str  # model.restormer.ACTIVATION_MODES
+    predicted: float  # peak bytes, state and reserved included
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: float
+    reserved: float
+    state: dict[str, float]
+    stages: tuple[StageMemory, ...]
+    costs: dict[str, StepCost]
+
+    @property
+    def usable(self) -> float:
+        return USABLE_SHARE * self.budget
+
+    def table(self) -> str:
+        state = sum(self.state.values())
+        lines = [f"memory plan: budget {self.budget / GB:.1f} GB, predicted peaks kept under {self.usable / GB:.1f} GB "
+                 f"({USABLE_SHARE:.0%}); reserved {self.reserved / GB:.2f} GB; state {state / GB:.2f} GB ("
+                 + ", ".join(f"{k} {v / GB:.2f}" for k, v in self.state.items()) + "); step memory measured: "
+                 + ", ".join(f"{mode} {c.per_pixel / 1e3:.1f} kB/px + {c.fixed / 2**20:.0f} MiB"
+                             for mode, c in self.costs.items()),
+                 "| stage | patch | batch | micro-batch x accum | activations | predicted peak GB |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {s.index} | {s.patch} | {s.batch} | {s.micro_batch} x {s.batch // s.micro_batch} | "
+                  f"{s.activations} | {s.predicted / GB:.2f} |" for s in self.stages]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"usable": self.usable, "usable_share": USABLE_SHARE}
+
+
+def plan_memory(stages, setup: Setup, budget: float, reserved: float, cost_of, modes: tuple[str, ...] = MODES
+                ) -> MemoryPlan:
+    """Fits every (index, patch, batch) stage into `budget` bytes, trying `modes` in order;
+    `cost_of(mode)` -> StepCost is called once per mode the plan needs. Raises MemoryPlanError."""
+    state_parts = setup.state_bytes()
+    fixed = reserved + sum(state_parts.values())
+    usable = USABLE_SHARE * budget
+    costs: dict[str, StepCost] = {}
+    planned = []
+    for index, patch, batch in stages:
+        choice = None
+        for mode in modes:
+            if mode not in costs:
+                costs[mode] = cost_of(mode)
+            for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
+                predicted = fixed + costs[mode].bytes(micro, patch)
+                if predicted <= usable:
+                    choice = StageMemory(index, patch, batch, micro, mode, predicted)
+                    break
+            if choice is not None:
+                break
+        if choice is None:
+            need = fixed + costs[modes[-1]].bytes(1, patch)
+            raise MemoryPlanError(
+                f"stage {index} ({patch} px) does not fit the memory budget: one image with {modes[-1]} activations "
+                f"needs {need / GB:.2f} GB (state {sum(state_parts.values()) / GB:.2f}, reserved {reserved / GB:.2f}), "
+                f"the plan may use {usable / GB:.2f} GB ({USABLE_SHARE:.0%} of train.memory_gb={budget / GB:g}). "
+                "Lower progressive.patch, shard the state with DeepSpeed ZeRO, or use a device with more memory")
+        planned.append(choice)
+    return MemoryPlan(budget, reserved, state_parts, tuple(planned), costs)
+
+
+def budget_bytes(memory_gb: float | str | None, device: torch.device) -> float | None:
+    """train.memory_gb in bytes: a number as given; "auto" the device's memory on CUDA, no plan on a
+    CPU (its memory is shared with everything else on the machine); None: no plan."""
+    if memory_gb == "auto":
+        return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+    return None if memory_gb is None else float(memory_gb) * GB
+
+
+def reserved_bytes(device: torch.device) -> float:
+    """What the device holds beyond the training tensors: the CUDA context and libraries; on a CPU the
+    process itself (interpreter, libraries, the data pipeline's buffers), measured now."""
+    if device.type == "cuda":
+        return RESERVED_CUDA
+    return _rss_kib("VmRSS") * 1024.0
+
+
+def plan_for_run(cfg, stage_plan, budget: float, device: torch.device, precision: str, world_size: int,
+                 zero_stage: int | None) -> MemoryPlan:
+    """The plan of a run (train.config.Config, its train.schedule.StagePlan) in `budget` bytes on
+    this device; each activation mode it needs is calibrated once. Raises MemoryPlanError."""
+    from model import build_model
+
+    arch = {"preset": cfg.model.preset, **cfg.model.shape_overrides()}
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(**arch).parameters())
+    setup = Setup(params, precision, cfg.optim.name, cfg.train.ema_decay is not None, world_size, zero_stage)
+    # model.checkpointing=true asks for whole-block checkpointing everywhere.
+    modes = ("checkpoint",) if cfg.model.checkpointing else MODES
+    stages = [(s.index, s.patch, s.batch) for s in stage_plan.stages]
+    return plan_memory(stages, setup, budget, reserved_bytes(device),
+                       lambda mode: calibrate(Probe(arch, precision, mode), device), modes)
+
+
+def describe(plan: MemoryPlan | None, memory_gb: float | str | None) -> str:
+    """The plan's table, or why there is none, for the log."""
+    if plan is not None:
+        return plan.table()
+    why = "auto plans nothing on a CPU" if memory_gb == "auto" else "train.memory_gb=null"
+    return f"memory plan: none ({why}; train.memory_gb=N plans every stage into N GB per process)"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What calibration runs: the network's shape (model.build_model arguments), precision, mode."""
+
+    arch: dict
+    precision: str
+    mode: str
+
+    def network(self, device: torch.device) -> torch.nn.Module:
+        from model import build_model
+
+        torch.manual_seed(0)
+        net = build_model(**self.arch).to(device).train()
+        net.set_activations(self.mode)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
+        return net
+
+    def step(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
+        """Forward, L1 loss and backward of one image, as the trainer runs it."""
+        x = torch.rand(1, net.patch_embed.proj.in_channels, patch, patch, device=device)
+        target = torch.rand(1, net.output.out_channels, patch, patch, device=device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = net(x)
+        (out.float() - target).abs().mean().backward()
+
+
+_CALIBRATED: dict[tuple[str, str], StepCost] = {}  # (probe, device) -> cost: a process plans many runs alike
+
+
+def calibrate(probe: Probe, device: torch.device) -> StepCost:
+    """The step's memory beyond the state at CALIBRATION_PATCHES, as a line in the pixels."""
+    key = (json.dumps(asdict(probe), sort_keys=True), str(device))
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _calibrate(probe, device)
+    return _CALIBRATED[key]
+
+
+def _calibrate(probe: Probe, device: torch.device) -> StepCost:
+    if device.type == "cuda":
+        net = probe.network(device)
+        peaks = []
+        for patch in CALIBRATION_PATCHES:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            probe.step(net, patch, device)
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - before)
+        del net
+        torch.cuda.empty_cache()
+    else:
+        peaks = _cpu_peaks(probe)
+    small, large = CALIBRATION_PATCHES
+    per_pixel = (peaks[1] - peaks[0]) / (large**2 - small**2)
+    return StepCost(per_pixel=per_pixel, fixed=max(0.0, peaks[0] - per_pixel * small**2))
+
+
+def _cpu_peaks(probe: Probe) -> list[float]:
+    """Peak RSS growth of each calibration step, in a fresh process: this one's heap already holds
+    freed memory that a step could reuse unseen."""
+    done = subprocess.run([sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe))],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _measure_cpu(probe: Probe) -> list[float]:
+    """In the fresh process: each step's peak RSS above the RSS before the first step. The steps go
+    from small to large, so each peak is reached by growing past the one before."""
+    from train.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # as train/main.py runs
+    device = torch.device("cpu")
+    net = probe.network(device)
+    before = _rss_kib("VmRSS")
+    peaks = []
+    for patch in CALIBRATION_PATCHES:
+        probe.step(net, patch, device)
+        peaks.append((_rss_kib("VmHWM") - before) * 1024.0)
+    return peaks
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure_cpu(Probe(**json.loads(sys.argv[1])))))
