@@ -177,3 +177,11 @@ def test_classical_baselines_need_a_fixed_validation_noise():
     assert load_config("gaussian_color_denoising_blind", [*blind[:1], "val.noise_sigma=25"]).val.classical_baselines
     # No noise at all is the data check's to explain (clean images need noise, pairs refuse baselines).
     assert load_config("demo", ["data.noise_sigma=null"]).val.classical_baselines
+
+
+def test_no_on_the_command_line_is_the_setting_no_not_a_boolean():
+    """YAML 1.2 booleans only: yes/no/on/off are words (YAML 1.1 read train.mixed_precision=no as false)."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert parse_yaml("a: yes\nb: off\nc: true\nd: False", "test") == {"a": "yes", "b": "off", "c": True, "d": False}
+    with pytest.raises(ConfigError, match="expected true/false"):
+        load_config(None, ["model.compile=yes"])

@@ -10,6 +10,7 @@ anything is built from the document.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,15 @@ class _BoundedLoader(yaml.SafeLoader):
         self.nodes += nodes
         if self.nodes > MAX_NODES:
             raise _Refused(f"more than {MAX_NODES:,} values once aliases are expanded (an alias bomb?)", event)
+
+
+# YAML 1.2's booleans (true/false) only: YAML 1.1 also reads yes/no/on/off as booleans, which made
+# train.mixed_precision=no the boolean false instead of the setting "no".
+_BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                     list("tTfF"))
 
 
 class _Refused(yaml.MarkedYAMLError):
