@@ -337,7 +337,9 @@ def run_matrix(modes: list[str | Mode], recipes: list[str], steps: int, out: Pat
 
     cpu = cpu or not torch.cuda.is_available()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
-    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    # The repository first; packages installed beside the interpreter's (a --target folder) stay reachable.
+    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cells = []
