@@ -23,24 +23,32 @@ benchmarks/model_speed.py and benchmarks/model_memory.py):
 
 Training memory. What autograd keeps between forward and backward decides the largest patch and
 batch a GPU takes. Per transformer block of c channels, plain autograd keeps ~27 values per pixel
-and channel (the official code ~33): among them the normalised copies in front of the projections,
-both depthwise outputs of q/k/v and of the GDFN, the GELU output and its product with the gate.
-Most of that is the output of cheap per-pixel work (a LayerNorm; a depthwise 3x3 convolution, 9
-multiply-adds per value against c for a 1x1 projection; GELU and a product) kept only because the
-1x1 projection behind it needs its input for the weight gradient. The default training path
-("lean", ACTIVATION_MODES) keeps the inputs of that work instead and recomputes it in backward
-(`_RecomputeThenProject`): in front of q/k/v and of the GDFN it keeps the block input and the
-midway residual, not their normalised copies; in the GDFN the two depthwise inputs, not the four
-tensors after them; in MDTA v and the small softmax matrices, not the heads' output. The
-projections' GEMMs run once forward and twice backward, as with plain autograd; only the cheap work
-runs twice. That keeps ~13 values per pixel and channel: 0.41-0.44x the official code's activation
-bytes per pixel in fp32 and ~0.22x under bf16 autocast, for ~7% more step time on CPU (the
-LayerNorm above pays for most of it on the BiasFree presets). A Function, not
+and channel (the official code ~33). Most of them are outputs of cheap per-pixel work: the
+normalised copies in front of the projections, the depthwise outputs q, k, v and the GDFN's two,
+GELU's output and the gate's product (a LayerNorm, a depthwise 3x3 convolution costs 9
+multiply-adds per value against c for a 1x1 projection, GELU and a product). The default training
+path ("lean", ACTIVATION_MODES) keeps the inputs of that work instead and recomputes it in backward:
+- `_RecomputeThenProject` for the LayerNorms in front of q/k/v and of the GDFN, and for the GDFN's
+  depthwise convolution and gate in front of its output projection: it keeps what goes in (the block
+  input, the midway residual, the two depthwise inputs), recomputes the work in backward under the
+  forward's autocast state, writes the projections' two GEMMs out and leaves the work's own backward
+  to autograd on the recomputed graph;
+- `_AttentionCore` for MDTA between its depthwise inputs and the heads' output: it keeps the inputs
+  and the small (c x c) products and softmaxes, recomputes q, k, v by their depthwise convolution and
+  writes the attention's backward out (no product over the pixels and no norm runs twice; the norm's
+  gradient is added in the same pass as the product's).
+The GEMMs run once forward and twice backward, as with plain autograd. Kept per block: the block
+input, the q/k/v projections, the heads' output, the midway residual and the two GDFN projections,
+~11 values per pixel and channel: measured with benchmarks/model_memory.py, 0.37-0.40x the official
+code's allocated activation bytes per pixel in fp32 (0.42-0.48x on the peak-RSS slope) and ~0.2x
+under bf16 autocast, for <10% more step time on 2 CPU cores (docs/performance.md). Functions, not
 torch.utils.checkpoint with a selective-recompute policy, because that policy routes every operator
 of the block through a Python dispatch mode: measured on CPU at 64 px, +35% step time for the same
-memory. "checkpoint" (`model.checkpointing=true`) recomputes whole blocks and keeps only their
-inputs, for when even lean does not fit; "plain" keeps what autograd keeps. Under torch.compile the
-compiler's own partitioner decides what backward recomputes, and inference runs the plain ops.
+memory. The heads' output stays kept: recomputing its v.attn products for project_out's weight
+gradient cost +4.5% step time for 8% less memory. "checkpoint" (`model.checkpointing=true`)
+recomputes whole blocks and keeps only their inputs, for when even lean does not fit; "plain" keeps
+what autograd keeps. Under torch.compile the compiler's own partitioner decides what backward
+recomputes, and inference runs the plain ops.
 """
 from __future__ import annotations
 
@@ -100,7 +108,7 @@ class _RecomputeThenProject(torch.autograd.Function):
     def forward(ctx, f, n_args: int, n_proj: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         args, weights, biases = tensors[:n_args], tensors[n_args:n_args + n_proj], tensors[n_args + n_proj:]
         z = f(*args)
-        ctx.f, ctx.n_args, ctx.bias_given = f, n_args, [b is not None for b in biases]
+        ctx.f, ctx.n_args, ctx.n_proj = f, n_args, n_proj
         ctx.autocast = _autocast_state(z.device.type)
         ctx.save_for_backward(*args, *weights)
         return tuple(_pointwise(z, w, b) for w, b in zip(weights, biases))
@@ -109,23 +117,28 @@ class _RecomputeThenProject(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         saved = ctx.saved_tensors
         args, weights = saved[:ctx.n_args], saved[ctx.n_args:]
-        wanted = ctx.needs_input_grad[3:3 + ctx.n_args]
+        needs = ctx.needs_input_grad[3:]  # f's args, the weights, the biases
+        wanted, weights_wanted, biases_wanted = needs[:ctx.n_args], needs[ctx.n_args:-ctx.n_proj], needs[-ctx.n_proj:]
         leaves = [a.detach().requires_grad_(w) if a is not None else None for a, w in zip(args, wanted)]
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             z = ctx.f(*leaves)
         z_rows = _tokens(z).reshape(-1, z.shape[1])
         grad_rows, grad_weights, grad_biases = None, [], []
-        for grad, w, has_bias in zip(grads, weights, ctx.bias_given):
+        for grad, w, want_w, want_b in zip(grads, weights, weights_wanted, biases_wanted):
             g = _tokens(grad).reshape(-1, grad.shape[1])
             w2 = w.flatten(1).to(g.dtype)
-            grad_weights.append((g.t() @ z_rows.to(g.dtype)).view_as(w).to(w.dtype))
-            grad_biases.append(g.sum(0).to(w.dtype) if has_bias else None)
+            grad_weights.append((g.t() @ z_rows.to(g.dtype)).view_as(w).to(w.dtype) if want_w else None)
+            grad_biases.append(g.sum(0).to(w.dtype) if want_b else None)
             grad_rows = g @ w2 if grad_rows is None else grad_rows.addmm_(g, w2)
         grad_z = grad_rows.view(_tokens(z).shape).permute(0, 3, 1, 2).to(z.dtype)
-        inputs = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        found = iter(torch.autograd.grad(z, inputs, grad_z))
-        grad_args = [next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
-        return (None, None, None, *grad_args, *grad_weights, *grad_biases)
+        return (None, None, None, *_grads_of(leaves, z, grad_z), *grad_weights, *grad_biases)
+
+
+def _grads_of(leaves: Sequence[torch.Tensor | None], outputs, grads) -> list[torch.Tensor | None]:
+    """Gradients of `outputs` (given theirs) for each leaf that requires one, None for the others."""
+    wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+    found = iter(torch.autograd.grad(outputs, wanted, grads) if wanted else ())
+    return [next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -264,26 +277,114 @@ class Attention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def forward(self, norm: LayerNorm, x: torch.Tensor, lean: bool) -> torch.Tensor:
-        """MDTA of norm(x) (lean: see _project)."""
-        (w_q, w_k, w_v), (b_q, b_k, b_v) = _chunks(self.qkv_dwconv, 3)
+        """MDTA of norm(x) (lean: see _project and _AttentionCore)."""
         pre_q, pre_k, pre_v = norm.project(x, *_chunks(self.qkv, 3), lean)
-        q, k = (_pixels(_depthwise(*t)) for t in ((pre_q, w_q, b_q), (pre_k, w_k, b_k)))
-        inv_q, inv_k = _inverse_norm(q), _inverse_norm(k)
-        if q.dtype == torch.float16:
-            # An unnormalised q.k over h*w pixels can exceed fp16's range: normalise first there.
-            q, k = q * inv_q.to(q.dtype), k * inv_k.to(k.dtype)
-        head = q.shape[-1] // self.num_heads
-        attns = []
-        for i, (q_i, k_i) in enumerate(zip(_heads(q, self.num_heads), _heads(k, self.num_heads))):
-            scores = (q_i.transpose(1, 2) @ k_i).float() * self.temperature[i].float()
-            if q.dtype != torch.float16:
-                sl = slice(i * head, (i + 1) * head)
-                scores = scores * (inv_q[:, 0, sl, None] * inv_k[:, :, sl])
-            attns.append(scores.softmax(dim=-1).to(q.dtype))
-        # The heads' output is kept for project_out's weight gradient even when lean: recomputing it costs a
-        # second v.attn product per head in backward (+4.5% step time at 64 px, measured) for 3% less memory.
-        out = _attend(_depthwise(pre_v, w_v, b_v), *attns)
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = _chunks(self.qkv_dwconv, 3)
+        if lean:
+            out = _AttentionCore.apply(self.num_heads, pre_q, pre_k, pre_v, w_q, w_k, w_v, b_q, b_k, b_v,
+                                       self.temperature)
+        else:
+            q, k, v = (_depthwise(*t) for t in ((pre_q, w_q, b_q), (pre_k, w_k, b_k), (pre_v, w_v, b_v)))
+            out = _attention(q, k, v, self.temperature, self.num_heads)[0]
         return _pointwise(out, self.project_out.weight, self.project_out.bias)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, num_heads: int
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The heads' outputs softmax(q^.k^ T) applied to v, side by side (B,C,H,W like v), and per head
+    the fp32 product q.k (or q^.k^ under fp16) and softmax, and the inverse norms of q and k."""
+    q, k = _pixels(q), _pixels(k)
+    inv_q, inv_k = _inverse_norm(q), _inverse_norm(k)
+    if q.dtype == torch.float16:
+        # An unnormalised q.k over h*w pixels can exceed fp16's range: normalise first there.
+        q, k = q * inv_q.to(q.dtype), k * inv_k.to(k.dtype)
+    head = q.shape[-1] // num_heads
+    products, probs = [], []
+    for i, (q_i, k_i) in enumerate(zip(_heads(q, num_heads), _heads(k, num_heads))):
+        products.append((q_i.transpose(1, 2) @ k_i).float())
+        scores = products[-1] * temperature[i].float()
+        if q.dtype != torch.float16:
+            sl = slice(i * head, (i + 1) * head)
+            scores = scores * (inv_q[:, 0, sl, None] * inv_k[:, :, sl])
+        probs.append(scores.softmax(dim=-1))
+    return _attend(v, *(p.to(v.dtype) for p in probs)), products, probs, inv_q, inv_k
+
+
+class _AttentionCore(torch.autograd.Function):
+    """MDTA from the depthwise inputs to the heads' output, keeping for backward only those inputs and
+    the small tensors (the (c x c) products and softmaxes, the inverse norms): q, k and v (3 values
+    per pixel and channel) are recomputed by their depthwise convolution in backward. The attention's
+    own backward is written out, so that neither product over the pixels nor a norm runs again, and
+    the norm's gradient joins the product's in one pass; autograd differentiates the convolutions."""
+
+    @staticmethod
+    def forward(ctx, num_heads: int, pre_q, pre_k, pre_v, w_q, w_k, w_v, b_q, b_k, b_v, temperature):
+        q, k, v = (_depthwise(*t) for t in ((pre_q, w_q, b_q), (pre_k, w_k, b_k), (pre_v, w_v, b_v)))
+        out, products, probs, inv_q, inv_k = _attention(q, k, v, temperature, num_heads)
+        ctx.num_heads, ctx.autocast = num_heads, _autocast_state(out.device.type)
+        ctx.save_for_backward(pre_q, pre_k, pre_v, w_q, w_k, w_v, b_q, b_k, b_v, temperature, inv_q, inv_k,
+                              *products, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = ctx.saved_tensors
+        heads = ctx.num_heads
+        inputs, (temperature, inv_q, inv_k) = saved[:9], saved[9:12]
+        products, probs = saved[12:12 + heads], saved[12 + heads:]
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(inputs, ctx.needs_input_grad[1:10])]
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            q, k, v = (_pixels(_depthwise(*leaves[i::3])) for i in range(3))
+        # What entered the products: q and k, or under fp16 their normalised copies (see _attention).
+        low = q.dtype == torch.float16
+        a, b = (q.detach() * inv_q.to(q.dtype), k.detach() * inv_k.to(k.dtype)) if low else (q.detach(), k.detach())
+        grad_rows = _pixels(grad_out)
+        head = q.shape[-1] // heads
+        grad_a, grad_b, grad_v, grad_inv_q, grad_inv_k, grad_t = [], [], [], [], [], []
+        for i, (g_i, a_i, b_i, v_i) in enumerate(zip(*(_heads(t, heads) for t in (grad_rows, a, b, v.detach())))):
+            prob, t_i = probs[i], temperature[i].float()
+            grad_v.append(g_i @ prob.to(v.dtype))
+            grad_prob = (g_i.transpose(1, 2) @ v_i).float()
+            grad_scores = prob * (grad_prob - (grad_prob * prob).sum(-1, keepdim=True))  # softmax's backward
+            weighted = grad_scores * products[i]  # times the scale's factors: their gradients
+            if low:
+                scale = t_i
+                grad_t.append(weighted.sum())
+            else:
+                sl = slice(i * head, (i + 1) * head)
+                row, col = inv_q[:, 0, sl, None], inv_k[:, :, sl]  # (b, d, 1), (b, 1, d)
+                scale = t_i * (row * col)
+                grad_t.append((weighted * (row * col)).sum())
+                grad_inv_q.append((weighted * col).sum(-1) * t_i)
+                grad_inv_k.append((weighted * row).sum(-2) * t_i)
+            grad_product = (grad_scores * scale).to(q.dtype)
+            grad_a.append(b_i @ grad_product.transpose(1, 2))
+            grad_b.append(a_i @ grad_product)
+        grad_a, grad_b = _joined(grad_a), _joined(grad_b)
+        if low:  # a = q * inv_q: the product's gradient reaches q directly and through the norm
+            grad_inv_q = (grad_a.float() * q.detach().float()).sum(1)
+            grad_inv_k = (grad_b.float() * k.detach().float()).sum(1)
+            grad_a, grad_b = grad_a * inv_q.to(grad_a.dtype), grad_b * inv_k.to(grad_b.dtype)
+        else:
+            grad_inv_q, grad_inv_k = _joined(grad_inv_q), _joined(grad_inv_k)
+        grad_q = _through_norm(grad_a, q.detach(), inv_q, grad_inv_q)
+        grad_k = _through_norm(grad_b, k.detach(), inv_k, grad_inv_k)
+        grad_temperature = torch.stack(grad_t).view_as(temperature).to(temperature.dtype)
+        return (None, *_grads_of(leaves, [q, k, v], [grad_q, grad_k, _joined(grad_v)]),
+                grad_temperature if ctx.needs_input_grad[10] else None)
+
+
+def _through_norm(grad: torch.Tensor, t: torch.Tensor, inv: torch.Tensor, grad_inv: torch.Tensor) -> torch.Tensor:
+    """grad plus the gradient that reaches t through inv = 1 / max(|t|, eps) (norms over the pixels of
+    (b, hw, c)): d inv / d t = -t * inv^3 where |t| > eps, else 0."""
+    coef = (-grad_inv.unsqueeze(1) * inv.pow(3)).masked_fill(inv >= 1 / _NORM_EPS, 0)
+    return grad.addcmul(t, coef.to(t.dtype))
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-head pieces side by side on the last axis."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
