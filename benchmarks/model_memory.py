@@ -35,9 +35,10 @@ from model import PRESETS, build_model  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
 from train.config import ProgressiveConfig  # noqa: E402
 from train.host_memory import retain_freed_memory  # noqa: E402
-from train.memory_plan import GB, USABLE_SHARE, MemoryPlanError, Setup, StepCost, plan_memory  # noqa: E402
+from train.memory_plan import (GB, RESERVED_CUDA, USABLE_SHARE, MemoryPlanError, Setup, StepCost,  # noqa: E402
+                               forward_backward, plan_memory)
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16")
 CARDS_GB = (24, 40, 80)
 
 
@@ -62,17 +63,10 @@ def measure(case: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(case["batch"], channels, case["patch"], case["patch"], generator=gen)
     target = torch.rand(case["batch"], PRESETS[case["preset"]]["out_channels"], case["patch"], case["patch"], generator=gen)
-    dtype = DTYPES[case["dtype"]]
-
-    def forward_backward() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = net(x)
-        (out.float() - target).abs().mean().backward()
-
     cpu, wall = [], []
     for i in range(case["steps"] + 1):  # the first step warms up
         c0, w0 = time.process_time(), time.perf_counter()
-        forward_backward()
+        forward_backward(net, x, target, case["dtype"])
         opt.step()
         opt.zero_grad(set_to_none=False)  # the gradients stay allocated: the meter sees the step alone
         if i:
@@ -81,7 +75,7 @@ def measure(case: dict) -> dict:
     rss = _peak_rss_mib() * 2**20
     meter = TensorMemoryMeter()
     with meter:
-        forward_backward()
+        forward_backward(net, x, target, case["dtype"])
     return {"rss": rss, "allocated": meter.peak, "cpu_s": statistics.median(cpu) if cpu else None,
             "wall_s": statistics.median(wall) if wall else None}
 
@@ -93,15 +87,10 @@ def run_case(**case) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _slope(low: dict, high: dict, key: str, batch: int, small: int, large: int) -> StepCost:
-    per_pixel = (high[key] - low[key]) / (batch * (large**2 - small**2))
-    return StepCost(per_pixel, max(0.0, low[key] - per_pixel * batch * small**2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=["default", "gaussian_color_denoising"])
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--dtype", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--modes", nargs="+", default=["lean", "plain", "checkpoint"],
                         help="our activation modes to measure (model.restormer.ACTIVATION_MODES)")
     parser.add_argument("--memory-patch", type=int, nargs=2, default=[48, 96], metavar=("SMALL", "LARGE"))
@@ -132,8 +121,8 @@ def main() -> None:
             for impl, mode in impls:
                 case = {**common, "impl": impl, "preset": preset, "dtype": dtype, "mode": mode, "steps": 1}
                 low, high = run_case(**case, patch=small), run_case(**case, patch=large)
-                rss = _slope(low, high, "rss", args.batch, small, large)
-                alloc = _slope(low, high, "allocated", args.batch, small, large)
+                rss, alloc = (StepCost.fit((small, large), [low[key], high[key]], args.batch)
+                              for key in ("rss", "allocated"))
                 allocated[(preset, dtype, f"{impl} {mode}")] = alloc
                 if reference is None:
                     reference = (rss.per_pixel, alloc.per_pixel)
@@ -160,7 +149,7 @@ def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: st
     print(f"The official recipe ({preset}: 8 GPUs, DDP, AdamW, per-GPU batch "
           + ", ".join(f"{b} x {p} px" for _, p, b in stages) + ") per card; cells: micro-batch x accumulation "
           "and activation mode per stage ('-': does not fit); planned with the allocated bytes per pixel above, "
-          f"{USABLE_SHARE:.0%} of the card less 1 GB")
+          f"{USABLE_SHARE:.0%} of the card less {RESERVED_CUDA / GB:g} GB")
     print("| card | precision | implementation | " + " | ".join(f"{p} px x {b}" for _, p, b in stages) + " |")
     print("|---|---|---|" + "---|" * len(stages))
     for card in CARDS_GB:
@@ -170,12 +159,13 @@ def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: st
             costs = {impl: cost}
             if impl == "ours lean" and (preset, dtype, "ours checkpoint") in allocated:
                 costs["ours checkpoint"] = allocated[(preset, dtype, "ours checkpoint")]
-            setup = Setup(params=params, precision="no" if dtype == "fp32" else dtype, world_size=8)
+            setup = Setup(params=params, precision=dtype, world_size=8)
             cells = []
             for stage in stages:
                 try:
-                    s = plan_memory([stage], setup, card * GB, 2**30, costs.__getitem__, modes=tuple(costs)).stages[0]
-                    cells.append(f"{s.micro_batch} x {s.batch // s.micro_batch}, {s.activations.removeprefix('ours ')}")
+                    s = plan_memory([stage], setup, card * GB, RESERVED_CUDA, costs.__getitem__,
+                                    modes=tuple(costs)).stages[0]
+                    cells.append(f"{s.micro_batch} x {s.batch // s.micro_batch}, {s.activations.split()[-1]}")
                 except MemoryPlanError:
                     cells.append("-")
             print(f"| {card} GB | {dtype} | {impl} | " + " | ".join(cells) + " |")

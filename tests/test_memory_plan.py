@@ -17,7 +17,7 @@ COSTS = {"lean": StepCost(per_pixel=10_000, fixed=0), "checkpoint": StepCost(per
 
 
 def _plan(stages, budget_gb: float, state_params: int = 0):
-    return plan_memory(stages, Setup(state_params), budget_gb * GB, 0, COSTS.__getitem__)
+    return plan_memory(stages, Setup(params=state_params), budget_gb * GB, 0, COSTS.__getitem__)
 
 
 def test_each_stage_gets_the_largest_micro_batch_that_divides_its_batch_and_fits():
@@ -44,11 +44,11 @@ def test_a_stage_that_never_fits_is_refused_naming_stage_patch_need_and_budget()
 
 def test_state_follows_the_optimizer_ema_processes_and_zero_sharding():
     n = 10**6
-    assert sum(Setup(n).state_bytes().values()) == 16 * n  # fp32 weights, gradients, two Adam moments
-    assert sum(Setup(n, ema=True, world_size=2).state_bytes().values()) == 24 * n  # + EMA + DDP buckets
-    zero2 = Setup(n, precision="bf16", world_size=4, zero_stage=2).state_bytes()
+    assert sum(Setup(params=n).state_bytes().values()) == 16 * n  # fp32 weights, gradients, two Adam moments
+    assert sum(Setup(params=n, ema=True, world_size=2).state_bytes().values()) == 24 * n  # + EMA + DDP buckets
+    zero2 = Setup(params=n, precision="bf16", world_size=4, zero_stage=2).state_bytes()
     assert zero2 == {"weights": 2 * n, "gradients": 2 * n / 4, "optimizer": 8 * n / 4, "fp32 master weights": n}
-    assert sum(Setup(n, "bf16", world_size=4, zero_stage=3).state_bytes().values()) == 16 * n / 4
+    assert sum(Setup(params=n, precision="bf16", world_size=4, zero_stage=3).state_bytes().values()) == 16 * n / 4
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", ".nan", ".inf"])
@@ -110,7 +110,8 @@ def test_the_plan_predicts_and_holds_the_measured_peak(photos, tmp_path):
     free = _train(photos, tmp_path / "free", "8")
     peaks = _stage_peaks(free)
     cfg = load_config("demo", [*RUN, "train.memory_gb=8"])
-    plan = plan_for_run(cfg, plan_stages(cfg, 1), 8 * GB, torch.device("cpu"), "no", 1, None)
+    plan = plan_for_run(cfg, plan_stages(cfg, 1), budget=8 * GB, device=torch.device("cpu"), precision="no",
+                        world_size=1, zero_stage=None)
     assert [s.micro_batch for s in plan.stages] == [4, 4, 4]
     for low, high in ((0, 1), (1, 2)):
         predicted = plan.stages[high].predicted - plan.stages[low].predicted

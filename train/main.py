@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml())
             return 0
+        if args.num_processes is not None and not args.print_plan:
+            raise ConfigError("--num-processes goes with --print-plan (a launch's process count is accelerate launch's "
+                              "--num_processes)")
         if args.print_plan:
-            return print_memory_plan(cfg, args.num_processes or world_size)
+            return print_memory_plan(cfg, world_size if args.num_processes is None else args.num_processes)
         plan = plan_stages(cfg, world_size)
         train_source, val_source = resolve_sources(cfg)
         check_data(cfg, plan, train_source, val_source, world_size)
@@ -149,7 +152,8 @@ def print_memory_plan(cfg, world_size: int) -> int:
     zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if deepspeed else None
     stages = plan_stages(cfg, world_size)
     budget = budget_bytes(cfg.train.memory_gb, device)
-    plan = None if budget is None else plan_for_run(cfg, stages, budget, device, precision, world_size, zero_stage)
+    plan = None if budget is None else plan_for_run(cfg, stages, budget=budget, device=device, precision=precision,
+                                                    world_size=world_size, zero_stage=zero_stage)
     print(f"{stages.note}; {'fp32' if precision == 'no' else precision}{f', DeepSpeed ZeRO-{zero_stage}' if deepspeed else ''}")
     print(describe(plan, cfg.train.memory_gb))
     return 0

@@ -33,7 +33,7 @@ from train.config import ConfigError
 
 USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved beyond allocated on CUDA)
 RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
-CALIBRATION_PATCHES = (32, 64)
+CALIBRATION_PATCHES = (48, 96)
 GB = 2**30  # as nvidia-smi counts, and the logged peak_mem_gb: a "24 GB" card holds 24 of these
 MODES = ("lean", "checkpoint")  # the fastest first: the plan takes the first that fits
 
@@ -52,8 +52,18 @@ class StepCost:
     def bytes(self, micro_batch: int, patch: int) -> float:
         return self.fixed + self.per_pixel * micro_batch * patch * patch
 
+    @staticmethod
+    def fit(patches: tuple[int, int], peaks: list[float], batch: int) -> StepCost:
+        """The line through two measured peaks at two patch sizes (`batch` images each)."""
+        (small, large), (low, high) = patches, peaks
+        per_pixel = (high - low) / (batch * (large**2 - small**2))
+        if not per_pixel > 0:
+            raise MemoryPlanError(f"memory calibration measured no growth from {small} to {large} px "
+                                  f"({low / 2**20:.0f} -> {high / 2**20:.0f} MiB): cannot plan")
+        return StepCost(per_pixel, max(0.0, low - per_pixel * batch * small**2))
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Setup:
     """What decides the state's size: parameters, precision, optimizer, EMA, processes, DeepSpeed."""
 
@@ -171,21 +181,57 @@ def reserved_bytes(device: torch.device) -> float:
     return _rss_kib("VmRSS") * 1024.0
 
 
-def plan_for_run(cfg, stage_plan, budget: float, device: torch.device, precision: str, world_size: int,
+def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precision: str, world_size: int,
                  zero_stage: int | None) -> MemoryPlan:
     """The plan of a run (train.config.Config, its train.schedule.StagePlan) in `budget` bytes on
-    this device; each activation mode it needs is calibrated once. Raises MemoryPlanError."""
+    this device; each activation mode it needs is calibrated once. Raises MemoryPlanError, also for a
+    calibration that failed (out of memory, a dead subprocess): one kind of error for the caller."""
     from model import build_model
 
     arch = {"preset": cfg.model.preset, **cfg.model.shape_overrides()}
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(**arch).parameters())
-    setup = Setup(params, precision, cfg.optim.name, cfg.train.ema_decay is not None, world_size, zero_stage)
+    setup = Setup(params=params, precision=precision, optimizer=cfg.optim.name, ema=cfg.train.ema_decay is not None,
+                  world_size=world_size, zero_stage=zero_stage)
     # model.checkpointing=true asks for whole-block checkpointing everywhere.
     modes = ("checkpoint",) if cfg.model.checkpointing else MODES
     stages = [(s.index, s.patch, s.batch) for s in stage_plan.stages]
-    return plan_memory(stages, setup, budget, reserved_bytes(device),
-                       lambda mode: calibrate(Probe(arch, precision, mode), device), modes)
+
+    def cost_of(mode: str) -> StepCost:
+        try:
+            return calibrate(Probe(arch, precision, mode), device)
+        except MemoryPlanError:
+            raise
+        except Exception as err:  # noqa: BLE001 (whatever failed, the run cannot plan: said in one line)
+            raise MemoryPlanError(f"memory calibration ({mode} activations, {precision}) failed: "
+                                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+
+    return plan_memory(stages, setup, budget, reserved_bytes(device), cost_of, modes)
+
+
+def agreed_plan(acc, cfg, stage_plan, zero_stage: int | None) -> MemoryPlan | None:
+    """The plan of a run under an accelerate.Accelerator, the same on every rank: the budget is the
+    smallest of all ranks', the main process calibrates and plans, and every rank gets the plan or the
+    refusal (MemoryPlanError on every rank, before any step: one rank failing alone would hang the others)."""
+    budget = budget_bytes(cfg.train.memory_gb, acc.device)
+    if budget is None:
+        return None
+    if acc.num_processes > 1:
+        budget = -acc.reduce(torch.tensor([-budget], device=acc.device, dtype=torch.float64), "max").item()
+    result: MemoryPlan | str | None = None
+    if acc.is_main_process:
+        try:
+            result = plan_for_run(cfg, stage_plan, budget=budget, device=acc.device, precision=acc.mixed_precision,
+                                  world_size=acc.num_processes, zero_stage=zero_stage)
+        except MemoryPlanError as err:
+            result = str(err)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list([result])[0]
+    if isinstance(result, str):
+        raise MemoryPlanError(f"train.memory_gb: {result}")
+    return result
 
 
 def describe(plan: MemoryPlan | None, memory_gb: float | str | None) -> str:
@@ -220,11 +266,19 @@ class Probe:
     def step(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
         """Forward, L1 loss and backward of one image, as the trainer runs it."""
         x = torch.rand(1, net.patch_embed.proj.in_channels, patch, patch, device=device)
-        target = torch.rand(1, net.output.out_channels, patch, patch, device=device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = net(x)
-        (out.float() - target).abs().mean().backward()
+        forward_backward(net, x, torch.rand(1, net.output.out_channels, patch, patch, device=device), self.precision)
+
+
+def forward_backward(net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, precision: str,
+                     share: float = 1.0) -> None:
+    """The trainer's forward (under autocast for bf16/fp16), L1 loss (times `share` of the step) and
+    backward: what calibration, the memory benchmark and the device check all measure."""
+    from model import PRECISIONS
+
+    dtype = PRECISIONS.get(precision)  # accelerate's "no" is fp32: no autocast
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = net(x)
+    ((out.float() - target).abs().mean() * share).backward()
 
 
 _CALIBRATED: dict[tuple[str, str], StepCost] = {}  # (probe, device) -> cost: a process plans many runs alike
@@ -240,22 +294,23 @@ def calibrate(probe: Probe, device: torch.device) -> StepCost:
 
 def _calibrate(probe: Probe, device: torch.device) -> StepCost:
     if device.type == "cuda":
-        net = probe.network(device)
-        peaks = []
-        for patch in CALIBRATION_PATCHES:
+        with torch.random.fork_rng(devices=[device]):  # the run's random state stays the run's
+            net = probe.network(device)
+            peaks = []
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            probe.step(net, patch, device)
-            torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - before)
-        del net
+            for patch in CALIBRATION_PATCHES:
+                # From the first step on: what it allocates once and keeps (cuBLAS workspaces) stays in
+                # the fixed part instead of shrinking the per-pixel slope.
+                torch.cuda.reset_peak_memory_stats(device)
+                probe.step(net, patch, device)
+                torch.cuda.synchronize(device)
+                peaks.append(torch.cuda.max_memory_allocated(device) - before)
+            del net
         torch.cuda.empty_cache()
     else:
         peaks = _cpu_peaks(probe)
-    small, large = CALIBRATION_PATCHES
-    per_pixel = (peaks[1] - peaks[0]) / (large**2 - small**2)
-    return StepCost(per_pixel=per_pixel, fixed=max(0.0, peaks[0] - per_pixel * small**2))
+    return StepCost.fit(CALIBRATION_PATCHES, peaks, batch=1)
 
 
 def _cpu_peaks(probe: Probe) -> list[float]:

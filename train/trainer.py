@@ -15,13 +15,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from model import ARCH_FIELDS, Restormer, build_model, load_weights, restore_image
+from model import ARCH_FIELDS, PRECISIONS, Restormer, build_model, load_weights, restore_image
 from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
 from train.losses import compute_losses
-from train.memory_plan import MemoryPlan, budget_bytes, describe, plan_for_run
+from train.memory_plan import agreed_plan, describe
 from train.metrics import score, score_names
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages, resume_step
@@ -87,10 +87,7 @@ class Trainer:
         arch = cfg.model.shape_overrides()
         self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
         self._build_net = lambda: build_model(cfg.model.preset, **arch)
-        try:
-            net = self._build_net()
-        except ValueError as err:  # an architecture the model refuses, e.g. heads that do not divide dim
-            raise ConfigError(f"model: {err}") from err
+        net = self._build_net()  # the config's check (model.arch_problem) built this shape already
         if cfg.model.init_weights:
             try:
                 load_weights(net, cfg.model.init_weights)
@@ -101,7 +98,14 @@ class Trainer:
         optimizer = OPTIMIZERS[cfg.optim.name](cfg.optim, net.parameters())
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-        self.memory = self._plan_memory()
+        if self.zero3 and cfg.train.ema_decay:
+            raise ConfigError("train.ema_decay is not supported with DeepSpeed ZeRO-3 (each process holds only a "
+                              "slice of the weights); use ZeRO-2 or DDP, or set train.ema_decay=null")
+        if self.deepspeed:
+            fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.plan,
+                                  accelerator.num_processes)
+        zero_stage = accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else None
+        self.memory = agreed_plan(accelerator, cfg, self.plan, zero_stage)
         if self.memory is not None:
             self.plan = self.plan.with_memory(self.memory)
         if cfg.model.compile:
@@ -110,14 +114,8 @@ class Trainer:
             checkpointing = any(s.activations == "checkpoint" for s in self.plan.stages)
             net = torch.compile(net, dynamic=not checkpointing)
         # DeepSpeed keeps bf16/fp16 weights (no autocast); the network casts its input to them itself.
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        low = PRECISIONS.get(accelerator.mixed_precision)
         self.weight_dtype = low if self.deepspeed and low is not None else torch.float32
-        if self.deepspeed:
-            fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.plan,
-                                  accelerator.num_processes)
-        if self.zero3 and cfg.train.ema_decay:
-            raise ConfigError("train.ema_decay is not supported with DeepSpeed ZeRO-3 (each process holds only a "
-                              "slice of the weights); use ZeRO-2 or DDP, or set train.ema_decay=null")
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
         self.ema = EMA(self.network(), cfg.train.ema_decay) if cfg.train.ema_decay else None
 
@@ -139,32 +137,6 @@ class Trainer:
         if self.memory is not None:
             (self.run_dir / "memory_plan.txt").write_text(note + "\n", encoding="utf-8")
         return note
-
-    def _plan_memory(self) -> MemoryPlan | None:
-        """The memory plan (train/memory_plan.py), the same on every rank: the budget is the smallest of
-        all ranks', the main process calibrates and plans, and every rank gets its plan or its refusal
-        (a ConfigError on every rank, before any step: a failure on one rank alone would hang the others)."""
-        acc = self.acc
-        budget = budget_bytes(self.cfg.train.memory_gb, acc.device)
-        if budget is None:
-            return None
-        if acc.num_processes > 1:
-            budget = -self._reduce_max(-budget)
-        result: MemoryPlan | str | None = None
-        if acc.is_main_process:
-            zero_stage = acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None
-            try:
-                result = plan_for_run(self.cfg, self.plan, budget, acc.device, acc.mixed_precision,
-                                      acc.num_processes, zero_stage)
-            except Exception as err:  # a refusal, or a calibration that failed: every rank must hear of it
-                result = str(err) if isinstance(err, ConfigError) else f"memory calibration failed: {err!r}"
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            result = broadcast_object_list([result])[0]
-        if isinstance(result, str):
-            raise ConfigError(f"train.memory_gb: {result}")
-        return result
 
     # ------------------------------------------------------------------ state
 
