@@ -403,12 +403,13 @@ class _ShardReader:
         url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
         check_range(url, start, length, size)  # an open handle obeys the bounds that opening checks
         handle = self.handles.pop(shard, None)
-        if handle is not None:
-            handle.seek(start)
-        else:
+        reused = handle is not None
+        if not reused:
             handle = open_shard(url, start, length=length, size=size, sha256=self.catalog.sha256s[shard],
                                 settings=self.remote)
         try:
+            if reused:
+                handle.seek(start)
             data = handle.read(length)
         except BaseException:
             handle.close()
