@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import test_faults as faults  # noqa: E402
+from data_shards.remote import printable  # noqa: E402
 
 
 def pytest_node(*nodes: str) -> str:
@@ -45,7 +46,7 @@ def pytest_node(*nodes: str) -> str:
 def _shown(argument: str) -> str:
     """A command-line argument as the message table shows it: short, control characters escaped."""
     short = argument if len(argument) <= 60 else f"{argument[:40]}... ({len(argument)} characters)"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in short)
+    return printable(short)
 
 
 def main() -> int:

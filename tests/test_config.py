@@ -185,3 +185,12 @@ def test_no_on_the_command_line_is_the_setting_no_not_a_boolean():
     assert parse_yaml("a: yes\nb: off\nc: true\nd: False", "test") == {"a": "yes", "b": "off", "c": True, "d": False}
     with pytest.raises(ConfigError, match="expected true/false"):
         load_config(None, ["model.compile=yes"])
+
+
+def test_a_cache_subfolder_that_is_a_link_is_refused(tmp_path):
+    from data_shards.remote import CACHE_SUBFOLDER
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / CACHE_SUBFOLDER).symlink_to(tmp_path)  # eviction would delete in whatever it points at
+    with pytest.raises(ConfigError, match=f"data.cache_dir=.*/cache: .*/cache/{CACHE_SUBFOLDER} is a symbolic link"):
+        load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", "data.cache_limit_gb=1"])

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data_shards.remote import folder_overlap, settings_problem
+from data_shards.remote import cache_folder_problem, folder_overlap, printable, settings_problem
 from model import ARCH_FIELDS, SIZE_MULTIPLE, arch_problem, tiling_problem
 from train.safe_yaml import YAMLInputError, parse_yaml, read_yaml
 
@@ -288,7 +288,7 @@ def override_source(text: str) -> str:
     """How messages name an override: its text cut short (it may be a megabyte long), control
     characters escaped (the message stays one line)."""
     shown = text if len(text) <= 80 else f"{text[:60]} ... {text[-15:]}"
-    return "override '" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown) + "'"
+    return f"override '{printable(shown)}'"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -466,3 +466,6 @@ def _validate_remote(data: DataConfig, run_dir: Path) -> None:
         raise ConfigError(f"data.cache_dir={data.cache_dir} {overlap} the run folder {run_dir}: the cache deletes the "
                           "copies it evicts, and keeps its files apart from a run's; give it a folder of its own, "
                           "e.g. data.cache_dir=/local_ssd/shard_cache")
+    problem = data.cache_dir is not None and cache_folder_problem(data.cache_dir)
+    if problem:
+        raise ConfigError(f"data.cache_dir={data.cache_dir}: {problem}")
