@@ -730,7 +730,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("lr.warmup_iters=-1", "lr.warmup_iters must be >= 0"), ("loss.name=ssim", "loss.name='ssim'"),
         ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=replay", "'data.resume' (from override 'data.resume=replay') was removed: resume is always exact"),
         ("train.batch_rule=scale", "train.batch_rule='scale'"),
-        ("train.mixed_precision=fp8", "train.mixed_precision='fp8'"),
+        ("train.mixed_precision=fp8", "train.mixed_precision (from override 'train.mixed_precision=fp8'): expected no, "
+                                      "bf16, fp16 or null, got 'fp8'"),
         ("data.noise_sigma_range=[0,50]", "not both"), ("data.noise_sigma=-1", "data.noise_sigma must be >= 0"),
         ("val.every=0", "val.every must be >= 1"), ("train.ema_decay=1.5", "train.ema_decay must be in (0, 1)"),
         ("optim.grad_clip=0", "optim.grad_clip must be positive"),
@@ -1163,6 +1164,9 @@ def hostile_config_cases(scratch: Path) -> list[tuple[list[str], str]]:
         ("train.seed=" + "1" * 5000, "Exceeds the limit (4300 digits)"),
         ("optim.lr=.nan", "optim.lr=nan: numbers in a config are finite"), ("train.seed=-1", "train.seed=-1: numbers"),
         ("train.dist_timeout_s=99999999999999999999", "integers below 2**31"),
+        ("train.seed=" + "9" * 400, "train.seed=999999999999...9999 (400 digits): numbers in a config are finite"),
+        ("optim.lr=0x" + "f" * 400, "optim.lr (from override 'optim.lr=0xfff"),
+        ("train.memory_gb=0x" + "f" * 400, "444624164770...5375 (482 digits) is too large for a number"),
         ("data.num_workers=100000", "data.num_workers=100000 is outside [0, 256]"),
         ("optim.betas=[2, 3]", "optim.betas[0]=2.0 is outside"))]
     return [(["--print-config", *options], message) for options, message in cases]
