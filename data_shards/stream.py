@@ -58,7 +58,7 @@ from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
 from data_shards.index import DIGEST_BYTES, ShardIndex, sample_digest, sample_members, tar_samples
-from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, redact
+from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, printable, redact
 
 __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
            "global_batch_problem", "index_source", "noise_mismatch"]
@@ -508,7 +508,9 @@ class _BadSampleLog:
         where = f"shard {redact(url)}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
         # A ShardReadError names the shard itself (redacted); the rest of it is the cause.
         cause = error.reason if isinstance(error, ShardReadError) else error.args[0] if error.args else error
-        message = f"{where}: {type(error).__name__}: {cause}"
+        # Keys and causes come from untrusted bytes (a tar member's name, a decoder's complaint): one line,
+        # no terminal escapes.
+        message = printable(f"{where}: {type(error).__name__}: {cause}")
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1

@@ -35,7 +35,7 @@ from PIL import Image
 from conftest import (ROOT, TINY_NET_ARGS, TINY_RUN, accelerate_cmd, child_env, image_bomb, loopback_http,
                       pack_images, records, tiny_net)
 from model import read_state_dict
-from data_shards.index import MAX_INDEX_BYTES, ShardIndex, describe_shard
+from data_shards.index import MAX_INDEX_BYTES, MAX_SAMPLE_BYTES, ShardIndex, describe_shard
 from data_shards.remote import CACHE_SUBFOLDER, ShardCache
 from train import checkpoint as ckpt
 from train.config import load_config
@@ -950,6 +950,11 @@ def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
     def shard0(field, value):
         return lambda index: index["shards"][0].__setitem__(field, value)
 
+    def sample_over_limit(index):  # shard 0's last sample one byte longer than the largest pack writes
+        offsets = index["shards"][0]["offsets"]
+        offsets[-1] = offsets[-2] + MAX_SAMPLE_BYTES + 1
+        index["shards"][0]["bytes"] = offsets[-1]
+
     cases = {
         "list": ("[1, 2]", "the top level is a list of 2 items, not an object"),
         "null": ("null", "the top level is null, not an object"),
@@ -965,6 +970,14 @@ def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
         "past_the_end": (edited(shard0("bytes", 100)), "past the shard's 100 bytes"),
         "short_keys": (edited(lambda index: index["shards"][0]["keys"].pop()), "shards[0].keys must be a list of 2 items, got a list of 1 item"),
         "bad_digest": (edited(lambda index: index["shards"][0]["blake3"].__setitem__(0, "zz")), "of 32 hex digits"),
+        "sample_over_limit": (edited(sample_over_limit), f"a sample takes 1 to {MAX_SAMPLE_BYTES} bytes"),
+        "escape_key": (edited(lambda index: index["shards"][0]["keys"].__setitem__(0, "\x1b[2J")),
+                       'shards[0].keys[0] must be printable text of 1 to 255 characters, got a string "\\u001b[2J"'),
+        "long_key": (edited(lambda index: index["shards"][0]["keys"].__setitem__(1, "k" * 256)),
+                     "shards[0].keys[1] must be printable text of 1 to 255 characters"),
+        "split_newline": (edited(lambda index: index.update(split="train\nfake")), "split must be printable text"),
+        "command_escape": (edited(lambda index: index.update(command="\x1b]0;owned\x07")),
+                           "command must be printable text of any length"),
         "deep": ("[" * 100_000, "not a valid shard index (RecursionError"),
         "many_digits": ('{"a": 1' + "0" * 5000 + "}", "not a valid shard index (ValueError: Exceeds the limit"),
         "binary": (b"\xff\xfe\x00garbage", "not UTF-8"),
