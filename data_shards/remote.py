@@ -759,7 +759,6 @@ class ShardCache:
                 tmp.write_text("".join(f"{name}\n" for name in sorted(owned)), encoding="utf-8")
                 os.replace(tmp, manifest)
 
-
     def _read_manifest(self, manifest: Path) -> set[str]:
         """The copy names listed in `manifest`: only names path_for gives, so that no damaged or hostile
         line (`../../run/config.yaml`, an absolute path) can make eviction delete outside the folder."""
