@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import test_faults as faults  # noqa: E402
+from data_shards.remote import printable  # noqa: E402
 
 
 def pytest_node(*nodes: str) -> str:
@@ -45,7 +46,7 @@ def pytest_node(*nodes: str) -> str:
 def _shown(argument: str) -> str:
     """A command-line argument as the message table shows it: short, control characters escaped."""
     short = argument if len(argument) <= 60 else f"{argument[:40]}... ({len(argument)} characters)"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in short)
+    return printable(short)
 
 
 def main() -> int:
@@ -136,6 +137,9 @@ def main() -> int:
          "--resume auto heals on both", lambda w: faults.scenario_damage_seen_by_one_rank(data, w)),
         ("checkpoint without manifest (older version)", "resumed with a warning that it is unverified",
          lambda w: faults.scenario_checkpoint_without_manifest(data, w, base)),
+        ("hostile trainer_state.json: valid JSON with wrong types or a missing key (hash recomputed, or no manifest)",
+         "--resume PATH refused naming file and key (exit 2); --resume auto passes over it",
+         lambda w: pytest_node("tests/test_checkpoint_files.py::test_a_state_file_with_wrong_types_is_refused_naming_the_key")),
         ("two runs started on one run folder", "the second exits 2 naming host/pid/start of the first, which "
          "is unharmed; a dead holder's lock is taken over", lambda w: faults.scenario_two_runs_one_folder(data, w)),
         ("DeepSpeed ZeRO-2 resume 2 -> 1 and 1 -> 2 processes", "refused before the model is built, naming both "
@@ -149,13 +153,18 @@ def main() -> int:
         *[(f"lying http server for one shard: {what}", "the read fails after data.retries and the shard's samples "
            "are skipped and named (a 200: its head discarded, nothing skipped); no wrong byte trained",
            lambda w, lie=lie: faults.scenario_lying_server(data, w, lie)) for lie, what in faults.LIES.items()],
-        ("hostile index.json (types, missing fields, 10^12 offset, deep nesting, 1 GiB, binary)",
-         "exit 2, one line naming the field", hostile("index")),
+        ("hostile index.json (types, missing fields, 10^12 offset, a sample over the bound, terminal escapes or 256 "
+         "characters in keys, split, command; deep nesting, 1 GiB, binary)", "exit 2, one line naming the field",
+         hostile("index")),
         ("index entries listed twice or escaping the split ('../', absolute, URL)", "exit 2, one line naming the "
          "entry", hostile("escaping")),
         ("data.cache_dir = the run folder, inside it, or holding it", "exit 2 before any work", hostile("cache")),
         ("foreign files in data.cache_dir (remote shards, eviction)", "only the cache's own copies are deleted",
          lambda w: faults.scenario_foreign_files_in_cache(data, w)),
+        ("hostile cache manifest.txt (../ and absolute names, a link) or cache subfolder (a link)", "the names and "
+         "the linked manifest ignored with a warning, nothing outside the cache deleted; the linked folder refused",
+         lambda w: pytest_node("tests/test_remote.py::test_a_manifest_naming_files_outside_the_cache_deletes_none_of_them",
+                               "tests/test_remote.py::test_a_linked_manifest_is_ignored_and_a_linked_cache_folder_refused")),
         ("every bad config value", "exit 2, message names the key and the fix", bad_inputs("config")),
         ("every bad restormer-pack argument", "exit 2, message names the problem", bad_inputs("pack")),
         # Hostile inputs of issue 28: a named skip or one line of error, never a traceback or a blown memory.

@@ -26,15 +26,22 @@ from pathlib import Path
 import blake3
 import numpy as np
 
+from data_shards.codec import MAX_PIXELS
 from data_shards.remote import RemoteSettings, read_bytes, redact
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 # An index is read whole into memory: about 80 bytes per sample, so this admits ~10^7 samples.
 MAX_INDEX_BYTES = 1 << 30
-# One sample is read whole into memory: a range larger than this in an index is refused, so no index
-# can make a reader allocate more.
-MAX_SAMPLE_BYTES = 1 << 31
+# One sample is read whole into memory before its digest is checked, so an index range is at most the
+# largest sample pack writes, and no index can make a loader worker allocate more. An image is at most
+# MAX_PIXELS of 16-bit RGB: 6 bytes per pixel as npy (plus a 128-byte header) or PNG, whose rows add a
+# filter byte each (at most one per pixel, for a one-pixel-wide image) and whose deflate stream adds
+# under 0.01% for data it cannot compress. A sample holds a target and up to two inputs (dual-pixel)
+# that large, plus a JSON member and tar headers (64 KiB is ample); pack refuses a larger one.
+MAX_IMAGE_BYTES = 7 * MAX_PIXELS + MAX_PIXELS // 1024
+MAX_SAMPLE_BYTES = 3 * MAX_IMAGE_BYTES + (64 << 10)  # 1.31 GiB
+MAX_NAME_CHARS = 255  # a key, the split's name, the version: printable, at most this long
 DIGEST_BYTES = 16  # BLAKE3 output per sample: 128 bits, 32 hex characters in the index
 REINDEX = "python -m data_shards.index {folder}"
 
@@ -327,10 +334,23 @@ def _ints(values: list, path: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _strs(values: list, path: str) -> tuple[str, ...]:
-    if not set(map(type, values)) <= {str}:
+def _text(value, path: str, longest: int | None = MAX_NAME_CHARS, shortest: int = 1) -> str:
+    """Text that messages and logs may show as it is: printable (no newline, no terminal escape), of
+    `shortest` to `longest` characters (None: any length)."""
+    if not (isinstance(value, str) and value.isprintable()
+            and shortest <= len(value) <= (len(value) if longest is None else longest)):
+        size = f"{shortest} to {longest} characters" if longest is not None else "any length"
+        raise ValueError(f"{path} must be printable text of {size}, got {_kind(value)}")
+    return value
+
+
+def _names(values: list, path: str) -> tuple[str, ...]:
+    """Per-sample keys by _text's rule: millions of them, checked in bulk."""
+    lengths = [len(value) for value in values] if set(map(type, values)) <= {str} else None
+    if lengths is None or values and not (min(lengths) > 0 and max(lengths) <= MAX_NAME_CHARS
+                                          and "".join(values).isprintable()):
         for i, value in enumerate(values):
-            _str(value, f"{path}[{i}]")
+            _text(value, f"{path}[{i}]")
     return tuple(values)
 
 
@@ -396,13 +416,14 @@ def _parse_index(data, where: str) -> dict:
     inputs = tuple(_str(v, f"{where}: inputs[{i}]", _INPUT_NAME, " like 'input' or 'input_left'")
                    for i, v in enumerate(_list(data["inputs"], f"{where}: inputs")))
     return {
-        "split": _str(data["split"], f"{where}: split"), "shards": shards, "total_samples": total,
+        "split": _text(data["split"], f"{where}: split"), "shards": shards, "total_samples": total,
         "inputs": inputs, "channels": _int(data["channels"], f"{where}: channels", 0, 4), "bit_depths": bit_depths,
         "format": _str(data["format"], f"{where}: format", _FORMAT, " 'png' or 'npy'"),
         **{name: _size(data[name], f"{where}: {name}") for name in ("min_size", "median_size", "max_size")},
         "source_images": _int(data["source_images"], f"{where}: source_images"),
         **{name: None if data[name] is None else _int(data[name], f"{where}: {name}", 1) for name in ("tile", "stride")},
-        "command": _str(data["command"], f"{where}: command"), "version": _str(data["version"], f"{where}: version"),
+        "command": _text(data["command"], f"{where}: command", longest=None, shortest=0),
+        "version": _text(data["version"], f"{where}: version"),
     }
 
 
@@ -426,7 +447,7 @@ def _parse_shard(data, where: str) -> ShardInfo:
                          f"{MAX_SAMPLE_BYTES} bytes, in increasing order")
     if offsets[-1] > size:
         raise ValueError(f"{where}: the samples end at byte {offsets[-1]}, past the shard's {size} bytes")
-    keys = _strs(_list(data["keys"], f"{where}.keys", samples), f"{where}.keys")
+    keys = _names(_list(data["keys"], f"{where}.keys", samples), f"{where}.keys")
     digests = _digests(_list(data["blake3"], f"{where}.blake3", samples), f"{where}.blake3")
     return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, offsets=offsets, keys=keys, blake3=digests)
 

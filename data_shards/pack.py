@@ -17,6 +17,7 @@ import random
 import shlex
 import statistics
 import sys
+import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ from tqdm import tqdm
 from data_shards.codec import (MAX_PIXELS, ImageError, PixelLimitError, check_pixels, encode_npy, encode_png,
                                read_image, to_channels)
 from data_shards.geometry import tile_positions
-from data_shards.index import INDEX_NAME, ShardIndex
+from data_shards.index import INDEX_NAME, MAX_NAME_CHARS, MAX_SAMPLE_BYTES, ShardIndex
+from data_shards.remote import printable
 from data_shards.sources import SampleSpec, Scan, SourceError, read_manifest, scan_clean, scan_paired
-from data_shards.tar_writer import ShardWriter
+from data_shards.tar_writer import ShardWriter, tar_size
 
 TRAIN = "train"
 
@@ -299,10 +301,18 @@ def _load_sample(task: tuple[SampleSpec, PackConfig, int | None]) -> _Loaded:
         for y in ys:
             for x in xs:
                 key = f"{spec.key}-tile{y}x{x}" if tile else spec.key
+                if len(key) > MAX_NAME_CHARS:
+                    raise ImageError(f"its key is {len(key)} characters long, over the index's {MAX_NAME_CHARS}: "
+                                     "shorten the folder names (or give a manifest with a key column)")
                 meta = {"source": spec.source, "tile": [y, x] if tile else None}
                 members = [(f"{member}.{config.format}", _encode(array[y:y + h, x:x + w], config))
                            for member, array in arrays.items()]
                 members.append(("json", json.dumps(meta, sort_keys=True).encode()))
+                # Each member may also get a PAX header for its long name: a header and a record block.
+                size = tar_size(members) + 2 * tarfile.BLOCKSIZE * len(members)
+                if size > MAX_SAMPLE_BYTES:
+                    raise ImageError(f"a sample of {size:,} bytes is over the {MAX_SAMPLE_BYTES:,} that the index "
+                                     "admits (a target and two inputs at the pixel limit): use a smaller --tile")
                 loaded.items.append((key, members, (h, w)))
     except PixelLimitError as err:
         loaded.items.clear()
@@ -495,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=args.val_fraction, split=args.split, seed=args.seed, strict=args.strict,
         max_pixels=args.max_pixels, overwrite=args.overwrite,
         progress=not args.no_progress,
-        command=shlex.join(["restormer-pack", *(sys.argv[1:] if argv is None else argv)]),
+        command=printable(shlex.join(["restormer-pack", *(sys.argv[1:] if argv is None else argv)])),
     )
     try:
         report = pack(config)

@@ -49,6 +49,7 @@ import random
 import re
 import select
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -62,8 +63,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-__all__ = ["CACHE_SUBFOLDER", "RemoteSettings", "ShardCache", "ShardReadError", "check_range", "folder_overlap",
-           "open_shard", "read_bytes", "redact", "settings_problem"]
+__all__ = ["CACHE_SUBFOLDER", "RemoteSettings", "ShardCache", "ShardReadError", "cache_folder_problem", "check_range",
+           "folder_overlap", "open_shard", "printable", "read_bytes", "redact", "settings_problem"]
 
 _CHUNK = 1 << 20
 _MAX_PAUSE_S = 30.0
@@ -119,6 +120,18 @@ def folder_overlap(cache_dir: str | Path, folder: str | Path) -> str | None:
         return "is inside"
     if cache in other.parents:
         return "holds"
+    return None
+
+
+def cache_folder_problem(cache_dir: str | Path) -> str | None:
+    """Why cache_dir's CACHE_SUBFOLDER cannot be the cache's own folder, or None. Eviction deletes inside
+    it, so it must be a real folder (the cache creates it), not a link to somewhere else."""
+    folder = Path(cache_dir) / CACHE_SUBFOLDER
+    if folder.is_symlink():
+        return (f"{folder} is a symbolic link: the cache deletes the copies it evicts in that folder, so it keeps "
+                "them only in a folder of its own; remove the link (the cache creates the folder)")
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a folder: the cache keeps its copies in a folder of that name; move the file away"
     return None
 
 
@@ -206,6 +219,12 @@ def redact(text: str) -> str:
     text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}***", text)
     text = _AUTH_HEADER.sub(lambda m: f"{m['name']}***", text)
     return _USER_OPTION.sub(lambda m: f"{m['name']}***", text)
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (newlines, terminal escapes) escaped, as Python writes them:
+    untrusted text (a key from a shard, a name from a file) shown in one line that cannot restyle a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ------------------------------------------------------------------ local files
@@ -588,6 +607,9 @@ class ShardCache:
       that the manifest does not list is never deleted or overwritten (the shard is then streamed,
       not kept). Besides listed copies it deletes only its own temporary files (.tmp-PID-THREAD-NAME)
       left for an hour by a dead process. Other files in cache_dir or the subfolder are left alone.
+      The manifest is not trusted either: a name in it that is not one path_for gives (an absolute
+      path, `../`, any separator) is ignored with a warning, and so is a manifest that is a symbolic
+      link or not a regular file; a subfolder that is a symbolic link is refused (cache_folder_problem).
     - A miss downloads the whole shard (through the retrying reader) to a temporary file in the
       subfolder, checks its size and sha256 against the index's when given, and renames it into
       place: readers only ever see complete files. One process per host downloads a given shard
@@ -609,7 +631,9 @@ class ShardCache:
     """
 
     _STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a dead process
-    _TMP = re.compile(r"\.tmp-(\d+-\d+-[0-9a-f]{24}-[A-Za-z0-9._-]*|manifest-\d+-\d+)")
+    _HASH_CHARS, _TAIL_CHARS = 24, 80  # a copy's name: this much of the URL's sha256, a dash, the URL's tail
+    _COPY = re.compile(rf"[0-9a-f]{{{_HASH_CHARS}}}-[A-Za-z0-9._-]{{0,{_TAIL_CHARS}}}")  # every name path_for gives
+    _TMP = re.compile(rf"\.tmp-(\d+-\d+-{_COPY.pattern}|manifest-\d+-\d+)")
     MANIFEST = "manifest.txt"
 
     def __init__(self, settings: RemoteSettings):
@@ -621,10 +645,13 @@ class ShardCache:
 
     def path_for(self, url: str) -> Path:
         stable = _USERINFO.sub(lambda m: m["scheme"], url).split("?", 1)[0]
-        tail = re.sub(r"[^A-Za-z0-9._-]", "_", stable.rstrip("/").rsplit("/", 1)[-1])[-80:]
-        return self.folder / f"{hashlib.sha256(stable.encode()).hexdigest()[:24]}-{tail}"
+        tail = re.sub(r"[^A-Za-z0-9._-]", "_", stable.rstrip("/").rsplit("/", 1)[-1])[-self._TAIL_CHARS:]
+        return self.folder / f"{hashlib.sha256(stable.encode()).hexdigest()[:self._HASH_CHARS]}-{tail}"
 
     def open(self, url: str, offset: int = 0, *, size: int | None = None, sha256: str | None = None) -> BinaryIO:
+        problem = cache_folder_problem(self.settings.cache_dir)
+        if problem:
+            raise ShardReadError(url, problem)
         path = self.path_for(url)
         stream = self._hit(url, path, offset, size, sha256)
         if stream is not None:
@@ -724,16 +751,41 @@ class ShardCache:
         manifest = self.folder / self.MANIFEST
         with open(self.folder / f".lock-{self.MANIFEST}", "ab") as lock:
             _flock(lock)
-            try:
-                owned = set(manifest.read_text(encoding="utf-8").split())
-            except FileNotFoundError:
-                owned = set()
+            owned = self._read_manifest(manifest)
             before = set(owned)
             yield owned
             if owned != before:
                 tmp = manifest.with_name(f".tmp-manifest-{os.getpid()}-{threading.get_ident()}")
                 tmp.write_text("".join(f"{name}\n" for name in sorted(owned)), encoding="utf-8")
                 os.replace(tmp, manifest)
+
+    def _read_manifest(self, manifest: Path) -> set[str]:
+        """The copy names listed in `manifest`: only names path_for gives, so that no damaged or hostile
+        line (`../../run/config.yaml`, an absolute path) can make eviction delete outside the folder."""
+        def ignored(what: str) -> set[str]:
+            warnings.warn(f"{manifest} is {what}, not the file the cache writes: ignored (the copies it lists are "
+                          "left alone; a regular file replaces it at the next change)", stacklevel=4)
+            return set()
+
+        try:  # not followed: a link's target is not the cache's; non-blocking: a FIFO must not hang the reader
+            fd = os.open(manifest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return set()
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            return ignored("a symbolic link")
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ignored("not a regular file")
+            names = handle.read().decode("utf-8", errors="replace").split()
+        owned = {name for name in names if self._COPY.fullmatch(name)}
+        foreign = [name for name in names if name not in owned]
+        if foreign:
+            warnings.warn(f"{manifest}: ignored {len(foreign)} name(s) that the cache never gives a copy, e.g. "
+                          f"'{printable(foreign[0][:100])}' (damaged or edited): the files they name are left alone",
+                          stacklevel=4)
+        return owned
 
 
 _VERIFIED: set[tuple[int, int, int, str]] = set()  # (device, inode, size, sha256) this process has hashed

@@ -58,7 +58,7 @@ from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
 from data_shards.index import DIGEST_BYTES, ShardIndex, sample_digest, sample_members, tar_samples
-from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, redact
+from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, printable, redact
 
 __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
            "global_batch_problem", "index_source", "noise_mismatch"]
@@ -403,12 +403,13 @@ class _ShardReader:
         url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
         check_range(url, start, length, size)  # an open handle obeys the bounds that opening checks
         handle = self.handles.pop(shard, None)
-        if handle is not None:
-            handle.seek(start)
-        else:
+        reused = handle is not None
+        if not reused:
             handle = open_shard(url, start, length=length, size=size, sha256=self.catalog.sha256s[shard],
                                 settings=self.remote)
         try:
+            if reused:
+                handle.seek(start)
             data = handle.read(length)
         except BaseException:
             handle.close()
@@ -507,7 +508,9 @@ class _BadSampleLog:
         where = f"shard {redact(url)}" + (f" {detail}" if detail else "") + (f", key {key}" if key else "")
         # A ShardReadError names the shard itself (redacted); the rest of it is the cause.
         cause = error.reason if isinstance(error, ShardReadError) else error.args[0] if error.args else error
-        message = f"{where}: {type(error).__name__}: {cause}"
+        # Keys and causes come from untrusted bytes (a tar member's name, a decoder's complaint): one line,
+        # no terminal escapes.
+        message = printable(f"{where}: {type(error).__name__}: {cause}")
         if self.strict:
             raise BadSampleError(f"{message} (strict mode; check the shards with `restormer-verify`)") from error
         self.count += 1

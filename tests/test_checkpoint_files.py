@@ -21,6 +21,7 @@ from train.checkpoint import (
     read_state, seal, verify, write_json_atomic,
 )
 from train.run_lock import LOCK_FILE, RunLock, RunLockedError
+from train.state import TrainState
 
 
 def make(root, step, sealed=True, complete=True, ranks=2):
@@ -34,7 +35,7 @@ def make(root, step, sealed=True, complete=True, ranks=2):
         torch.save({"step": step, "rank": rank, "torch": torch.ones(64, dtype=torch.uint8)},
                    path / f"random_states_{rank}.pkl")
     (path / CONFIG_FILE).write_text("model: {dim: 8}\n")
-    state = {"step": step, "best_metric": 21.5, "world_size": ranks}
+    state = TrainState(step=step, best_metric=21.5).state_dict(stage=0, world_size=ranks)
     if complete:
         (seal if sealed else lambda p, s: write_json_atomic(p / STATE_FILE, s))(path, state)
     return path
@@ -137,6 +138,39 @@ def test_resume_path_refuses_a_damaged_state_file_in_the_same_form(tmp_path):
     flip(path, STATE_FILE)  # a byte of the JSON text becomes >= 0x80: not UTF-8 any more
     with pytest.raises(CheckpointError, match=r"--resume .*: refused, trainer_state.json: unreadable \(UnicodeDecode"):
         refuse_unmappable_resume(str(path), Config(), 1)
+
+
+WRONG_STATES = {  # trainer_state.json well-formed, with a field of the wrong type or range, or missing
+    "step a string": (lambda state: state.update(step="x"), 'step must be an integer in [0, 2**63), got "x"'),
+    "world_size 0": (lambda state: state.update(world_size=0), "world_size must be an integer in [1, 2**63), got 0"),
+    "run_id missing": (lambda state: state.pop("run_id"), "missing run_id"),
+    "data a list": (lambda state: state.update(data=[1]), "data must be an object, got [1]"),
+    "position negative": (lambda state: state["data"].update(position=-8), "data.position must be an integer in [0"),
+    "best_metric text": (lambda state: state.update(best_metric="high"), 'best_metric must be a number or null, got "high"'),
+    "run_id escapes": (lambda state: state.update(run_id="\x1b[2J"), 'run_id must be a W&B run id'),
+}
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["hash-recomputed", "no-manifest"])
+@pytest.mark.parametrize("wrong", WRONG_STATES, ids=list(WRONG_STATES))
+def test_a_state_file_with_wrong_types_is_refused_naming_the_key(tmp_path, wrong, sealed):
+    """A hand-edited trainer_state.json (its hash recomputed, or its manifest dropped as an older version's
+    file has none): one CheckpointError naming file and key, before anything reads the field; --resume auto
+    passes over it, --resume PATH refuses it in train/main.py before any process starts."""
+    from train.config import Config
+    from train.main import refuse_unmappable_resume
+
+    older, path = make(tmp_path, 2), make(tmp_path, 3)
+    state = {k: v for k, v in json.loads((path / STATE_FILE).read_text(encoding="utf-8")).items() if k != "manifest"}
+    change, message = WRONG_STATES[wrong]
+    change(state)
+    (path / STATE_FILE).unlink()
+    (seal if sealed else lambda p, s: write_json_atomic(p / STATE_FILE, s))(path, state)
+    expected = re.escape(f"{STATE_FILE}: {message}")
+    with pytest.raises(CheckpointError, match=rf"--resume {re.escape(str(path))}: refused, {expected}"):
+        refuse_unmappable_resume(str(path), Config(), 1)
+    choice = choose("auto", [older, path], lambda p: verify(p, 0))
+    assert choice.path == older and re.match(expected, choice.rejected[0][1])
 
 
 def test_a_checkpoint_without_manifest_is_accepted_unverified(tmp_path):

@@ -58,6 +58,12 @@ def test_dotted_overrides_are_typed():
         ("model.dim=15", "dim 15 must be even"),
         ("model.num_blocks=[0,1,1,1]", "num_blocks [0, 1, 1, 1]: every level needs a transformer block"),
         ("model.ffn_expansion_factor=2.2", "read the expansion factor as 2.1875 and would build [35, 70, 140, 280]"),
+        ("train.memory_gb=1e300", "train.memory_gb=1e+300 is outside [0, 1048576]"),
+        ("train.memory_gb=abc", "train.memory_gb (from override 'train.memory_gb=abc'): expected a number, auto or null, "
+                                "got 'abc'"),
+        ("val.tile=abc", "expected an integer or null, got 'abc'"),
+        ("model.num_blocks=[1, a, 1, 1]", "model.num_blocks[1] (from override 'model.num_blocks=[1, a, 1, 1]'): expected an "
+                                          "integer, got 'a'"),  # a bad item of a list | None: the item is named
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
@@ -185,3 +191,31 @@ def test_no_on_the_command_line_is_the_setting_no_not_a_boolean():
     assert parse_yaml("a: yes\nb: off\nc: true\nd: False", "test") == {"a": "yes", "b": "off", "c": True, "d": False}
     with pytest.raises(ConfigError, match="expected true/false"):
         load_config(None, ["model.compile=yes"])
+
+
+def test_a_cache_subfolder_that_is_a_link_is_refused(tmp_path):
+    from data_shards.remote import CACHE_SUBFOLDER
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / CACHE_SUBFOLDER).symlink_to(tmp_path)  # eviction would delete in whatever it points at
+    with pytest.raises(ConfigError, match=f"data.cache_dir=.*/cache: .*/cache/{CACHE_SUBFOLDER} is a symbolic link"):
+        load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", "data.cache_limit_gb=1"])
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "seed", 10**400, "train.seed=100000000000...0000 (401 digits): numbers in a config are finite and >= 0"),
+    ("optim", "lr", 16**400, "optim.lr (from run/config.yaml): 444624164770...5376 (482 digits) is too large"),
+    ("train", "memory_gb", 16**400, "train.memory_gb (from run/config.yaml): 444624164770...5376 (482 digits) is too"),
+], ids=["seed", "lr", "memory_gb"])
+def test_numbers_too_large_for_a_float_are_config_errors(section, key, value, message):
+    """Integers of hundreds of digits (a YAML hex literal, a damaged checkpoint's config.yaml): compared as
+    integers, never converted to an overflowing float."""
+    saved = load_config().to_dict()
+    saved[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(saved, "run/config.yaml")
+
+
+def test_a_cache_limit_beyond_any_disk_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("data.cache_limit_gb=1e+300 is outside [0, 1000000]")):
+        load_config(None, ["data.cache_dir=/tmp/shard_cache", "data.cache_limit_gb=1e300"])

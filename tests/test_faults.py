@@ -35,7 +35,7 @@ from PIL import Image
 from conftest import (ROOT, TINY_NET_ARGS, TINY_RUN, accelerate_cmd, child_env, image_bomb, loopback_http,
                       pack_images, records, tiny_net)
 from model import read_state_dict
-from data_shards.index import MAX_INDEX_BYTES, ShardIndex, describe_shard
+from data_shards.index import MAX_INDEX_BYTES, MAX_SAMPLE_BYTES, ShardIndex, describe_shard
 from data_shards.remote import CACHE_SUBFOLDER, ShardCache
 from train import checkpoint as ckpt
 from train.config import load_config
@@ -730,7 +730,8 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
         ("lr.warmup_iters=-1", "lr.warmup_iters must be >= 0"), ("loss.name=ssim", "loss.name='ssim'"),
         ("tracking.wandb=maybe", "tracking.wandb='maybe'"), ("data.resume=replay", "'data.resume' (from override 'data.resume=replay') was removed: resume is always exact"),
         ("train.batch_rule=scale", "train.batch_rule='scale'"),
-        ("train.mixed_precision=fp8", "train.mixed_precision='fp8'"),
+        ("train.mixed_precision=fp8", "train.mixed_precision (from override 'train.mixed_precision=fp8'): expected no, "
+                                      "bf16, fp16 or null, got 'fp8'"),
         ("data.noise_sigma_range=[0,50]", "not both"), ("data.noise_sigma=-1", "data.noise_sigma must be >= 0"),
         ("val.every=0", "val.every must be >= 1"), ("train.ema_decay=1.5", "train.ema_decay must be in (0, 1)"),
         ("optim.grad_clip=0", "optim.grad_clip must be positive"),
@@ -949,6 +950,11 @@ def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
     def shard0(field, value):
         return lambda index: index["shards"][0].__setitem__(field, value)
 
+    def sample_over_limit(index):  # shard 0's last sample one byte longer than the largest pack writes
+        offsets = index["shards"][0]["offsets"]
+        offsets[-1] = offsets[-2] + MAX_SAMPLE_BYTES + 1
+        index["shards"][0]["bytes"] = offsets[-1]
+
     cases = {
         "list": ("[1, 2]", "the top level is a list of 2 items, not an object"),
         "null": ("null", "the top level is null, not an object"),
@@ -964,6 +970,14 @@ def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
         "past_the_end": (edited(shard0("bytes", 100)), "past the shard's 100 bytes"),
         "short_keys": (edited(lambda index: index["shards"][0]["keys"].pop()), "shards[0].keys must be a list of 2 items, got a list of 1 item"),
         "bad_digest": (edited(lambda index: index["shards"][0]["blake3"].__setitem__(0, "zz")), "of 32 hex digits"),
+        "sample_over_limit": (edited(sample_over_limit), f"a sample takes 1 to {MAX_SAMPLE_BYTES} bytes"),
+        "escape_key": (edited(lambda index: index["shards"][0]["keys"].__setitem__(0, "\x1b[2J")),
+                       'shards[0].keys[0] must be printable text of 1 to 255 characters, got a string "\\u001b[2J"'),
+        "long_key": (edited(lambda index: index["shards"][0]["keys"].__setitem__(1, "k" * 256)),
+                     "shards[0].keys[1] must be printable text of 1 to 255 characters"),
+        "split_newline": (edited(lambda index: index.update(split="train\nfake")), "split must be printable text"),
+        "command_escape": (edited(lambda index: index.update(command="\x1b]0;owned\x07")),
+                           "command must be printable text of any length"),
         "deep": ("[" * 100_000, "not a valid shard index (RecursionError"),
         "many_digits": ('{"a": 1' + "0" * 5000 + "}", "not a valid shard index (ValueError: Exceeds the limit"),
         "binary": (b"\xff\xfe\x00garbage", "not UTF-8"),
@@ -1163,6 +1177,9 @@ def hostile_config_cases(scratch: Path) -> list[tuple[list[str], str]]:
         ("train.seed=" + "1" * 5000, "Exceeds the limit (4300 digits)"),
         ("optim.lr=.nan", "optim.lr=nan: numbers in a config are finite"), ("train.seed=-1", "train.seed=-1: numbers"),
         ("train.dist_timeout_s=99999999999999999999", "integers below 2**31"),
+        ("train.seed=" + "9" * 400, "train.seed=999999999999...9999 (400 digits): numbers in a config are finite"),
+        ("optim.lr=0x" + "f" * 400, "optim.lr (from override 'optim.lr=0xfff"),
+        ("train.memory_gb=0x" + "f" * 400, "444624164770...5375 (482 digits) is too large for a number"),
         ("data.num_workers=100000", "data.num_workers=100000 is outside [0, 256]"),
         ("optim.betas=[2, 3]", "optim.betas[0]=2.0 is outside"))]
     return [(["--print-config", *options], message) for options, message in cases]

@@ -216,6 +216,32 @@ def test_max_pixels_reads_larger_images_that_tiles_keep_within_the_stream_limit(
     assert ShardIndex.load(tmp_path / "o3" / "train").max_size == (32, 32)
 
 
+def test_samples_an_index_would_refuse_are_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    """A key longer than an index admits, or a sample larger than an index range may be: skipped and
+    listed at pack time, never packed into an index that the stream then refuses."""
+    _photos(tmp_path / "src", count=2)
+    deep = f"{'d' * 200}/{'e' * 60}/img9"
+    _save(tmp_path / "src" / f"{deep}.png", np.zeros((40, 56, 3), np.uint8))
+    assert _run(tmp_path / "src", "--out", tmp_path / "long") == 0
+    out = capsys.readouterr().out
+    assert "skipped 1:" in out and f"img9.png: its key is {len(deep)} characters long, over the index's 255" in out
+    _photos(tmp_path / "sizes", count=1, size=(8, 8))
+    _save(tmp_path / "sizes" / "big.png", np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    monkeypatch.setattr(pack_module, "MAX_SAMPLE_BYTES", 6000)  # an 8x8 sample takes 4096 bytes, the 40x56 one more
+    assert _run(tmp_path / "sizes", "--out", tmp_path / "sizes_out") == 0
+    out = capsys.readouterr().out
+    assert "skipped 1:" in out and re.search(r"big.png: a sample of [\d,]+ bytes is over the 6,000 that the index", out)
+    assert ShardIndex.load(tmp_path / "sizes_out" / "train").total_samples == 1
+
+
+def test_the_command_in_the_index_is_printable(tmp_path):
+    """The index records the pack command; a path with a newline in it is recorded escaped."""
+    _photos(tmp_path / "src", count=1)
+    assert _run(tmp_path / "src", "--out", tmp_path / "out\nsecond line") == 0
+    command = ShardIndex.load(tmp_path / "out\nsecond line" / "train").command
+    assert command.isprintable() and "out\\nsecond line" in command
+
+
 def test_refuses_bad_output_and_empty_input(tmp_path, capsys):
     _photos(tmp_path / "src", count=2)
     (tmp_path / "empty").mkdir()

@@ -527,6 +527,55 @@ def test_the_cache_deletes_only_what_it_wrote(http, tmp_path):
     assert (_own(tmp_path) / ShardCache.MANIFEST).read_text(encoding="utf-8").split() == [mine.path_for(f"{base}/b.tar").name]
 
 
+def test_a_manifest_naming_files_outside_the_cache_deletes_none_of_them(http, tmp_path):
+    """A damaged or hostile manifest.txt: names that path_for never gives (absolute, ../, a separator)
+    are ignored with a warning, so eviction cannot reach the run folder or any other file."""
+    base, plan = http
+    for name in "ab":
+        plan.files[f"/{name}.tar"] = DATA
+    settings = _cached(tmp_path, limit=int(1.5 * len(DATA)))
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = {run / "config.yaml": b"run_name: live\n", tmp_path / "absolute.tar": DATA}
+    for path, content in outside.items():
+        path.write_bytes(content)
+        os.utime(path, (1, 1))  # the oldest files listed: first in line for eviction
+    _own(tmp_path).mkdir(parents=True)
+    (_own(tmp_path) / ShardCache.MANIFEST).write_text(f"../../run/config.yaml\n{tmp_path / 'absolute.tar'}\n",
+                                                      encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"ignored 2 name\(s\) that the cache never gives a copy, e.g. '\.\./\.\./run"):
+        for name in "ab":  # the second download evicts
+            assert _read(f"{base}/{name}.tar", settings=settings) == DATA
+    assert all(path.read_bytes() == content for path, content in outside.items())
+    listed = (_own(tmp_path) / ShardCache.MANIFEST).read_text(encoding="utf-8").split()
+    assert listed == [ShardCache(settings).path_for(f"{base}/b.tar").name]
+
+
+def test_a_linked_manifest_is_ignored_and_a_linked_cache_folder_refused(http, tmp_path):
+    base, _ = http
+    settings = _cached(tmp_path, limit=int(1.5 * len(DATA)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    foreign = _own(tmp_path) / f"{'0' * 24}-foreign.tar"  # named like a copy, not written by the cache
+    listing = elsewhere / "names.txt"
+    listing.write_text(f"{foreign.name}\n", encoding="utf-8")
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(DATA)
+    os.utime(foreign, (1, 1))
+    (_own(tmp_path) / ShardCache.MANIFEST).symlink_to(listing)
+    with pytest.warns(UserWarning, match="manifest.txt is a symbolic link, not the file the cache writes: ignored"):
+        assert _read(f"{base}/shard.tar", settings=settings) == DATA
+    assert foreign.read_bytes() == DATA and listing.read_text(encoding="utf-8") == f"{foreign.name}\n"
+    assert not (_own(tmp_path) / ShardCache.MANIFEST).is_symlink()  # replaced by the cache's own
+    for path in _own(tmp_path).iterdir():
+        path.unlink()
+    _own(tmp_path).rmdir()
+    _own(tmp_path).symlink_to(elsewhere)  # eviction would delete inside `elsewhere`
+    with pytest.raises(ShardReadError, match=f"{CACHE_SUBFOLDER} is a symbolic link: the cache deletes the copies"):
+        _read(f"{base}/shard.tar", settings=settings)
+    assert sorted(elsewhere.iterdir()) == [listing]
+
+
 def _read_all_shards(base, settings, names, results):
     got = []
     for name in names:

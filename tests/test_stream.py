@@ -268,6 +268,38 @@ def test_a_read_through_an_open_handle_is_bounds_checked(uneven):
     reader.close()
 
 
+def test_a_key_from_an_unchecked_shard_is_shown_escaped(tmp_path):
+    """Without an index the keys come straight from the tar: a warning naming one stays one printable line."""
+    _write_shard(tmp_path / "s.tar", [("evil\x1b[2J\nfake", {"target.png": b"not a png"})])
+    with pytest.warns(UserWarning) as caught:
+        assert list(build_val_loader(str(tmp_path / "s.tar"), noise=SIGMA)) == []
+    message = str(caught[0].message)
+    assert "key evil\\x1b[2J\\nfake: " in message and message.isprintable()
+
+
+def test_a_kept_handle_that_cannot_seek_is_closed_not_leaked(uneven):
+    index = ShardIndex.load(uneven)
+    reader = _ShardReader(Catalog.from_index(index, index.shard_urls, str(uneven)), RemoteSettings())
+    start, end = index.shards[0].offsets[:2]
+    reader.read(0, start, end - start)
+
+    class Stale:  # a kept handle whose file went away (a stale NFS handle, a dropped mount)
+        closed = False
+
+        def seek(self, _position):
+            raise OSError(116, "Stale file handle")
+
+        def close(self):
+            self.closed = True
+
+    reader.handles[0].close()
+    reader.handles[0] = stale = Stale()
+    with pytest.raises(OSError, match="Stale file handle"):
+        reader.read(0, start, end - start)
+    assert stale.closed and not reader.handles
+    reader.close()
+
+
 def test_an_index_that_does_not_match_its_shard_is_named(uneven, tmp_path):
     """A shard replaced after packing (here: one member longer) puts samples at other byte offsets."""
     split = tmp_path / "split"

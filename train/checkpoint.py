@@ -43,6 +43,7 @@ from typing import Any
 from blake3 import blake3
 
 from train.run_lock import RunLock, RunLockedError
+from train.state import saved_state_problem
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
@@ -125,7 +126,8 @@ def seal(folder: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint, checked against its own hash when it carries one."""
+    """The trainer state of a checkpoint, checked against its own hash when it carries one, and its
+    fields' types (train.state.saved_state_problem): CheckpointError names the file and the key."""
     try:
         doc = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -144,6 +146,9 @@ def read_state(path: Path) -> dict[str, Any]:
         if saved != _content_hash(unsealed):
             raise CheckpointError(f"{STATE_FILE}: its content does not match its own hash (damaged or edited "
                                   "after it was written)")
+    problem = saved_state_problem(doc)
+    if problem:
+        raise CheckpointError(f"{STATE_FILE}: {problem} (written by another version, or edited)")
     return doc
 
 

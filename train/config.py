@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data_shards.remote import folder_overlap, settings_problem
+from data_shards.remote import cache_folder_problem, folder_overlap, printable, settings_problem
 from model import ARCH_FIELDS, SIZE_MULTIPLE, arch_problem, tiling_problem
 from train.safe_yaml import YAMLInputError, parse_yaml, read_yaml
 
@@ -179,58 +179,86 @@ class Config:
 # ---------------------------------------------------------------- building from YAML + overrides
 
 
+class _Mismatch(ConfigError):
+    """A value of another kind than the annotation takes (a string for a number, ...): a union tries its
+    next option. Other ConfigErrors of _coerce (a bad list item, a number too large) are the answer."""
+
+
+_KINDS = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _choices(annotation: Any) -> list[str]:
+    """What an annotation accepts, as messages name it: ['a number', 'auto', 'null']."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [choice for option in typing.get_args(annotation) for choice in _choices(option)]
+    if origin is Literal:
+        return list(typing.get_args(annotation))
+    return [_KINDS[origin or annotation]]
+
+
 def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
     where = f"{name} (from {source})"
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{where}: null is not allowed, expected {annotation}")
-        errors = []
-        for option in options:
+        for option in typing.get_args(annotation):
             if option is type(None):
+                if value is None:
+                    return None
                 continue
             try:
                 return _coerce(value, option, name, source)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+            except _Mismatch:
+                pass
+        choices = _choices(annotation)
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise _Mismatch(f"{where}: expected {listed}, got {_shown(value)}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{name}[{i}]", source) for i, v in enumerate(value)]
+            raise _Mismatch(f"{where}: expected a list, got {_shown(value)}")
+        try:
+            return [_coerce(v, item_type, f"{name}[{i}]", source) for i, v in enumerate(value)]
+        except _Mismatch as err:  # a list, with a bad item: that item's message is the answer
+            raise ConfigError(str(err)) from None
     if origin is Literal:
         options = typing.get_args(annotation)
         if isinstance(value, str) and value in options:
             return value
-        raise ConfigError(f"{name}='{value}' is not one of: {', '.join(options)} (from {source})")
+        raise _Mismatch(f"{name}={_shown(value)} is not one of: {', '.join(options)} (from {source})")
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise _Mismatch(f"{where}: expected true/false, got {_shown(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise _Mismatch(f"{where}: expected an integer, got {_shown(value)}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads "3e-4" (no dot) as a string
                 return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {_shown(value)} is too large for a number (the largest is about "
+                                  "1.8e308)") from None
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise _Mismatch(f"{where}: expected a number, got {_shown(value)}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise _Mismatch(f"{where}: expected a string, got {_shown(value)}")
     raise TypeError(f"unsupported config annotation {annotation} at {where}")
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: an integer of hundreds of digits (a YAML hex literal, say) shortened."""
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:12]}...{text[-4:]} ({len(text)} digits)"
+    return text
 
 
 # Keys that existed once: a config that sets one gets this explanation; a checkpoint's saved config
@@ -288,7 +316,7 @@ def override_source(text: str) -> str:
     """How messages name an override: its text cut short (it may be a megabyte long), control
     characters escaped (the message stays one line)."""
     shown = text if len(text) <= 80 else f"{text[:60]} ... {text[-15:]}"
-    return "override '" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown) + "'"
+    return f"override '{printable(shown)}'"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -424,6 +452,8 @@ RANGES = {
     "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
     "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
     "data.timeout_s": (0, NUMBER_LIMIT), "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
+    # Sizes that become byte counts (x 2**30, x 10**9): a petabyte is beyond any device or local disk.
+    "train.memory_gb": (0, 2**20), "data.cache_limit_gb": (0, 10**6),
 }
 
 
@@ -433,10 +463,11 @@ def _check_limits(cfg: Config) -> None:
         key = where.split("[")[0]  # a list's items share its range
         if key in RANGES:
             low, high = RANGES[key]
-            if not low <= value <= high:  # False for NaN too
-                raise ConfigError(f"{where}={value} is outside [{low}, {high}]")
-        elif not (math.isfinite(value) and 0 <= value and (isinstance(value, float) or value <= NUMBER_LIMIT)):
-            raise ConfigError(f"{where}={value}: numbers in a config are finite and >= 0, integers below 2**31")
+            if not low <= value <= high:  # False for NaN too; exact for integers of any size
+                raise ConfigError(f"{where}={_shown(value)} is outside [{low}, {high}]")
+        # An integer is compared as one: math.isfinite would convert it to a float, which overflows.
+        elif not (0 <= value <= NUMBER_LIMIT if isinstance(value, int) else math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}={_shown(value)}: numbers in a config are finite and >= 0, integers below 2**31")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas}: give two values, e.g. [0.9, 0.999]")
 
@@ -466,3 +497,6 @@ def _validate_remote(data: DataConfig, run_dir: Path) -> None:
         raise ConfigError(f"data.cache_dir={data.cache_dir} {overlap} the run folder {run_dir}: the cache deletes the "
                           "copies it evicts, and keeps its files apart from a run's; give it a folder of its own, "
                           "e.g. data.cache_dir=/local_ssd/shard_cache")
+    problem = data.cache_dir is not None and cache_folder_problem(data.cache_dir)
+    if problem:
+        raise ConfigError(f"data.cache_dir={data.cache_dir}: {problem}")
