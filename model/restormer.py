@@ -101,7 +101,8 @@ class _RecomputeThenProject(torch.autograd.Function):
     f is cheap per-pixel work (a LayerNorm; the GDFN's depthwise convolution and GELU gate) whose
     output autograd would keep for the projections' weight gradients; the projections are the GEMMs
     not worth recomputing. Backward recomputes f (under the forward's autocast state), writes the
-    projections' two GEMMs out, and leaves f's backward to autograd on the recomputed graph.
+    projections' two GEMMs out, and leaves f's backward to autograd on the recomputed graph, or to
+    f's own `recompute` and `vjp` where it has them (the LayerNorm: `_NORM`).
     """
 
     @staticmethod
@@ -119,9 +120,14 @@ class _RecomputeThenProject(torch.autograd.Function):
         args, weights = saved[:ctx.n_args], saved[ctx.n_args:]
         needs = ctx.needs_input_grad[3:]  # f's args, the weights, the biases
         wanted, weights_wanted, biases_wanted = needs[:ctx.n_args], needs[ctx.n_args:-ctx.n_proj], needs[-ctx.n_proj:]
-        leaves = [a.detach().requires_grad_(w) if a is not None else None for a, w in zip(args, wanted)]
-        with torch.enable_grad(), torch.autocast(**ctx.autocast):
-            z = ctx.f(*leaves)
+        by_hand = hasattr(ctx.f, "vjp")
+        if by_hand:
+            with torch.autocast(**ctx.autocast):
+                z, kept = ctx.f.recompute(*args)
+        else:
+            leaves = [a.detach().requires_grad_(w) if a is not None else None for a, w in zip(args, wanted)]
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                z = ctx.f(*leaves)
         z_rows = _tokens(z).reshape(-1, z.shape[1])
         grad_rows, grad_weights, grad_biases = None, [], []
         for grad, w, want_w, want_b in zip(grads, weights, weights_wanted, biases_wanted):
@@ -131,7 +137,8 @@ class _RecomputeThenProject(torch.autograd.Function):
             grad_biases.append(g.sum(0).to(w.dtype) if want_b else None)
             grad_rows = g @ w2 if grad_rows is None else grad_rows.addmm_(g, w2)
         grad_z = grad_rows.view(_tokens(z).shape).permute(0, 3, 1, 2).to(z.dtype)
-        return (None, None, None, *_grads_of(leaves, z, grad_z), *grad_weights, *grad_biases)
+        grad_args = ctx.f.vjp(args, kept, grad_z, wanted) if by_hand else _grads_of(leaves, z, grad_z)
+        return (None, None, None, *grad_args, *grad_weights, *grad_biases)
 
 
 def _grads_of(leaves: Sequence[torch.Tensor | None], outputs, grads) -> list[torch.Tensor | None]:
@@ -179,26 +186,69 @@ class _BiasFreeNorm(torch.autograd.Function):
 
     The statistics come from the fused LayerNorm kernel and backward is written out: the norm spelt
     in tensor ops (mean, centre, square, mean, rsqrt, two products) had a backward ~2.5x slower, and
-    Tensor.var ~3x slower in forward on CPU (16 to 384 channels). With r = 1/std and C channels:
-    d/dt = r * g * w - r^3 * (t - mean) * mean(g * w * t), and d/dw = sum over pixels of g * t * r.
+    Tensor.var ~3x slower in forward on CPU (16 to 384 channels).
     """
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # (t - mean) * rstd * weight from the fused kernel, plus mean * rstd * weight in place: t * rstd * weight
-        # without a temporary the size of t.
-        y, mean, rstd = torch.native_layer_norm(t, weight.shape, weight, None, _EPS)
+        y, mean, rstd = _bias_free(t, weight)
         ctx.save_for_backward(t, weight, mean, rstd)
-        return y.addcmul_(mean * rstd, weight)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t, weight, mean, rstd = ctx.saved_tensors
-        grad_t_rows = (grad * t).reshape(-1, t.shape[-1])
-        r = rstd.reshape(-1)
-        grad_weight = grad_t_rows.t() @ r
-        coef = (r.pow(3) * (grad_t_rows @ weight) / t.shape[-1]).view_as(rstd)
-        return (grad * weight).mul_(rstd).sub_((t - mean).mul_(coef)), grad_weight
+        return _bias_free_backward(grad, *ctx.saved_tensors)
+
+
+def _bias_free(t: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t * rstd * weight, mean, rstd): the fused kernel's (t - mean) * rstd * weight plus mean * rstd *
+    weight in place, without a temporary the size of t."""
+    y, mean, rstd = torch.native_layer_norm(t, weight.shape, weight, None, _EPS)
+    return y.addcmul_(mean * rstd, weight), mean, rstd
+
+
+def _bias_free_backward(grad: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """With r = rstd and C channels: d/dt = r * g * w - r^3 * (t - mean) * mean(g * w * t), and
+    d/dw = the sum over pixels of g * t * r."""
+    grad_t_rows = (grad * t).reshape(-1, t.shape[-1])
+    r = rstd.reshape(-1)
+    grad_weight = grad_t_rows.t() @ r
+    coef = (r.pow(3) * (grad_t_rows @ weight) / t.shape[-1]).view_as(rstd)
+    return (grad * weight).mul_(rstd).sub_((t - mean).mul_(coef)), grad_weight
+
+
+class _LayerNormWork:
+    """_layer_norm as _RecomputeThenProject's f, with its backward written out: autograd recomputing it
+    and differentiating the recomputed graph cost ~1% more step time (nested autograd per block)."""
+
+    __call__ = staticmethod(_layer_norm)
+
+    @staticmethod
+    def recompute(x, weight, bias):
+        t, w = _tokens(x).float(), weight.float()
+        if bias is None:
+            y, mean, rstd = _bias_free(t, w)
+        else:
+            y, mean, rstd = torch.native_layer_norm(t, w.shape, w, bias.float(), _EPS)
+        return y.to(x.dtype).permute(0, 3, 1, 2), (t, w, mean, rstd)
+
+    @staticmethod
+    def vjp(args, kept, grad_z, wanted):
+        (x, weight, bias), (t, w, mean, rstd) = args, kept
+        grad = _tokens(grad_z).float()
+        if bias is None:
+            grad_t, grad_w = _bias_free_backward(grad, t, w, mean, rstd)
+            grad_b = None
+        else:
+            grad_t, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad, t, w.shape, mean, rstd, w, bias.float(), [wanted[0], wanted[1], wanted[2]])
+        return (grad_t.to(x.dtype).permute(0, 3, 1, 2) if wanted[0] else None,
+                grad_w.to(weight.dtype) if wanted[1] else None,
+                grad_b.to(bias.dtype) if wanted[2] else None)
+
+
+_NORM = _LayerNormWork()
 
 
 class LayerNorm(nn.Module):
@@ -220,7 +270,7 @@ class LayerNorm(nn.Module):
     def project(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                 lean: bool) -> list[torch.Tensor]:
         """1x1 projections of the normalised x (lean: see _project)."""
-        return _project(_layer_norm, (x, self.body.weight, self.body.bias), weights, biases, lean)
+        return _project(_NORM, (x, self.body.weight, self.body.bias), weights, biases, lean)
 
 
 class FeedForward(nn.Module):
