@@ -222,7 +222,8 @@ class _LayerNormWork:
     """_layer_norm as _RecomputeThenProject's f, with its backward written out: autograd recomputing it
     and differentiating the recomputed graph cost ~1% more step time (nested autograd per block)."""
 
-    __call__ = staticmethod(_layer_norm)
+    def __call__(self, x, weight, bias):
+        return _layer_norm(x, weight, bias)
 
     @staticmethod
     def recompute(x, weight, bias):

@@ -1,4 +1,4 @@
-"""Keep freed tensor memory inside the process (glibc) instead of returning it to the kernel.
+"""The process's host memory: keep freed tensor memory inside it (glibc), and read its RSS and peak.
 
 PyTorch's CPU tensors come straight from malloc. glibc serves a block above its mmap threshold with a
 fresh mmap and unmaps it at free; the threshold starts at 128 KiB and rises only to the largest
@@ -11,7 +11,9 @@ from 177 to 151 ms), with bit-identical weights (docs/performance.md "Host memor
 from __future__ import annotations
 
 import ctypes
+import resource
 import sys
+from pathlib import Path
 
 # mallopt parameters from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -38,3 +40,25 @@ def retain_freed_memory() -> bool:
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status in KiB: VmRSS now, VmHWM its peak (Linux)."""
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def take_peak_rss() -> float:
+    """This process's peak RSS in bytes since the previous call; the whole life of the process on the
+    first call, and on every call where the kernel cannot reset the peak (not Linux, or a
+    /proc/self/clear_refs this process may not write)."""
+    if sys.platform.startswith("linux"):
+        peak = rss_kib("VmHWM") * 1024.0
+        try:
+            Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")  # the peak restarts from now
+        except OSError:
+            pass
+        return peak
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # bytes on macOS

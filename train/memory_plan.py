@@ -22,6 +22,7 @@ RESERVED_CUDA for the CUDA context and libraries; on a CPU the process's own mem
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -30,10 +31,12 @@ from pathlib import Path
 import torch
 
 from train.config import ConfigError
+from train.host_memory import retain_freed_memory, rss_kib
 
 USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved beyond allocated on CUDA)
 RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
-CALIBRATION_PATCHES = (48, 96)
+CALIBRATION_PATCHES = (64, 128)
+CPU_SAMPLES = 3  # calibration processes on a CPU (see _cpu_peaks)
 GB = 2**30  # as nvidia-smi counts, and the logged peak_mem_gb: a "24 GB" card holds 24 of these
 MODES = ("lean", "checkpoint")  # the fastest first: the plan takes the first that fits
 
@@ -178,7 +181,7 @@ def reserved_bytes(device: torch.device) -> float:
     process itself (interpreter, libraries, the data pipeline's buffers), measured now."""
     if device.type == "cuda":
         return RESERVED_CUDA
-    return _rss_kib("VmRSS") * 1024.0
+    return rss_kib("VmRSS") * 1024.0
 
 
 def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precision: str, world_size: int,
@@ -314,36 +317,35 @@ def _calibrate(probe: Probe, device: torch.device) -> StepCost:
 
 
 def _cpu_peaks(probe: Probe) -> list[float]:
-    """Peak RSS growth of each calibration step, in a fresh process: this one's heap already holds
-    freed memory that a step could reuse unseen."""
-    done = subprocess.run([sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe))],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    """Peak RSS growth of each calibration step: the median, per patch, of CPU_SAMPLES fresh processes
+    run side by side. Fresh, because this one's heap already holds freed memory that a step could reuse
+    unseen; several, because one process's growth varies by 5-10% from run to run (the address-space
+    layout and the hash seed change how the C library's heap fragments)."""
+    command = [sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe))]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(CPU_SAMPLES)]
+    samples = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode:
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) "
+                                  f"failed: {last}")
+        samples.append(json.loads(out.strip().splitlines()[-1]))
+    return [statistics.median(step) for step in zip(*samples)]
 
 
 def _measure_cpu(probe: Probe) -> list[float]:
     """In the fresh process: each step's peak RSS above the RSS before the first step. The steps go
     from small to large, so each peak is reached by growing past the one before."""
-    from train.host_memory import retain_freed_memory
-
     retain_freed_memory()  # as train/main.py runs
     device = torch.device("cpu")
     net = probe.network(device)
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     peaks = []
     for patch in CALIBRATION_PATCHES:
         probe.step(net, patch, device)
-        peaks.append((_rss_kib("VmHWM") - before) * 1024.0)
+        peaks.append((rss_kib("VmHWM") - before) * 1024.0)
     return peaks
 
 

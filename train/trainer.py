@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
+from train.host_memory import take_peak_rss
 from train.losses import compute_losses
 from train.memory_plan import agreed_plan, describe
 from train.metrics import score, score_names
@@ -64,10 +64,14 @@ def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, plan: StagePlan, worl
             )
 
 
-def peak_memory_gb(device: torch.device) -> float:
+def take_peak_memory_gb(device: torch.device) -> float:
+    """The peak since the previous call (GPU allocated, or the process's RSS on a CPU): each log record
+    holds its own window's peak, so a stage shows its own and not an earlier transient's."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return take_peak_rss() / 2**30
 
 
 class Trainer:
@@ -287,6 +291,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.step, disable=not acc.is_main_process, dynamic_ncols=True,
                    desc="train")
         window = LogWindow()
+        take_peak_memory_gb(acc.device)  # the first window's peak is its steps', not the setup's
         stopped_by = None
         try:
             while self.state.step < total:
@@ -357,7 +362,7 @@ class Trainer:
 
     def _flush_window(self, window: LogWindow, stage, bar) -> None:
         # Every node's figures reach rank 0.
-        ranks = self._gather_named({**window.rates(), "peak_mem_gb": peak_memory_gb(self.acc.device),
+        ranks = self._gather_named({**window.rates(), "peak_mem_gb": take_peak_memory_gb(self.acc.device),
                                     "bad_samples": self.bad_samples})
         if not self.acc.is_main_process:
             return
