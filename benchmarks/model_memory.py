@@ -13,7 +13,7 @@ Step times are medians of the process CPU time (robust on a shared machine) and 
 
 The official file is not shipped (see benchmarks/model_speed.py). A second table applies the memory
 plan (train/memory_plan.py) to the official recipe's stages (patch x per-GPU batch on 8 GPUs, DDP,
-AdamW) on 24, 40 and 80 GB cards, with each implementation's measured allocated bytes per pixel.
+AdamW) on 12, 16, 24, 40 and 80 GB cards, with each implementation's measured allocated bytes per pixel.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from train.memory_plan import (GB, RESERVED_CUDA, USABLE_SHARE, MemoryPlanError,
                                forward_backward, plan_memory)
 
 PRECISIONS = ("fp32", "bf16")
-CARDS_GB = (24, 40, 80)
+CARDS_GB = (12, 16, 24, 40, 80)
 
 
 def _network(impl: str, preset: str, mode: str, official: str | None) -> torch.nn.Module:
@@ -63,10 +63,12 @@ def measure(case: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(case["batch"], channels, case["patch"], case["patch"], generator=gen)
     target = torch.rand(case["batch"], PRESETS[case["preset"]]["out_channels"], case["patch"], case["patch"], generator=gen)
+    micro = case.get("micro", case["batch"])  # images per forward/backward, as the memory plan splits a batch
     cpu, wall = [], []
     for i in range(case["steps"] + 1):  # the first step warms up
         c0, w0 = time.process_time(), time.perf_counter()
-        forward_backward(net, x, target, case["dtype"])
+        for x_micro, target_micro in zip(x.split(micro), target.split(micro)):
+            forward_backward(net, x_micro, target_micro, case["dtype"], share=micro / case["batch"])
         opt.step()
         opt.zero_grad(set_to_none=False)  # the gradients stay allocated: the meter sees the step alone
         if i:
@@ -94,11 +96,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["lean", "plain", "checkpoint"],
                         help="our activation modes to measure (model.restormer.ACTIVATION_MODES)")
     parser.add_argument("--memory-patch", type=int, nargs=2, default=[48, 96], metavar=("SMALL", "LARGE"))
-    parser.add_argument("--time-patch", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--time-patch", type=int, nargs="*", default=[64, 128], help="none: memory only")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--official", metavar="PATH", help="the official restormer_arch.py (see the top of this file)")
+    parser.add_argument("--cost-patch", type=int, default=64,
+                        help="the step-time cost of the plan's choices is measured at this patch, batch 8")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -110,8 +114,8 @@ def main() -> None:
     common = {"batch": args.batch, "threads": args.threads, "official": args.official}
     print(f"batch {args.batch}, {args.threads} threads; memory from patches {small} -> {large} (1 step), "
           f"time: median of {args.steps} steps; ratios against the official code in fp32 (memory) / same precision (time)")
-    print("| preset | precision | implementation | peak RSS B/px | x official fp32 | allocated B/px | x official fp32 | "
-          + " | ".join(f"step CPU ms at {p} (x official)" for p in args.time_patch) + " |")
+    print("| preset | precision | implementation | peak RSS B/px | x official fp32 | allocated B/px | x official fp32 |"
+          + "".join(f" step CPU ms at {p} (x official) |" for p in args.time_patch))
     print("|---|---|---|---|---|---|---|" + "---|" * len(args.time_patch))
     allocated: dict[tuple[str, str, str], StepCost] = {}
     for preset in args.preset:
@@ -135,14 +139,32 @@ def main() -> None:
                     times.append(f"{t * 1e3:.0f}{ratio}")
                 name = "official" if impl == "official" else f"ours, {mode}"
                 print(f"| {preset} | {dtype} | {name} | {rss.per_pixel:.0f} | {rss.per_pixel / reference[0]:.2f}x | "
-                      f"{alloc.per_pixel:.0f} | {alloc.per_pixel / reference[1]:.2f}x | " + " | ".join(times) + " |",
+                      f"{alloc.per_pixel:.0f} | {alloc.per_pixel / reference[1]:.2f}x |" + "".join(f" {t} |" for t in times),
                       flush=True)
     print()
     print_recipe_fit(allocated, args.preset[0])
+    print()
+    print_plan_costs(args.preset[0], args.dtype[0], args.cost_patch, common, args.steps)
+
+
+def print_plan_costs(preset: str, dtype: str, patch: int, common: dict, steps: int) -> None:
+    """What the memory plan's choices cost in images/s: a batch of 8 in micro-batches, and checkpointing."""
+    batch = 8
+    print(f"The cost of the plan's choices ({preset}, {dtype}, {patch} px, batch {batch}, wall time per step, "
+          "each in its own process)")
+    print("| micro-batch x accumulation | activations | step ms | images/s | x whole batch, lean |")
+    print("|---|---|---|---|---|")
+    reference = None
+    for micro, mode in ((8, "lean"), (4, "lean"), (2, "lean"), (1, "lean"), (8, "checkpoint"), (1, "checkpoint")):
+        wall = run_case(**{**common, "batch": batch}, impl="ours", preset=preset, dtype=dtype, mode=mode, patch=patch,
+                        steps=steps, micro=micro)["wall_s"]
+        reference = reference or wall
+        print(f"| {micro} x {batch // micro} | {mode} | {wall * 1e3:.0f} | {batch / wall:.2f} | {reference / wall:.2f}x |",
+              flush=True)
 
 
 def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: str) -> None:
-    """The official recipe's stages on 24/40/80 GB cards, planned as train/memory_plan.py plans them."""
+    """The official recipe's stages on CARDS_GB cards, planned as train/memory_plan.py plans them."""
     recipe = ProgressiveConfig()
     stages = [(i, p, b) for i, (p, b) in enumerate(zip(recipe.patch, recipe.batch))]
     params = sum(p.numel() for p in build_model(preset).parameters())

@@ -68,6 +68,9 @@ def test_print_plan_answers_for_every_recipe(capsys):
                            "train.memory_gb=24"]) == 0, recipe
         out = capsys.readouterr().out
         assert "memory plan: budget 24.0 GB" in out and "| stage | patch |" in out, recipe
+    # Compiled, the lean path is off: the plan bounds the compiler's choice by plain autograd.
+    assert train_main(["--print-plan", *TINY, "train.memory_gb=24", "model.compile=true"]) == 0
+    assert "| plain |" in capsys.readouterr().out
     assert train_main(["--print-plan", *TINY, "train.memory_gb=0.05"]) == 2
     assert "does not fit the memory budget" in capsys.readouterr().err
 

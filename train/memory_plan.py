@@ -163,7 +163,8 @@ def plan_memory(stages, setup: Setup, budget: float, reserved: float, cost_of, m
                 f"stage {index} ({patch} px) does not fit the memory budget: one image with {modes[-1]} activations "
                 f"needs {need / GB:.2f} GB (state {sum(state_parts.values()) / GB:.2f}, reserved {reserved / GB:.2f}), "
                 f"the plan may use {usable / GB:.2f} GB ({USABLE_SHARE:.0%} of train.memory_gb={budget / GB:g}). "
-                "Lower progressive.patch, shard the state with DeepSpeed ZeRO, or use a device with more memory")
+                + ("Train in bf16 (train.mixed_precision=bf16), lower" if setup.precision == "no" else "Lower")
+                + " progressive.patch, shard the state with DeepSpeed ZeRO, or use a device with more memory")
         planned.append(choice)
     return MemoryPlan(budget, reserved, state_parts, tuple(planned), costs)
 
@@ -196,8 +197,10 @@ def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precis
         params = sum(p.numel() for p in build_model(**arch).parameters())
     setup = Setup(params=params, precision=precision, optimizer=cfg.optim.name, ema=cfg.train.ema_decay is not None,
                   world_size=world_size, zero_stage=zero_stage)
-    # model.checkpointing=true asks for whole-block checkpointing everywhere.
-    modes = ("checkpoint",) if cfg.model.checkpointing else MODES
+    # model.checkpointing=true asks for whole-block checkpointing everywhere. Under model.compile the
+    # compiler's partitioner decides what backward keeps (the lean path is eager only); eager plain
+    # autograd, which keeps every intermediate the partitioner could, stands in as the bound.
+    modes = ("checkpoint",) if cfg.model.checkpointing else ("plain", "checkpoint") if cfg.model.compile else MODES
     stages = [(s.index, s.patch, s.batch) for s in stage_plan.stages]
 
     def cost_of(mode: str) -> StepCost:
