@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.model_speed import _official_class, _peak_rss_mib  # noqa: E402  (after the path)
+from benchmarks.model_speed import _official_class  # noqa: E402  (after the path)
 from model import PRESETS, build_model  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
 from train.config import ProgressiveConfig  # noqa: E402
-from train.host_memory import retain_freed_memory  # noqa: E402
+from train.host_memory import retain_freed_memory, rss_kib  # noqa: E402
 from train.memory_plan import (GB, RESERVED_CUDA, USABLE_SHARE, MemoryPlanError, Setup, StepCost,  # noqa: E402
                                forward_backward, plan_memory)
 
@@ -74,7 +74,7 @@ def measure(case: dict) -> dict:
         if i:
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
-    rss = _peak_rss_mib() * 2**20
+    rss = rss_kib("VmHWM") * 1024.0
     meter = TensorMemoryMeter()
     with meter:
         forward_backward(net, x, target, case["dtype"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from train.host_memory import retain_freed_memory  # noqa: E402  (after the path)
+from train.host_memory import retain_freed_memory, rss_kib  # noqa: E402  (after the path)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,19 +77,12 @@ def _optimizer(params, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4, betas=(0.9, 0.999), **options)
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
-
-
 def worker(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the measurements."""
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         retain_freed_memory()
-    idle = _peak_rss_mib()
+    idle = rss_kib("VmHWM") / 1024
     model = _build(args.impl, args.preset, args.checkpointing, args.official).train()
     opt = _optimizer(model.parameters(), args.optimizer)
     step_model = torch.compile(model, dynamic=False) if args.compile else model
@@ -107,7 +99,7 @@ def worker(args: argparse.Namespace) -> dict:
         if i:  # the first step warms up (and compiles)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak = _peak_rss_mib()
+    peak = rss_kib("VmHWM") / 1024
     return {"impl": args.impl, "patch": args.one_patch, "step_s": statistics.median(times),
             "cpu_s": statistics.median(cpu_times),
             "peak_mib": peak, "idle_mib": idle}

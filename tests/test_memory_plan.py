@@ -9,6 +9,7 @@ import torch
 
 from conftest import ROOT, records, run, synthetic_images
 from train.config import ConfigError, load_config
+from train import memory_plan
 from train.main import main as train_main
 from train.memory_plan import GB, USABLE_SHARE, MemoryPlanError, Setup, StepCost, plan_for_run, plan_memory
 from train.schedule import plan_stages
@@ -61,7 +62,8 @@ def test_bad_budgets_are_refused_in_one_line(value):
 TINY = ["model.dim=8", "model.num_blocks=[1,1,1,1]", "model.num_refinement_blocks=1"]
 
 
-def test_print_plan_answers_for_every_recipe(capsys):
+def test_print_plan_answers_for_every_recipe(capsys, monkeypatch):
+    monkeypatch.setattr(memory_plan, "CPU_SAMPLES", 1)  # answers, not their precision (tested below)
     recipes = sorted(p.stem for p in (ROOT / "train" / "configs").glob("*.yaml"))
     for recipe in recipes:
         assert train_main(["--config", recipe, "--print-plan", "--num-processes", "2", *TINY,
@@ -119,7 +121,7 @@ def test_the_plan_predicts_and_holds_the_measured_peak(photos, tmp_path):
     assert [s.micro_batch for s in plan.stages] == [4, 4, 4]
     # Each stage's first step is where the heap grows to the new patch, as in calibration; the later
     # steps add the heap's fragmentation (a few %), which the budget's margin absorbs (checked below).
-    # From the smallest patch to the largest: one process's RSS growth varies by ~5% from run to run,
+    # From the smallest patch to the largest: one process's RSS growth varies by 5-10% from run to run,
     # which the smaller steps between neighbouring stages leave no room for.
     first = [peaks[0] for peaks in free]
     assert first[0] < first[1] < first[2]

@@ -186,7 +186,7 @@ def summary_rows(run: RunMetrics) -> list[tuple[str, str]]:
                  ("learning rate", f"{last.get('lr', float('nan')):.3g}"),
                  ("images/s (all processes)", f"{last.get('images_per_s', float('nan')):.3g}"),
                  ("data-wait share", f"{last.get('data_wait_share', float('nan')):.1%}"),
-                 ("peak memory (GB, any process, step)",
+                 ("peak memory (GB, max over the run)",
                   f"{max((r['peak_mem_gb_max'] for r in run.train if 'peak_mem_gb_max' in r), default=math.nan):.2f}"),
                  ("skipped (non-finite) steps", str(last.get("skipped_steps", 0)))]
     if run.val:

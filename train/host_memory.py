@@ -11,7 +11,6 @@ from 177 to 151 ms), with bit-identical weights (docs/performance.md "Host memor
 from __future__ import annotations
 
 import ctypes
-import resource
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def retain_freed_memory() -> bool:
     return bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def rss_kib(field: str = "VmRSS") -> int:
+def rss_kib(field: str) -> int:
     """A memory figure of this process from /proc/self/status in KiB: VmRSS now, VmHWM its peak (Linux)."""
     for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
@@ -61,4 +60,7 @@ def take_peak_rss() -> float:
         except OSError:
             pass
         return peak
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # bytes on macOS
+    import resource  # not on Windows
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on the BSDs

@@ -8,7 +8,7 @@ A training process holds two kinds of memory on its device:
   measured, not assumed (`calibrate`): one forward and backward of the run's network at two small
   patch sizes, under the run's precision and activation mode. On CUDA the caching allocator's peak
   counts them (workspaces included); on a CPU, where oneDNN's buffers and the C library's heap add
-  ~15-25% to what the tensors hold, the process's peak RSS in a fresh process does. So the plan holds
+  ~15-25% to what the tensors hold, the peak RSS of fresh processes does (`_cpu_peaks`). So the plan holds
   for any preset and any `model.*` shape override.
 
 Each stage keeps its global batch exactly: its per-process batch is split into equal micro-batches
@@ -37,6 +37,7 @@ USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved b
 RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
 CALIBRATION_PATCHES = (64, 128)
 CPU_SAMPLES = 3  # calibration processes on a CPU (see _cpu_peaks)
+CPU_TIMEOUT_S = 900  # per calibration process
 GB = 2**30  # as nvidia-smi counts, and the logged peak_mem_gb: a "24 GB" card holds 24 of these
 MODES = ("lean", "checkpoint")  # the fastest first: the plan takes the first that fits
 
@@ -320,21 +321,26 @@ def _calibrate(probe: Probe, device: torch.device) -> StepCost:
 
 
 def _cpu_peaks(probe: Probe) -> list[float]:
-    """Peak RSS growth of each calibration step: the median, per patch, of CPU_SAMPLES fresh processes
-    run side by side. Fresh, because this one's heap already holds freed memory that a step could reuse
-    unseen; several, because one process's growth varies by 5-10% from run to run (the address-space
-    layout and the hash seed change how the C library's heap fragments)."""
-    command = [sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe))]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1]) for _ in range(CPU_SAMPLES)]
+    """Peak RSS growth of each calibration step: the median, per patch, of CPU_SAMPLES fresh processes,
+    one after another (side by side they would need several times the memory being planned). Fresh,
+    because this one's heap already holds freed memory that a step could reuse unseen; several,
+    because one process's growth varies by 5-10% from run to run (the address-space layout and the
+    hash seed change how the C library's heap fragments). Each runs with this process's thread count:
+    oneDNN keeps buffers per thread."""
+    command = [sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe)), str(torch.get_num_threads())]
     samples = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        if proc.returncode:
-            last = (err.strip().splitlines() or ["no message"])[-1]
+    for _ in range(CPU_SAMPLES):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                                  timeout=CPU_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) took over "
+                                  f"{CPU_TIMEOUT_S} s; set train.memory_gb=null to train without a plan") from None
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) "
                                   f"failed: {last}")
-        samples.append(json.loads(out.strip().splitlines()[-1]))
+        samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return [statistics.median(step) for step in zip(*samples)]
 
 
@@ -353,4 +359,5 @@ def _measure_cpu(probe: Probe) -> list[float]:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(int(sys.argv[2]))
     print(json.dumps(_measure_cpu(Probe(**json.loads(sys.argv[1])))))

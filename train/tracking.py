@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from train.config import TrackingConfig
+from train.host_memory import take_peak_rss
 
 
 def wandb_mode(requested: str) -> str:
@@ -112,6 +113,35 @@ class LogWindow:
         return {"lr": self.lr, **{k: self.sums[k] / n for k in ("loss", "l1", "l2")},
                 "grad_norm": self.sums["grad_norm"] / max(self.steps - self.skipped, 1),
                 "step_time_s": self.sums["step_time"] / n}  # rank 0's mean wall time per optimizer step
+
+
+class PeakMemory:
+    """This process's peak memory (GPU allocated, or RSS on a CPU) per log record: each training
+    window and each validation gets its own, as the device's peak is reset at every read
+    (torchtitan logs the same way). A validation does not count in the training window around it.
+    On a CPU the freed heap stays in the process (train/host_memory.py), so each peak there is at
+    least the run's largest so far."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.carried = 0.0  # the open training window's peak, read before a validation
+
+    def read(self) -> float:
+        """The peak in GB since the previous read."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak / 2**30
+        return take_peak_rss() / 2**30
+
+    def pause(self) -> None:
+        """Before a validation: the training window keeps its peak so far."""
+        self.carried = max(self.carried, self.read())
+
+    def window(self) -> float:
+        """The training window's peak, at its log record."""
+        peak, self.carried = max(self.carried, self.read()), 0.0
+        return peak
 
 
 def across_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:

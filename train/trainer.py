@@ -19,14 +19,13 @@ from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
 from train.ema import EMA
-from train.host_memory import take_peak_rss
 from train.losses import compute_losses
 from train.memory_plan import agreed_plan, describe
 from train.metrics import score, score_names
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages, resume_step
 from train.state import DataPosition, TrainState
-from train.tracking import LogWindow, MetricsFile, across_ranks, init_trackers
+from train.tracking import LogWindow, MetricsFile, PeakMemory, across_ranks, init_trackers
 
 
 
@@ -62,16 +61,6 @@ def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, plan: StagePlan, worl
                 f"DeepSpeed config: {key}={ds[key]!r} disagrees with the run config ({value!r}); set it to "
                 '"auto" (batch, accumulation and clipping come from progressive.*, train.* and optim.grad_clip)'
             )
-
-
-def take_peak_memory_gb(device: torch.device) -> float:
-    """The peak since the previous call (GPU allocated, or the process's RSS on a CPU): each log record
-    holds its own window's peak, so a stage shows its own and not an earlier transient's."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak / 2**30
-    return take_peak_rss() / 2**30
 
 
 class Trainer:
@@ -127,6 +116,7 @@ class Trainer:
         # Not in any checkpoint: this launch's figures.
         self.nonfinite_streak = 0  # non-finite steps in a row: train.max_nonfinite stops the run
         self.bad_samples = 0  # corrupt samples the stream skipped on this rank since the start/resume
+        self.peak_memory = PeakMemory(accelerator.device)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -291,7 +281,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.step, disable=not acc.is_main_process, dynamic_ncols=True,
                    desc="train")
         window = LogWindow()
-        take_peak_memory_gb(acc.device)  # the first window's peak is its steps', not the setup's
+        self.peak_memory.read()  # the first window's peak is its steps', not the setup's
         stopped_by = None
         try:
             while self.state.step < total:
@@ -362,7 +352,7 @@ class Trainer:
 
     def _flush_window(self, window: LogWindow, stage, bar) -> None:
         # Every node's figures reach rank 0.
-        ranks = self._gather_named({**window.rates(), "peak_mem_gb": take_peak_memory_gb(self.acc.device),
+        ranks = self._gather_named({**window.rates(), "peak_mem_gb": self.peak_memory.window(),
                                     "bad_samples": self.bad_samples})
         if not self.acc.is_main_process:
             return
@@ -385,6 +375,7 @@ class Trainer:
     def validate(self) -> bool:
         """Each rank scores its share of the images; sums are reduced. Returns True on a new best."""
         cfg, acc = self.cfg, self.acc
+        self.peak_memory.pause()
         net = self._full_module()
         was_training = net.training
         net.eval()
@@ -406,6 +397,7 @@ class Trainer:
         sums = self._reduce_named(sums, "sum")
         count = max(sums["images"], 1.0)
         result = {f"val/{name}": sums[name] / count for name in names} | {"val/images": int(sums["images"])}
+        result["val/peak_mem_gb_max"] = self._reduce_max(self.peak_memory.read())
         self.last_validation = result
         # With val.y_channel the paper reports (and the official scripts select on) the Y-channel figure.
         key = f"val/{cfg.train.best_metric}"
