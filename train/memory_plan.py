@@ -193,6 +193,9 @@ def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precis
     calibration that failed (out of memory, a dead subprocess): one kind of error for the caller."""
     from model import build_model
 
+    if device.type == "cpu" and not sys.platform.startswith("linux"):
+        raise MemoryPlanError(f"train.memory_gb={budget / GB:g}: a plan on a CPU measures the process's memory "
+                              "through Linux's /proc; set train.memory_gb=null here")
     arch = {"preset": cfg.model.preset, **cfg.model.shape_overrides()}
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(**arch).parameters())
