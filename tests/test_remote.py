@@ -190,7 +190,7 @@ def test_a_range_answered_with_other_bytes_is_retried_then_refused(http, lie, se
 
 def test_a_ranged_s3_answer_with_other_bytes_is_retried_then_refused(monkeypatch):
     """S3's ranged GetObject through the same check (moto answers correctly, so a stub client lies here)."""
-    from data_shards import remote
+    from data_shards.remote import s3_source
 
     asked = []
 
@@ -199,7 +199,7 @@ def test_a_ranged_s3_answer_with_other_bytes_is_retried_then_refused(monkeypatch
             asked.append(Range)
             return {"Body": io.BytesIO(DATA[:500]), "ContentRange": f"bytes 0-499/{len(DATA)}", "ContentLength": 500}
 
-    monkeypatch.setattr(remote, "_s3_client", lambda timeout_s: Lying())
+    monkeypatch.setattr(s3_source, "s3_client", lambda timeout_s: Lying())
     with pytest.raises(ShardReadError, match="after 3 retries: asked for bytes 1000-1499, the server sent bytes 0-499/"):
         _read("s3://shards/train/shard.tar", 1000, length=500)
     assert asked == ["bytes=1000-1499"] * 4

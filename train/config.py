@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from data_shards.remote import cache_folder_problem, folder_overlap, printable, settings_problem
+from data_shards.remote import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, cache_folder_problem, folder_overlap, printable,
+                                settings_problem)
 from model import ARCH_FIELDS, SIZE_MULTIPLE, arch_problem, tiling_problem
 from train.safe_yaml import YAMLInputError, parse_yaml, read_yaml
 
@@ -58,8 +59,8 @@ class DataConfig:
     augment: bool = True
     strict: bool = False  # a bad sample raises instead of being skipped and counted
     # Remote shards (http(s)://, s3://, pipe:), see docs/remote_storage.md.
-    retries: int = 5  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
-    timeout_s: float = 60.0  # longest any connect or read may block
+    retries: int = DEFAULT_RETRIES  # failures in a row before a shard is given up (skipped, named); 1 MiB read resets it
+    timeout_s: float = DEFAULT_TIMEOUT_S  # longest any connect or read may block
     cache_dir: str | None = None  # local whole-shard cache of remote shards (a node's SSD), apart from the run folder
     cache_limit_gb: float | None = None  # required with cache_dir: its size limit (10^9 bytes)
 
@@ -484,12 +485,9 @@ def _numbers(tree: Any, where: str):
         yield where, tree
 
 
-_REMOTE_KEYS = {"retries": "data.retries", "timeout_s": "data.timeout_s", "cache_dir": "data.cache_dir",
-                "cache_limit": "data.cache_limit_gb", "backoff_s": "backoff_s"}
-
-
 def _validate_remote(data: DataConfig, run_dir: Path) -> None:
-    problem = settings_problem(data.retries, data.timeout_s, data.cache_dir, data.cache_limit_gb, names=_REMOTE_KEYS)
+    problem = settings_problem(data.retries, data.timeout_s, data.cache_dir, data.cache_limit_gb, prefix="data.",
+                               limit_name="cache_limit_gb")
     if problem:
         raise ConfigError(problem)
     overlap = data.cache_dir is not None and folder_overlap(data.cache_dir, run_dir)
