@@ -9,10 +9,10 @@ data_shards.index.describe_shard, the same function that indexes older folders.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
+from data_shards.atomic import replace_durably
 from data_shards.index import ShardInfo, describe_shard
 
 _BLOCK = tarfile.BLOCKSIZE
@@ -75,7 +75,5 @@ class ShardWriter:
         self._tar.close()
         self._tar = None
         tmp, final = self._tmp_path(), self.folder / self._name()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
         self.shards.append(describe_shard(final))

@@ -2,8 +2,8 @@
 from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image, tiling_problem
 from .presets import ARCH_FIELDS, PRESETS, SIZE_MULTIPLE, arch_problem, build_model
 from .restormer import Restormer
-from .weights import (WeightsMismatchError, infer_arch, load_weights, read_state_dict, save_official_pth,
-                      save_safetensors, with_identity_refinement)
+from .weights import (WeightsFileError, WeightsMismatchError, infer_arch, load_weights, read_state_dict,
+                      save_official_pth, save_safetensors, with_identity_refinement)
 
 __all__ = [
     "ARCH_FIELDS",
@@ -12,6 +12,7 @@ __all__ = [
     "PaddedModel",
     "Restormer",
     "SIZE_MULTIPLE",
+    "WeightsFileError",
     "WeightsMismatchError",
     "arch_problem",
     "build_model",

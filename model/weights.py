@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from data_shards.atomic import atomic_write
+from data_shards.remote.text import printable
 
 # Official BasicSR checkpoints nest the weights under one of these keys; official test scripts
 # read 'params', so it wins when a file holds both.
@@ -39,33 +42,56 @@ class WeightsMismatchError(ValueError):
         super().__init__("\n".join(parts))
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read as one: damaged, truncated, hostile (a safetensors header
+    whose lengths or offsets lie, a pickle that would run code) or not a weights file at all. The
+    message is one line that names the file."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        super().__init__(f"{printable(str(path))} is not a readable weights file: {printable(reason)}")
+
+
+def _first_line(error: BaseException) -> str:
+    """A library's message, cut to its first line (the rest is advice for the library's own users)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "empty or truncated"
+
+
 def _shorten(items: list[str]) -> str:
+    items = [printable(item) for item in items]  # names from a file may hold newlines or terminal escapes
     shown = ", ".join(items[:_LIST_LIMIT])
     return shown if len(items) <= _LIST_LIMIT else f"{shown}, ... and {len(items) - _LIST_LIMIT} more"
 
 
 def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file on CPU.
+    """Tensors of a weights file on CPU: the one reader of every weights file the tools and the
+    trainer open, which may come from anyone.
 
-    `.safetensors` files are read with safetensors; anything else (.pth/.pt/.ckpt) with
-    torch.load(weights_only=True), which refuses pickles that would run code. With key=None the
+    `.safetensors` files are read with safetensors, which checks the header (its length, UTF-8 JSON,
+    dtypes, shapes and offsets inside the file, no overlaps) before reading any tensor; anything
+    else (.pth/.pt/.ckpt) with torch.load(weights_only=True), which refuses pickles that would run
+    code. Any file they refuse raises WeightsFileError (one line naming the file). With key=None the
     weights are taken from 'params', else 'params_ema', else 'state_dict', else the file is taken
     as a bare state dict. DDP 'module.' and torch.compile '_orig_mod.' prefixes are stripped.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        obj: object = load_file(path, device="cpu")
-    else:
-        try:
+    try:
+        if path.suffix == ".safetensors":
+            obj: object = load_file(path, device="cpu")
+        else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"{path} is not a plain weights file: torch.load(weights_only=True) refused "
-                             f"to unpickle it ({str(err).splitlines()[0]}). If you trust its origin, load it "
-                             "yourself and re-save its state dict with model.save_safetensors.") from err
+    except pickle.UnpicklingError as err:
+        raise WeightsFileError(path, f"torch.load(weights_only=True) refused to unpickle it ({_first_line(err)}). "
+                                     "If you trust its origin, load it yourself and re-save its state dict with "
+                                     "model.save_safetensors") from None
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OverflowError) as err:
+        # What the parsers raise for a damaged or hostile file; their tracebacks say nothing more to a user.
+        raise WeightsFileError(path, f"{type(err).__name__}: {_first_line(err)}; re-download or re-export it") from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+        raise WeightsFileError(path, f"it holds a {type(obj).__name__}, not a dict of tensors")
     if key is not None:
         if key not in obj:
             raise KeyError(f"{path} has no entry {key!r}; top-level keys: {_shorten(sorted(map(str, obj)))}")
@@ -111,20 +137,6 @@ def _cpu_state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[s
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_official_pth(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
                       params_ema: nn.Module | Mapping[str, torch.Tensor] | None = None) -> None:
     """Save as BasicSR does: torch.save({'params': trained}), plus 'params_ema' for a run with EMA
@@ -132,12 +144,14 @@ def save_official_pth(model_or_state: nn.Module | Mapping[str, torch.Tensor], pa
     payload = {"params": _cpu_state(model_or_state)}
     if params_ema is not None:
         payload["params_ema"] = _cpu_state(params_ema)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     state = _cpu_state(model_or_state)
-    _atomic_write(path, lambda tmp: save_file(state, tmp))
+    with atomic_write(path) as tmp:
+        save_file(state, tmp)
 
 
 _LEVELS = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")

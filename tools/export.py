@@ -18,7 +18,6 @@ given to restore/evaluate as is.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
 from dataclasses import replace
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import PaddedModel, WeightsMismatchError, read_state_dict
+from model import PaddedModel, WeightsFileError, WeightsMismatchError, read_state_dict
 from tools.loading import LoadedModel, ModelLoadError, add_model_args, model_from_args
 from train import checkpoint as ckpt
 from train.exporting import OFFICIAL_FILE, SAFETENSORS_FILE, WEIGHT_FORMATS, Weights, write_export
@@ -97,10 +96,14 @@ def trained_and_ema(loaded: LoadedModel) -> Weights:
         return Weights(read_state_dict(path.parent / ckpt.MODEL_FILE), loaded.arch, state)
     pair = path if path.suffix == ".pth" else path.with_name(OFFICIAL_FILE)
     if pair.is_file() and (pair == path or path.name == SAFETENSORS_FILE):
-        with contextlib.suppress(KeyError, ValueError):  # no 'params_ema' in it: the weights stand alone
+        try:
             ema = read_state_dict(pair, key="params_ema")
             params = read_state_dict(pair, key="params")
-            return Weights(params, loaded.arch, ema)
+        except WeightsFileError:  # a damaged partner is the user's to know about (main says so)
+            raise
+        except (KeyError, ValueError):  # no 'params_ema' in it: the weights stand alone
+            return Weights(state, loaded.arch)
+        return Weights(params, loaded.arch, ema)
     return Weights(state, loaded.arch)
 
 
@@ -131,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"model: {loaded.describe()}", file=sys.stderr)
-    written = export(loaded, args.output, args.formats)
+    try:
+        written = export(loaded, args.output, args.formats)
+    except WeightsFileError as err:  # the other half of a trained/EMA pair
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for kind, path in written.items():
         print(f"{kind:12s} {path}")
     if "onnx" not in args.formats:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from model import ARCH_FIELDS, PRESETS, Restormer, infer_arch, load_weights, read_state_dict
+from model import ARCH_FIELDS, PRESETS, Restormer, WeightsFileError, infer_arch, load_weights, read_state_dict
 from train import checkpoint as ckpt
 from train.exporting import SAFETENSORS_FILE
 from train.safe_yaml import YAMLInputError, read_yaml
@@ -134,6 +134,8 @@ def load_model(path: str | Path, arch: dict[str, Any] | None = None, prefer_ema:
     try:
         state = read_state_dict(weights)
         kwargs = infer_arch(state)
+    except WeightsFileError as err:  # names the file itself
+        raise ModelLoadError(str(err)) from None
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{weights}: {err}") from err
     given = {k: v for k, v in (arch or {}).items() if v is not None}

@@ -42,6 +42,7 @@ from typing import Any
 
 from blake3 import blake3
 
+from data_shards.atomic import atomic_write, fsync_path
 from train.run_lock import RunLock, RunLockedError
 from train.state import saved_state_problem
 
@@ -232,20 +233,8 @@ def refused(arg: str, problem: str) -> CheckpointError:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:
@@ -253,7 +242,7 @@ def publish(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():  # the same step saved again (e.g. after resuming from an older checkpoint)
         _retire(final_dir)
     os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)  # persist the rename itself, or a power cut could leave neither name
+    fsync_path(final_dir.parent)  # persist the rename itself, or a power cut could leave neither name
 
 
 def prune(root: Path, keep_last: int, keep: set[Path], up_to: int | None = None) -> list[Path]:
@@ -288,7 +277,7 @@ def move_aside(path: Path) -> Path:
     while target.exists():
         target, n = folder / f"{path.name}.{n}", n + 1
     os.replace(path, target)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return target
 
 
