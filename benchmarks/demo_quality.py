@@ -1,6 +1,6 @@
 """How good is the demo's model? The demo recipe with several seeds, against classical denoisers.
 
-    python benchmarks/demo_quality.py [--seeds 0 1 2] [--test-set NAME=DIR ...] [--test-images N] [key=value ...]
+    python benchmarks/demo_quality.py [--seeds 0 1 2] [--test-set NAME=DIR ...] [--test-images N] [--no-cbm3d] [key=value ...]
 
 Each seed runs `accelerate launch train/main.py train.seed=S` (the demo recipe; extra dotted
 overrides are passed on, e.g. `progressive.iters=[50,30,20]` for a quick look) in a fresh run
@@ -8,13 +8,15 @@ folder, and reports:
 - wall time and CPU time of the whole run (launch, packing, training, validation, export);
 - PSNR/SSIM of the exported model, restored as the run validates (whole, or in val.tile tiles), on
   the demo's held-out full-size photos, beside the noisy input and scikit-image's wavelet and
-  non-local-means (best h) filters on the same noisy images (from the run's own summary,
-  `baselines.json`);
+  non-local-means (best h) filters on the same noisy images;
 - the same on each test set of clean photos at sigma 25 (official protocol: RGB, noise not
   clipped, seeded per image name, reflect-padded to a multiple of 8), with the classical filters
   scored here on the same noisy images. Default: CBSD68 and McMaster from ../shared/data/denoise
-  when they exist (`--test-images N` scores the first N of each).
+  when they exist (`--test-images N` scores the first N of each);
+- CBM3D (the `bm3d` package, true sigma) on every set, the held-out photos included, with its
+  seconds per image (`--no-cbm3d` skips it: it is the slowest part of the benchmark).
 The noise is seeded by image name, so the classical filters score the same for every seed.
+`--seeds` with no seed scores the classical filters alone.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from data_shards.demo import ensure_demo_data  # noqa: E402
 from data_shards.stream import NoiseConfig, build_val_loader  # noqa: E402
 from model.inference import restore_image  # noqa: E402
 from tools.loading import load_model  # noqa: E402
-from train.baselines import Baselines, Score, classical_baselines  # noqa: E402
+from train.baselines import Baselines, Score, cbm3d_score, classical_baselines  # noqa: E402
 from train.data import pack_val_folder  # noqa: E402
 from train.metrics import psnr, ssim  # noqa: E402
 
@@ -55,6 +58,7 @@ class TestSet:
     split: Path  # packed clean images
     max_images: int | None
     baselines: Baselines | None = None
+    cbm3d: tuple[Score, float] | None = None  # scores, seconds per image
 
     def loader(self):
         return build_val_loader(self.split, noise=NoiseConfig(sigma=SIGMA), max_images=self.max_images)
@@ -79,8 +83,7 @@ def run_demo(seed: int, out: Path, overrides: list[str]) -> dict:
     held_out = Score(val["val/psnr"], val["val/ssim"])
     val_cfg = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["val"]
     return {"wall": wall, "cpu": cpu, "steps": val["step"], "held-out": held_out,
-            "tiling": (val_cfg["tile"], val_cfg["tile_overlap"]),
-            "baselines": json.loads((out / "baselines.json").read_text(encoding="utf-8"))}
+            "tiling": (val_cfg["tile"], val_cfg["tile_overlap"])}
 
 
 def score_model(net: torch.nn.Module, items, tiling: tuple[int | None, int]) -> Score:
@@ -113,10 +116,12 @@ def test_sets(specs: list[str], max_images: int | None, cache: Path) -> list[Tes
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="demo runs (default 0 1 2); none: score the classical filters alone")
     parser.add_argument("--test-set", action="append", metavar="NAME=DIR",
                         help="a folder of clean test photos (repeatable; default: CBSD68 and McMaster from ../shared)")
     parser.add_argument("--test-images", type=int, default=None, help="score only the first N images of each test set")
+    parser.add_argument("--no-cbm3d", action="store_true", help="skip CBM3D (tens of seconds per image)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to train/main.py")
     args = parser.parse_args()
@@ -124,9 +129,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="demo-quality-") as tmp:
         out = args.out or Path(tmp)
+        held_out = TestSet("held-out", ensure_demo_data().val, None)
         sets = test_sets(args.test_set or list(DEFAULT_TEST_SETS), args.test_images, out / "test_shards")
-        for test in sets:
+        for test in [held_out, *sets]:
             test.baselines = classical_baselines(test.loader(), SIGMA)
+            if not args.no_cbm3d:
+                test.cbm3d = cbm3d_score(test.loader(), SIGMA)
+                print(f"{test.name}: CBM3D {test.cbm3d[0].psnr:.2f} dB, {test.cbm3d[1]:.1f} s/image", flush=True)
         rows = []
         for seed in args.seeds:
             run = run_demo(seed, out / f"seed_{seed}", args.overrides)
@@ -137,15 +146,11 @@ def main() -> None:
             scores = "".join(f", {name} {run[name].psnr:.2f} dB" for name in ["held-out", *(t.name for t in sets)])
             print(f"seed {seed}: {run['steps']} steps, {run['wall']:.0f} s wall, {run['cpu']:.0f} s CPU{scores}",
                   flush=True)
-    print_table(args.seeds, rows, sets)
+    print_table(args.seeds, rows, [held_out, *sets])
 
 
 def print_table(seeds: list[int], rows: list[dict], sets: list[TestSet]) -> None:
-    demo = rows[0]["baselines"]
-    held_out = Baselines(demo["images"], demo["sigma"], nl_means_h=demo["nl_means_h_over_sigma"],
-                         **{key: Score(demo[f"{key}/psnr"], demo[f"{key}/ssim"])
-                            for key in ("noisy", "wavelet", "nl_means")})
-    columns = [("held-out", held_out), *((t.name, t.baselines) for t in sets)]
+    columns = [(t.name, t.baselines) for t in sets]
     header = ["seed", "steps", "wall s", "CPU s"]
     for name, baselines in columns:
         header += [f"{name} ({baselines.images}) PSNR", "SSIM"]
@@ -155,11 +160,12 @@ def print_table(seeds: list[int], rows: list[dict], sets: list[TestSet]) -> None
         for name, _ in columns:
             cells += [f"{run[name].psnr:.2f}", f"{run[name].ssim:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    mean = ["mean +- sd", str(rows[0]["steps"]), mean_spread([r["wall"] for r in rows], 0),
-            mean_spread([r["cpu"] for r in rows], 0)]
-    for name, _ in columns:
-        mean += [mean_spread([r[name].psnr for r in rows], 2), mean_spread([r[name].ssim for r in rows], 4)]
-    lines.append("| " + " | ".join(mean) + " |")
+    if rows:
+        mean = ["mean +- sd", str(rows[0]["steps"]), mean_spread([r["wall"] for r in rows], 0),
+                mean_spread([r["cpu"] for r in rows], 0)]
+        for name, _ in columns:
+            mean += [mean_spread([r[name].psnr for r in rows], 2), mean_spread([r[name].ssim for r in rows], 4)]
+        lines.append("| " + " | ".join(mean) + " |")
     classical = [("noisy input", "noisy"), ("wavelet (BayesShrink)", "wavelet"), ("non-local means, best h", "nl_means")]
     for label, key in classical:
         cells = [label, "", "", ""]
@@ -167,12 +173,23 @@ def print_table(seeds: list[int], rows: list[dict], sets: list[TestSet]) -> None
             score = getattr(baselines, key)
             cells += [f"{score.psnr:.2f}", f"{score.ssim:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if all(t.cbm3d for t in sets):
+        cells = ["CBM3D (bm3d package)", "", "", ""]
+        for t in sets:
+            cells += [f"{t.cbm3d[0].psnr:.2f}", f"{t.cbm3d[0].ssim:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        print("CBM3D seconds per image: " + ", ".join(f"{t.name} {t.cbm3d[1]:.1f}" for t in sets))
     print("\n".join(lines))
+    if not rows:
+        return
     notes = []
     for name, baselines in columns:
         gap = statistics.mean(r[name].psnr for r in rows) - baselines.nl_means.psnr
         notes.append(f"{name} {gap:+.2f} dB (best h = {baselines.nl_means_h:g} sigma)")
     print("model - non-local means: " + "; ".join(notes))
+    if all(t.cbm3d for t in sets):
+        gaps = (f"{t.name} {statistics.mean(r[t.name].psnr for r in rows) - t.cbm3d[0].psnr:+.2f} dB" for t in sets)
+        print("model - CBM3D: " + "; ".join(gaps))
     tile, overlap = rows[0]["tiling"]
     print("the model restores every image " + (f"in {tile}-px tiles overlapping by {overlap} px (val.tile)" if tile else "whole"))
 

@@ -10,10 +10,15 @@ Task: Gaussian colour denoising at sigma 25 (noise is added online by the stream
   val:   3 held-out colour photos (never in train), kept whole at full size (300x451 to 427x640):
          chelsea, coffee, rocket
 Lands in data_shards/demo/ inside the package when writable, else ~/.cache/restormer/demo.
+
+`python -m data_shards.demo --photos DIR` writes the held-out photos as PNGs for the tools to try:
+DIR/clean/ and DIR/noisy/ (sigma 25, seeded per name, clipped and rounded to 8 bits as a camera
+would store them).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from dataclasses import dataclass
@@ -21,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.codec import read_image, to_channels
+from data_shards.codec import encode_png, read_image, to_channels
 from data_shards.dead_leaves import dead_leaves
+from data_shards.degrade import NoiseConfig, add_noise, key_seed
 from data_shards.index import INDEX_NAME
 from data_shards.pack import PackConfig, pack
 from data_shards.publish import build_once
@@ -105,10 +111,7 @@ def default_root() -> Path:
 def demo_images() -> dict[str, dict[str, np.ndarray]]:
     """{'train': {name: uint8 (H, W, 3)}, 'val': {...}}: the packages' bundled photos (train ones
     capped at MAX_SIDE) and the seeded dead-leaves images. The same on every machine."""
-    def photo(image: BundledImage) -> np.ndarray:
-        return to_channels(read_image(image.file()), "rgb")[0]
-
-    train = {image.name: _fit(photo(image), MAX_SIDE) for image in TRAIN_IMAGES}
+    train = {image.name: _fit(_photo(image), MAX_SIDE) for image in TRAIN_IMAGES}
     rng = np.random.default_rng(0)
     pixels = np.concatenate([image.reshape(-1, 3) for image in train.values()])
     random_colours = round(PALETTE_SIZE * RANDOM_COLOURS)
@@ -116,7 +119,11 @@ def demo_images() -> dict[str, dict[str, np.ndarray]]:
                               rng.integers(0, 256, (random_colours, 3), dtype=np.uint8)])
     for i in range(DEAD_LEAVES):
         train[f"dead_leaves_{i:02d}"] = dead_leaves(DEAD_LEAVES_SIZE, rng, palette, bar_fraction=DEAD_LEAVES_BARS)
-    return {"train": train, "val": {image.name: photo(image) for image in VAL_IMAGES}}
+    return {"train": train, "val": {image.name: _photo(image) for image in VAL_IMAGES}}
+
+
+def _photo(image: BundledImage) -> np.ndarray:
+    return to_channels(read_image(image.file()), "rgb")[0]
 
 
 def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -150,3 +157,35 @@ def _build(out: Path) -> None:
         pack(PackConfig(out=out, manifest=manifest, format="npy", color="rgb", tile=TILE, progress=False,
                         command="data_shards.demo.ensure_demo_data()"))
     (out / _STAMP).write_text(DEMO_VERSION + "\n", encoding="utf-8")
+
+
+def write_held_out_photos(folder: str | Path, sigma: float = 25) -> dict[str, Path]:
+    """The held-out photos as PNGs in folder/clean and, with Gaussian noise of `sigma`, folder/noisy."""
+    folder = Path(folder)
+    written = {}
+    for kind in ("clean", "noisy"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        written[kind] = folder / kind
+    noise = NoiseConfig(sigma=sigma, clip=True)
+    for name, image in ((image.name, _photo(image)) for image in VAL_IMAGES):
+        (folder / "clean" / f"{name}.png").write_bytes(encode_png(image))
+        clean = image.astype(np.float32) / 255
+        noisy = add_noise(clean, noise, np.random.default_rng(key_seed(name)))
+        (folder / "noisy" / f"{name}.png").write_bytes(encode_png(np.round(noisy * 255).astype(np.uint8)))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", required=True, metavar="DIR",
+                        help="write the held-out photos to DIR/clean and DIR/noisy (PNG)")
+    parser.add_argument("--sigma", type=float, default=25, help="noise level in 0-255 units (default 25)")
+    args = parser.parse_args(argv)
+    for kind, path in write_held_out_photos(args.photos, args.sigma).items():
+        print(f"{kind:6s} {path}/ ({', '.join(image.name for image in VAL_IMAGES)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

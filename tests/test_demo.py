@@ -68,3 +68,18 @@ def test_train_photos_are_capped_and_the_validation_ones_held_out():
     assert max(max(image.shape[:2]) for image in images["train"].values()) == MAX_SIDE
     assert sum(name.startswith("dead_leaves") for name in images["train"]) == DEAD_LEAVES
     assert not images["train"].keys() & images["val"].keys()
+
+
+def test_the_held_out_photos_are_written_for_the_tools(tmp_path):
+    """`python -m data_shards.demo --photos DIR`: the README's restore and evaluate examples run on these."""
+    import numpy as np
+
+    from data_shards.codec import read_image
+    from data_shards.demo import VAL_IMAGES, main
+
+    assert main(["--photos", str(tmp_path)]) == 0
+    names = sorted(f"{image.name}.png" for image in VAL_IMAGES)
+    for kind in ("clean", "noisy"):
+        assert sorted(p.name for p in (tmp_path / kind).iterdir()) == names
+    clean, noisy = (read_image(tmp_path / kind / names[0]).astype(np.float64) for kind in ("clean", "noisy"))
+    assert clean.shape == noisy.shape and 20 < np.std(noisy - clean) < 25  # sigma 25, a little lost to clipping

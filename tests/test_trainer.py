@@ -154,7 +154,7 @@ def test_the_demo_runs_end_to_end_through_accelerate_launch(tmp_path):
         assert f"\n  {row}" in summary
     baselines = json.loads((out / "baselines.json").read_text())
     assert baselines["images"] == 1 and baselines["nl_means/psnr"] > baselines["noisy/psnr"] + 5
-    assert f"{baselines['nl_means/psnr']:7.2f}" in summary and "dB vs the best classical filter" in summary
+    assert f"{baselines['nl_means/psnr']:7.2f}" in summary and "dB vs the best of the filters scored" in summary
     recs = records(out)
     assert [r["patch"] for r in recs if r.get("event") == "stage"] == [48, 64, 96]
     assert (out / "export" / "model_official.pth").is_file() and list((out / "samples").glob("*.png"))

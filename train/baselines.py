@@ -6,10 +6,16 @@ its filter strength h picked as the best of `NLM_H_FACTORS` x sigma on these ver
 oracle choice: the strongest version of the filter a user could tune; found by walking uphill on
 the grid, PSNR over h having a single peak). Scored with the trainer's
 own metrics (train.metrics: clamped to [0, 1], data range 1), beside the noisy input.
+
+`cbm3d_score` scores CBM3D (the `bm3d` package, colour BM3D with the true sigma), the classical
+reference of image denoising. It is not in the demo's summary, which would take a good part of the
+demo's time again to score it (its seconds per image: docs/demo.md); benchmarks/demo_quality.py
+scores it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -51,14 +57,11 @@ def classical_baselines(items: Iterable[dict], sigma: float, border: int = 0) ->
     sums: dict[str, np.ndarray] = {}
 
     def add(name: str, output: np.ndarray, target: torch.Tensor) -> None:
-        restored = torch.from_numpy(np.ascontiguousarray(output.transpose(2, 0, 1)))[None]
-        scores = np.array([psnr(restored, target, border).item(), ssim(restored, target, border).item()])
-        sums[name] = sums.get(name, 0.0) + scores
+        sums[name] = sums.get(name, 0.0) + _scores(output, target, border)
 
     images = []
     for item in items:
-        target = item["target"]
-        noisy = item["input"][0, : target.shape[1]].permute(1, 2, 0).double().numpy()
+        noisy, target = _noisy_and_target(item)
         add("noisy", noisy, target)
         add("wavelet", denoise_wavelet(noisy, sigma=s, method="BayesShrink", mode="soft", channel_axis=-1,
                                        convert2ycbcr=noisy.shape[-1] == 3, rescale_sigma=True), target)
@@ -86,3 +89,32 @@ def classical_baselines(items: Iterable[dict], sigma: float, border: int = 0) ->
 
     return Baselines(len(images), sigma, score("noisy"), score("wavelet"), score(f"nlm{NLM_H_FACTORS[best]}"),
                      NLM_H_FACTORS[best])
+
+
+def cbm3d_score(items: Iterable[dict], sigma: float, border: int = 0) -> tuple[Score, float]:
+    """CBM3D's mean PSNR/SSIM on `items` (as classical_baselines takes them) and its seconds per image."""
+    from bm3d import bm3d_rgb
+
+    sums, seconds, count = np.zeros(2), 0.0, 0
+    for item in items:
+        noisy, target = _noisy_and_target(item)
+        if noisy.shape[-1] != 3:
+            raise ValueError("cbm3d_score: CBM3D denoises RGB images")
+        started = time.perf_counter()
+        restored = bm3d_rgb(noisy, sigma / 255.0)
+        seconds += time.perf_counter() - started
+        sums += _scores(restored, target, border)
+        count += 1
+    if not count:
+        raise ValueError("cbm3d_score: no images")
+    return Score(*(float(v) for v in sums / count)), seconds / count
+
+
+def _noisy_and_target(item: dict) -> tuple[np.ndarray, torch.Tensor]:
+    target = item["target"]
+    return item["input"][0, : target.shape[1]].permute(1, 2, 0).double().numpy(), target
+
+
+def _scores(output: np.ndarray, target: torch.Tensor, border: int) -> np.ndarray:
+    restored = torch.from_numpy(np.ascontiguousarray(output.transpose(2, 0, 1)))[None]
+    return np.array([psnr(restored, target, border).item(), ssim(restored, target, border).item()])

@@ -257,7 +257,7 @@ def baseline_table(summary: dict, b, tile: int | None) -> list[str]:
     lines += [f"  {name:42s}{score.psnr:7.2f}  {score.ssim:.4f}" for name, score in rows]
     model = f"restored (this model{f', {tile}-px tiles' if tile else ''})"
     lines.append(f"  {model:42s}{summary['val/psnr']:7.2f}  {summary['val/ssim']:.4f}  "
-                 f"({summary['val/psnr'] - best:+.2f} dB vs the best classical filter)")
+                 f"({summary['val/psnr'] - best:+.2f} dB vs the best of the filters scored)")
     return lines
 
 
