@@ -22,6 +22,7 @@ The noise is seeded by image name, so the classical filters score the same for e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to train/main.py")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if not args.no_cbm3d and importlib.util.find_spec("bm3d") is None:
+        raise SystemExit("CBM3D needs the bm3d package: pip install -e '.[bench]', or pass --no-cbm3d")
 
     with tempfile.TemporaryDirectory(prefix="demo-quality-") as tmp:
         out = args.out or Path(tmp)
