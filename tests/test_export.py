@@ -1,5 +1,7 @@
 """python -m tools.export: safetensors / official .pth round trips, ONNX checked with onnxruntime."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,12 @@ def test_networks_with_refinement_blocks_are_exported_as_they_are(tmp_path):
     model = tiny()
     state = read_state_dict(write_export(tmp_path, Weights(model.state_dict(), {"preset": "default"}))["safetensors"])
     assert state.keys() == model.state_dict().keys() and infer_arch(state)["num_refinement_blocks"] == 1
+
+
+def test_onnx_without_the_onnx_package_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """onnx is not a dependency: a user who installed the package alone gets the command, not torch's error."""
+    save_safetensors(tiny(), tmp_path / "w.safetensors")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["-w", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "out")]) == 1
+    assert "pip install onnx onnxruntime" in capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # the weight files are written first

@@ -18,6 +18,7 @@ given to restore/evaluate as is.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import warnings
 from dataclasses import replace
@@ -42,6 +43,9 @@ class ONNXExportError(RuntimeError):
 def export_onnx(model: torch.nn.Module, path: str | Path, height: int = 64, width: int = 64,
                 opset: int = 17, dynamic: bool = True) -> Path:
     """Traces `model` (on a CPU fp32 copy) at (height, width); dynamic: H and W stay free in the graph."""
+    if importlib.util.find_spec("onnx") is None:  # not a dependency: torch's exporter needs it to write the graph
+        raise ONNXExportError("ONNX export needs the onnx package: pip install onnx onnxruntime (or pass "
+                              "--formats safetensors pth)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = PaddedModel.cpu_copy(model)
@@ -67,7 +71,7 @@ def check_onnx(model: torch.nn.Module, path: str | Path, height: int, width: int
     try:
         import onnxruntime
     except ImportError as err:
-        raise ONNXExportError("checking the ONNX file needs onnxruntime: pip install 'restormer-train[test]' "
+        raise ONNXExportError("checking the ONNX file needs onnxruntime: pip install onnxruntime "
                               "(or pass --no-check)") from err
     net = PaddedModel.cpu_copy(model)
     channels = model.patch_embed.proj.weight.shape[1]
