@@ -138,7 +138,8 @@ def main() -> None:
             test.baselines = classical_baselines(test.loader(), SIGMA)
             if not args.no_cbm3d:
                 test.cbm3d = cbm3d_score(test.loader(), SIGMA)
-                print(f"{test.name}: CBM3D {test.cbm3d[0].psnr:.2f} dB, {test.cbm3d[1]:.1f} s/image", flush=True)
+                print(f"{test.name}: CBM3D {test.cbm3d[0].psnr:.2f} dB, SSIM {test.cbm3d[0].ssim:.4f}, "
+                      f"{test.cbm3d[1]:.1f} s/image", flush=True)
         rows = []
         for seed in args.seeds:
             run = run_demo(seed, out / f"seed_{seed}", args.overrides)
