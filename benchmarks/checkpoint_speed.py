@@ -28,6 +28,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from model import build_model  # noqa: E402
 from train.checkpoint import Checkpointer, verify  # noqa: E402
+from train.launch import Launch  # noqa: E402
 from train.ema import EMA  # noqa: E402
 
 MODELS = {
@@ -46,7 +47,7 @@ def measure(name: str, rounds: int, folder: Path) -> dict[str, float]:
     net(x).abs().mean().backward()
     optimizer.step()
     ema = EMA(net, 0.999)
-    checkpointer = Checkpointer(folder / name, acc, keep_last=1)
+    checkpointer = Checkpointer(folder / name, acc, Launch(acc.device), keep_last=1)
     writes, seals, verifies, cpu_save, cpu_verify = [], [], [], [], []
     for step in range(1, rounds + 1):
         c0 = time.process_time()

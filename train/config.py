@@ -75,7 +75,7 @@ class ProgressiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"  # implementations: train.trainer.OPTIMIZERS
+    name: Literal["adamw", "sgd"] = "adamw"  # implementations: train.build.OPTIMIZERS
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
