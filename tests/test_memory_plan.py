@@ -11,7 +11,9 @@ from conftest import ROOT, records, run, synthetic_images
 from train.config import ConfigError, load_config
 from train import memory_plan
 from train.main import main as train_main
-from train.launch import Launch
+from train import step as step_module
+from train.launch import Launch, resolve_launch
+from train.losses import compute_losses
 from train.memory_plan import (GB, USABLE_SHARE, MemoryPlanError, StateFootprint, StepCost, plan_for_run,
                                plan_memory)
 from train.schedule import Stage, StagePlan, plan_stages
@@ -80,6 +82,40 @@ def test_print_plan_answers_for_every_recipe(capsys, monkeypatch):
     assert "| plain |" in capsys.readouterr().out
     assert train_main(["--print-plan", *TINY, "train.memory_gb=0.05"]) == 2
     assert "does not fit the memory budget" in capsys.readouterr().err
+
+
+def test_print_plan_plans_for_the_launch_configs_zero_stage(capsys, monkeypatch):
+    """--print-plan --launch-config: the file's processes and its DeepSpeed JSON's stage decide the state;
+    under accelerate launch the same is read from the variables it sets."""
+    monkeypatch.chdir(ROOT)  # the DeepSpeed JSON's path in the launch file is relative to the repo, as for accelerate
+    monkeypatch.setattr(memory_plan, "calibrate", lambda step, device: COSTS[step.mode])
+    weights = {}
+    for stage in (2, 3):
+        argv = ["--config", "motion_deblurring", "--print-plan", "--launch-config", f"launch/deepspeed_zero{stage}.yaml",
+                "train.mixed_precision=bf16", "train.memory_gb=24"]
+        assert train_main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"on 8 process(es); bf16, DeepSpeed ZeRO-{stage}" in out, out
+        weights[stage] = float(re.search(r"\(weights ([\d.]+),", out).group(1))
+    assert weights[3] < weights[2]  # ZeRO-3 shards the bf16 weights over the 8 processes
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "launch/deepspeed/zero3.json",
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "WORLD_SIZE": "4", "RANK": "1"}
+    launch = resolve_launch(load_config(), environ=env)  # the JSON's stage wins over the launcher's, as in accelerate
+    assert (launch.zero_stage, launch.world_size, launch.rank, launch.precision) == (3, 4, 1, "no")
+
+
+@pytest.mark.parametrize("objective", ["charbonnier", "psnr"])
+def test_calibration_steps_with_the_configured_objective(monkeypatch, objective):
+    cfg = load_config(None, [*TINY, f"loss.name={objective}", "train.memory_gb=24"])
+    planned = []
+    monkeypatch.setattr(memory_plan, "calibrate", lambda step, device: planned.append(step) or COSTS[step.mode])
+    plan_for_run(cfg, plan_stages(cfg, 1), Launch(torch.device("cpu")), 24 * GB)
+    reached = []
+    monkeypatch.setattr(step_module, "compute_losses", lambda loss, out, target: reached.append(loss.name) or
+                        compute_losses(loss, out, target))
+    step = planned[0]
+    step.run(step.network(torch.device("cpu")), 16, torch.device("cpu"))
+    assert reached == [objective]  # the trainer's step function (train/step.py), with the run's objective
 
 
 # ---------------------------------------------------------------- against the measured peak
