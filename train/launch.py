@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from model import PRECISIONS
 from train.config import Config, ConfigError
 from train.safe_yaml import YAMLInputError, read_yaml
+from train.step import autocast_dtype
 
 ACCELERATE_DEFAULT_ZERO_STAGE = 2  # accelerate's DeepSpeedPlugin when neither JSON nor launcher names one
 
@@ -46,13 +46,13 @@ class Launch:
     def autocast(self) -> torch.dtype | None:
         """The forward's autocast dtype: None in fp32, and under DeepSpeed, whose engine keeps the
         weights in the low precision itself (the network casts its input to them)."""
-        return None if self.deepspeed else PRECISIONS.get(self.precision)
+        return None if self.deepspeed else autocast_dtype(self.precision)
 
     @property
     def weight_dtype(self) -> torch.dtype:
         """The trained weights' dtype on the device: DeepSpeed's bf16/fp16 copy, else fp32."""
-        low = PRECISIONS.get(self.precision) if self.deepspeed else None
-        return low or torch.float32
+        low_precision = autocast_dtype(self.precision) if self.deepspeed else None
+        return low_precision or torch.float32
 
     def describe(self) -> str:
         return (f"{'fp32' if self.precision == 'no' else self.precision}"
