@@ -32,6 +32,7 @@ import torch
 
 from train.config import ConfigError
 from train.host_memory import retain_freed_memory, rss_kib
+from train.network import apply_activations, build_network, network_record, parameter_count, record_channels
 
 USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved beyond allocated on CUDA)
 RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
@@ -191,16 +192,12 @@ def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precis
     """The plan of a run (train.config.Config, its train.schedule.StagePlan) in `budget` bytes on
     this device; each activation mode it needs is calibrated once. Raises MemoryPlanError, also for a
     calibration that failed (out of memory, a dead subprocess): one kind of error for the caller."""
-    from model import build_model
-
     if device.type == "cpu" and not sys.platform.startswith("linux"):
         raise MemoryPlanError(f"train.memory_gb={budget / GB:g}: a plan on a CPU measures the process's memory "
                               "through Linux's /proc; set train.memory_gb=null here")
-    arch = {"preset": cfg.model.preset, **cfg.model.shape_overrides()}
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(**arch).parameters())
-    setup = Setup(params=params, precision=precision, optimizer=cfg.optim.name, ema=cfg.train.ema_decay is not None,
-                  world_size=world_size, zero_stage=zero_stage)
+    arch = network_record(cfg.model)
+    setup = Setup(params=parameter_count(arch), precision=precision, optimizer=cfg.optim.name,
+                  ema=cfg.train.ema_decay is not None, world_size=world_size, zero_stage=zero_stage)
     # model.checkpointing=true asks for whole-block checkpointing everywhere. Under model.compile the
     # compiler's partitioner decides what backward keeps (the lean path is eager only); eager plain
     # autograd, which keeps every intermediate the partitioner could, stands in as the bound.
@@ -257,26 +254,25 @@ def describe(plan: MemoryPlan | None, memory_gb: float | str | None) -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """What calibration runs: the network's shape (model.build_model arguments), precision, mode."""
+    """What calibration runs: the run's network (a train.network record), precision, mode."""
 
     arch: dict
     precision: str
     mode: str
 
     def network(self, device: torch.device) -> torch.nn.Module:
-        from model import build_model
-
         torch.manual_seed(0)
-        net = build_model(**self.arch).to(device).train()
-        net.set_activations(self.mode)
+        net = build_network(self.arch).to(device).train()
+        apply_activations(net, self.mode)
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
         return net
 
     def step(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
         """Forward, L1 loss and backward of one image, as the trainer runs it."""
-        x = torch.rand(1, net.patch_embed.proj.in_channels, patch, patch, device=device)
-        forward_backward(net, x, torch.rand(1, net.output.out_channels, patch, patch, device=device), self.precision)
+        inputs, outputs = record_channels(self.arch)
+        x = torch.rand(1, inputs, patch, patch, device=device)
+        forward_backward(net, x, torch.rand(1, outputs, patch, patch, device=device), self.precision)
 
 
 def forward_backward(net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, precision: str,

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from model import ARCH_FIELDS, PRECISIONS, Restormer, build_model, load_weights, restore_image
+from model import PRECISIONS, load_weights, restore_image
 from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
@@ -22,6 +22,7 @@ from train.ema import EMA
 from train.losses import compute_losses
 from train.memory_plan import agreed_plan, describe
 from train.metrics import score, score_names
+from train.network import apply_activations, build_network, network_changes, network_record, record_channels
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, plan_stages, resume_step
 from train.state import DataPosition, TrainState
@@ -77,10 +78,9 @@ class Trainer:
         self.recipe_total = sum(cfg.progressive.iters)
         resume_from = checkpointer.resume_point(resume)
 
-        arch = cfg.model.shape_overrides()
-        self.arch = {"preset": cfg.model.preset, **arch}  # what export/config.yaml records
-        self._build_net = lambda: build_model(cfg.model.preset, **arch)
-        net = self._build_net()  # the config's check (model.arch_problem) built this shape already
+        self.arch = network_record(cfg.model)  # what export/config.yaml records (train/network.py)
+        self._build_net = lambda: build_network(self.arch)
+        net = self._build_net()  # the config's check built this network already (on the meta device)
         if cfg.model.init_weights:
             try:
                 load_weights(net, cfg.model.init_weights)
@@ -167,8 +167,7 @@ class Trainer:
 
     def _network_changes(self, config_file: Path) -> list[str]:
         saved = config_from_dict(read_config_file(config_file), str(config_file))
-        return [f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs now {getattr(self.cfg.model, k)!r}"
-                for k in ARCH_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
+        return network_changes(saved.model, self.cfg.model)
 
     # ------------------------------------------------------------------ training
 
@@ -287,7 +286,7 @@ class Trainer:
             while self.state.step < total:
                 stage = self.plan.stage_at(self.state.step)
                 if stage.index != self._stream_stage:
-                    self.network().set_activations(stage.activations)
+                    apply_activations(self.network(), stage.activations)
                     if acc.is_main_process:
                         self._log({"event": "stage", "step": self.state.step, "stage": stage.index,
                                    "patch": stage.patch, "batch": stage.batch, "accum": stage.accum,
@@ -379,7 +378,7 @@ class Trainer:
         net = self._full_module()
         was_training = net.training
         net.eval()
-        names = score_names(cfg.val.y_channel, net.output.out_channels)
+        names = score_names(cfg.val.y_channel, record_channels(self.arch)[1])
         sums = dict.fromkeys(names, 0.0) | {"images": 0.0}
         rows = []
         for item in val_images(cfg, self.val_source, acc.process_index, acc.num_processes):
@@ -421,8 +420,8 @@ class Trainer:
                 tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")},
                             step=self.state.step)
 
-    def network(self) -> Restormer:
-        """The plain Restormer being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
+    def network(self) -> torch.nn.Module:
+        """The plain network being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
         (its state_dict keys are the official ones; whole validation images of every size would
         each recompile a compiled module)."""
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
