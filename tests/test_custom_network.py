@@ -73,7 +73,7 @@ def test_a_bad_network_by_import_path_is_a_one_line_config_error(my_nets, overri
 
 def test_the_resolved_config_names_the_network_and_the_probe_builds_it(my_nets, tmp_path):
     from train.memory_plan import Probe
-    from train.network import network_record, parameter_count
+    from train.network import network_changes, network_record, parameter_count
 
     # model.arch on the command line replaces the recipe's Restormer (demo.yaml sets preset, dim, blocks).
     cfg = load_config("demo", ["model.arch=my_nets:tiny_net", "model.kwargs={width: 4}", "model.kwargs.width=6"])
@@ -81,6 +81,9 @@ def test_the_resolved_config_names_the_network_and_the_probe_builds_it(my_nets, 
                                                                                    "default", None)
     (tmp_path / "resolved.yaml").write_text(cfg.to_yaml())
     assert load_config(str(tmp_path / "resolved.yaml")) == cfg
+    # A resume compares the networks: class, arguments and channels.
+    other = load_config("demo", ["model.arch=my_nets:tiny_net", "model.kwargs={width: 4}"])
+    assert network_changes(other.model, cfg.model) == ["model.kwargs: checkpoint {'width': 4} vs now {'width': 6}"]
     # The memory plan calibrates this network, with the config's channels (no Restormer attributes).
     record = network_record(cfg.model)
     probe = Probe(record, "no", "lean")

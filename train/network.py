@@ -9,9 +9,10 @@ network_record() makes one from a ModelConfig or from any saved config's model s
 checkpoint's full config.yaml holds arch, kwargs and channels beside Restormer's null fields).
 
 A user's network gets every part of the framework that does not depend on Restormer's shape. What
-does: the official .pth and the spandrel check (train/exporting.py skips them, saying so), reading the
-architecture off the weights (model.infer_arch: the tools read config.yaml instead), and lean
-activations (only Restormer's own blocks have them; see apply_activations).
+does: the official .pth (train/exporting.py skips it, saying so) and the spandrel check
+(benchmarks/spandrel_exports.py skips such exports), reading the architecture off the weights
+(model.infer_arch: the tools read config.yaml instead), and lean activations (only Restormer's own
+blocks have them; see apply_activations). docs/custom_networks.md shows a worked example.
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ def record_channels(record: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def describe_network(record: Mapping[str, Any]) -> str:
-    """The network in a few words, for logs and messages."""
-    if is_restormer(record):
-        return ", ".join(f"{k} {v}" for k, v in record.items())
+    """A network by import path as a call, for logs and messages: my_nets:TinyNet(width=8)."""
     kwargs = ", ".join(f"{k}={v!r}" for k, v in record["kwargs"].items())
     return f"{record['arch']}({kwargs})"
 
@@ -76,7 +75,7 @@ def resolve(path: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
+        if err.name is not None and (module_name + ".").startswith(err.name + "."):
             raise NetworkImportError(
                 f"model.arch={path}: no module named {err.name!r} on the Python path; put the folder that holds "
                 f"{module_name.replace('.', '/')}.py on PYTHONPATH as an absolute path (e.g. PYTHONPATH=$PWD, run "

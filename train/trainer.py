@@ -422,8 +422,8 @@ class Trainer:
 
     def network(self) -> torch.nn.Module:
         """The plain network being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
-        (its state_dict keys are the official ones; whole validation images of every size would
-        each recompile a compiled module)."""
+        (its state_dict keys are the network's own, Restormer's the official ones; whole validation
+        images of every size would each recompile a compiled module)."""
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
 
     def _full_module(self) -> torch.nn.Module:
