@@ -132,5 +132,6 @@ def test_a_network_by_import_path_trains_resumes_exactly_and_restores(shards, my
     sys.path.remove(str(my_nets))
     assert restore([str(tmp_path / "photo.png"), "-w", str(split), "-o", str(tmp_path / "again")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"error: {split / 'config.yaml'}: model.arch=my_nets:TinyNet: no module named 'my_nets'")
+    config = split / "export" / "config.yaml"  # the export's own: it describes the weights restored
+    assert error.startswith(f"error: {config}: model.arch=my_nets:TinyNet: no module named 'my_nets'")
     assert "PYTHONPATH" in error and "\n" not in error

@@ -109,7 +109,9 @@ def resolve_weights(path: str | Path, prefer_ema: bool = True) -> tuple[Path, Pa
             return weights, path / ckpt.CONFIG_FILE
         exported = path / ckpt.EXPORT_DIR / SAFETENSORS_FILE
         if exported.is_file():
-            return exported, path / ckpt.CONFIG_FILE if (path / ckpt.CONFIG_FILE).is_file() else None
+            # The export's own config.yaml describes its weights; the run folder's is the latest start's.
+            configs = [c for c in (exported.parent / ckpt.CONFIG_FILE, path / ckpt.CONFIG_FILE) if c.is_file()]
+            return exported, configs[0] if configs else None
         found = ckpt.complete_checkpoints(path / ckpt.CHECKPOINTS_DIR)
         if found:
             return resolve_weights(found[-1], prefer_ema)

@@ -63,7 +63,8 @@ def write_export(out_dir: str | Path, weights: Weights) -> dict[str, Path]:
         save_safetensors(ema if ema is not None else params, written["safetensors"])
     if "pth" in weights.formats and not restormer:
         print(f"export: {OFFICIAL_FILE} skipped: the official .pth is Restormer's format and the network is "
-              f"{describe_network(weights.arch)} (model.safetensors and ONNX work for any network)", file=sys.stderr, flush=True)
+              f"{describe_network(weights.arch)} (model.safetensors and ONNX work for any network)", file=sys.stderr,
+              flush=True)
     elif "pth" in weights.formats:
         written["pth"] = out_dir / OFFICIAL_FILE
         save_official_pth(params, written["pth"], params_ema=ema)
