@@ -94,6 +94,16 @@ def test_the_resolved_config_names_the_network_and_the_probe_builds_it(my_nets, 
     assert all(p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+def test_the_networks_channels_are_checked_against_the_data(my_nets, shards):
+    from train.data import check_data
+    from train.schedule import plan_stages
+
+    cfg = load_config("demo", [ARCH, "model.kwargs={width: 8}", "model.channels=[1, 1]", "data.noise_sigma=25"])
+    with pytest.raises(ConfigError, match=re.escape("gives 3-channel inputs and 3-channel targets, but model.channels "
+                                                    "is [1, 1]: set model.channels=[3, 3]")):
+        check_data(cfg, plan_stages(cfg, 1), f"{shards}/train", None)
+
+
 def test_a_network_by_import_path_trains_resumes_exactly_and_restores(shards, my_nets, tmp_path, capsys):
     """Fresh processes, as a user runs them: 2 steps straight, and 1 step + a resume for the second."""
     from tools.restore import main as restore

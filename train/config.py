@@ -53,7 +53,8 @@ class ModelConfig:
         return {k: getattr(self, k) for k in ARCH_FIELDS if k != "preset" and getattr(self, k) is not None}
 
 
-# What names the network (and so must match on resume): Restormer's shape or a network by import path.
+# The keys that name the network, Restormer's shape or a network by import path: model.arch on the
+# command line replaces all of them (load_config).
 NETWORK_KEYS = (*ARCH_FIELDS, "arch", "kwargs", "channels")
 
 
