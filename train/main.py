@@ -187,7 +187,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None, 
     lines.append("weights identical on every process: " + in_sync[summary["replicas_in_sync"]])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
-        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['pth']}")
+        lines.append("exported: " + ", ".join(path for kind, path in summary["export"].items() if kind != "config"))
     print("\n".join(lines), flush=True)
 
 

@@ -37,7 +37,7 @@ from train.config import Config, ConfigError, LossConfig
 from train.distributed import from_main, smallest
 from train.host_memory import retain_freed_memory, rss_kib
 from train.launch import Launch
-from train.network import build_network, network_arch
+from train.network import apply_activations, build_network, network_record, parameter_count, record_channels
 from train.schedule import StagePlan
 from train.step import autocast_dtype, forward_backward
 
@@ -191,10 +191,8 @@ def plan_for_run(cfg: Config, schedule: StagePlan, launch: Launch, budget: float
     if launch.device.type == "cpu" and not sys.platform.startswith("linux"):
         raise MemoryPlanError(f"train.memory_gb={budget / GB:g}: a plan on a CPU measures the process's memory "
                               "through Linux's /proc; set train.memory_gb=null here")
-    arch = network_arch(cfg)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_network(arch).parameters())
-    footprint = StateFootprint(params=params, precision=launch.precision, optimizer=cfg.optim.name,
+    arch = network_record(cfg.model)
+    footprint = StateFootprint(params=parameter_count(arch), precision=launch.precision, optimizer=cfg.optim.name,
                                ema=cfg.train.ema_decay is not None, world_size=launch.world_size,
                                zero_stage=launch.zero_stage)
     # model.checkpointing=true asks for whole-block checkpointing everywhere. Under model.compile the
@@ -249,7 +247,7 @@ def describe(plan: MemoryPlan | None, memory_gb: float | str | None) -> str:
 @dataclass(frozen=True)
 class CalibrationStep:
     """The training step calibration measures (plain data: it travels to a fresh process as JSON): the
-    network's arch (train.network.network_arch), precision, activation mode and objective (LossConfig's fields)."""
+    network's record (train.network.network_record), precision, activation mode and objective (LossConfig's fields)."""
 
     arch: dict
     precision: str
@@ -257,18 +255,20 @@ class CalibrationStep:
     loss: dict
 
     def network(self, device: torch.device) -> torch.nn.Module:
-        """The probe's network: the run's (build_network), in this step's activation mode."""
+        """The network calibrated: the run's (build_network), in this step's activation mode."""
         torch.manual_seed(0)
         net = build_network(self.arch).to(device).train()
-        net.set_activations(self.mode)
+        apply_activations(net, self.mode)
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
         return net
 
     def run(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
-        """One image through the trainer's step function (train.step.forward_backward)."""
-        x = torch.rand(1, net.patch_embed.proj.in_channels, patch, patch, device=device)
-        target = torch.rand(1, net.output.out_channels, patch, patch, device=device)
+        """One image through the trainer's step function (train.step.forward_backward), with the record's
+        channels (a user's network has no Restormer attributes to read them from)."""
+        inputs, outputs = record_channels(self.arch)
+        x = torch.rand(1, inputs, patch, patch, device=device)
+        target = torch.rand(1, outputs, patch, patch, device=device)
         forward_backward(net, x, target, autocast_dtype(self.precision), LossConfig(**self.loss))
 
 

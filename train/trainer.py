@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from model import Restormer, restore_image
+from model import restore_image
 from train.build import build_training
 from train.checkpoint import Checkpointer
 from train.config import Config
@@ -25,7 +25,7 @@ from train.distributed import gather_named, reduce_max, reduce_named
 from train.launch import Launch
 from train.memory_plan import describe
 from train.metrics import score, score_names
-from train.network import build_network, network_arch, network_changes
+from train.network import apply_activations, build_network, network_changes, network_record, record_channels
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, resume_step
 from train.state import DataPosition, TrainState
@@ -194,7 +194,7 @@ class Trainer:
             while self.state.step < total:
                 stage = self.schedule.stage_at(self.state.step)
                 if stage.index != self._stream_stage:
-                    self.network().set_activations(stage.activations)
+                    apply_activations(self.network(), stage.activations)
                     if acc.is_main_process:
                         self._log({"event": "stage", "step": self.state.step, "stage": stage.index,
                                    "patch": stage.patch, "batch": stage.batch, "accum": stage.accum,
@@ -284,11 +284,12 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         self.peak_memory.pause()
         # The EMA's weights when there is one; under ZeRO-3 a full copy (train/engine.py).
+        record = network_record(cfg.model)
         net = self.engine.full_module(self.ema.module if self.ema is not None else self.network(),
-                                      lambda: build_network(network_arch(cfg)))
+                                      lambda: build_network(record))
         was_training = net.training
         net.eval()
-        names = score_names(cfg.val.y_channel, net.output.out_channels)
+        names = score_names(cfg.val.y_channel, record_channels(record)[1])
         sums = dict.fromkeys(names, 0.0) | {"images": 0.0}
         rows = []
         for item in val_images(cfg, self.val_source, self.launch.rank, self.launch.world_size):
@@ -330,10 +331,10 @@ class Trainer:
                 tracker.log({"val/samples": wandb.Image(str(path), caption="degraded | restored | target")},
                             step=self.state.step)
 
-    def network(self) -> Restormer:
-        """The plain Restormer being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
-        (its state_dict keys are the official ones; whole validation images of every size would
-        each recompile a compiled module)."""
+    def network(self) -> torch.nn.Module:
+        """The plain network being trained: no DDP/DeepSpeed wrapper, no torch.compile wrapper
+        (its state_dict keys are the network's own, Restormer's the official ones; whole validation
+        images of every size would each recompile a compiled module)."""
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
 
     def export(self, checkpoint: Path) -> dict[str, str]:
@@ -341,4 +342,4 @@ class Trainer:
         stage) the trained ones are the fp32 master weights consolidated from `checkpoint`."""
         trained = self.engine.trained_weights(self.network())
         ema = self.ema.state_dict() if self.ema is not None else None
-        return self.checkpointer.export(checkpoint, trained, ema, network_arch(self.cfg))
+        return self.checkpointer.export(checkpoint, trained, ema, network_record(self.cfg.model))
