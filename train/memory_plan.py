@@ -10,7 +10,8 @@ A training process holds two kinds of memory on its device:
   step function (train/step.py). On CUDA the caching allocator's peak
   counts them (workspaces included); on a CPU, where oneDNN's buffers and the C library's heap add
   ~15-25% to what the tensors hold, the peak RSS of fresh processes does (`_cpu_peaks`). So the plan holds
-  for any preset and any `model.*` shape override.
+  for any preset, any `model.*` shape override and any network by import path (model.arch; its module
+  on PYTHONPATH, which the fresh processes inherit).
 
 The plan's output is the stages the trainer runs (train.schedule.StagePlan, micro-batch, activations
 and predicted peak filled in). Each stage keeps its global batch exactly: its per-process batch is split into equal micro-batches
