@@ -28,6 +28,8 @@ from accelerate import Accelerator  # noqa: E402
 
 from model import build_model  # noqa: E402
 from train.checkpoint import Checkpointer, verify  # noqa: E402
+from train.launch import Launch  # noqa: E402
+from train.state import TrainState  # noqa: E402
 from train.ema import EMA  # noqa: E402
 
 MODELS = {
@@ -46,11 +48,11 @@ def measure(name: str, rounds: int, folder: Path) -> dict[str, float]:
     net(x).abs().mean().backward()
     optimizer.step()
     ema = EMA(net, 0.999)
-    checkpointer = Checkpointer(folder / name, acc, keep_last=1)
+    checkpointer = Checkpointer(folder / name, acc, Launch(acc.device), keep_last=1)
     writes, seals, verifies, cpu_save, cpu_verify = [], [], [], [], []
     for step in range(1, rounds + 1):
         c0 = time.process_time()
-        path = checkpointer.save(step, {"step": step}, ema.state_dict(), "model: {}\n", None)
+        path = checkpointer.save(step, TrainState(step=step).state_dict(0, 1), ema.state_dict(), "model: {}\n", None)
         cpu_save.append(time.process_time() - c0)
         writes.append(checkpointer.last_timing.write_s)
         seals.append(checkpointer.last_timing.seal_s)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +41,11 @@ sys.path[:0] = [str(ROOT)]
 from benchmarks import matrix  # noqa: E402  (after the path)
 from model import PRESETS, build_model  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
-from train.config import ProgressiveConfig  # noqa: E402
-from train.memory_plan import (GB, USABLE_SHARE, Probe, Setup, calibrate, forward_backward,  # noqa: E402
+from train.config import Config, LossConfig, ProgressiveConfig, TrainConfig  # noqa: E402
+from train.memory_plan import (GB, USABLE_SHARE, CalibrationStep, StateFootprint, calibrate,  # noqa: E402
                                plan_memory, reserved_bytes)
+from train.schedule import plan_stages  # noqa: E402
+from train.step import autocast_dtype, forward_backward  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 CELLS = (  # one process each; the matrix's tiny networks
@@ -169,7 +171,7 @@ def _train_step(net, opt, patch: int, batch: int, micro: int, precision: str, de
     channels = net.patch_embed.proj.in_channels
     for _ in range(batch // micro):
         x = torch.rand(micro, channels, patch, patch, device=device)
-        forward_backward(net, x, x, precision, share=micro / batch)
+        forward_backward(net, x, x, autocast_dtype(precision), share=micro / batch)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -200,13 +202,17 @@ def measured_step(arch: dict, mode: str, patch: int, batch: int, micro: int, pre
 def memory_case(scale: Scale, device: torch.device, budget_gb: float, table: Table) -> None:
     """Per recipe stage: the recipe's batch as is (lean), then as the plan for budget_gb runs it."""
     params = sum(p.numel() for p in build_model(**scale.arch).parameters())
-    stages = [(i, patch, batch) for i, (patch, batch) in enumerate(scale.stages)]
+    patches, batches = zip(*scale.stages)
+    recipe = Config(progressive=ProgressiveConfig(iters=[1] * len(patches), patch=list(patches), batch=list(batches)),
+                    train=TrainConfig(reference_world_size=None))  # each stage's batch as given, one process
+    loss = asdict(LossConfig())
     for precision in PRECISIONS:
         with table.guard("memory", f"{precision}, plan for {budget_gb:g} GB"):
             reserved = reserved_bytes(device)
-            plan = plan_memory(stages, Setup(params=params, precision=precision), budget_gb * GB, reserved,
-                               lambda mode: calibrate(Probe(scale.arch, precision, mode), device))
-            for s in plan.stages:
+            plan = plan_memory(plan_stages(recipe, 1), StateFootprint(params=params, precision=precision),
+                               budget_gb * GB, reserved,
+                               lambda mode: calibrate(CalibrationStep(scale.arch, precision, mode, loss), device))
+            for s in plan.schedule.stages:
                 where = f"{precision}, stage {s.index} {s.patch} px x {s.batch}"
                 if table.late("memory", where):
                     continue

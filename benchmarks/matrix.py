@@ -11,7 +11,7 @@ N optimizer steps, a validation, a checkpoint and the export; then a resume of t
 one more step (validation, checkpoint, export again); then the exported weights are loaded into
 model.Restormer and, where it is installed, into spandrel (the loader of chaiNNer and other
 restoration apps), and both must give the same output. A cell this device cannot run by design is
-refused before any work (train.main.check_precision), with the message in the table.
+refused before any work (train.launch.check_precision), with the message in the table.
 
 One launch per mode runs every recipe's cell in sequence inside the same processes: the Accelerator
 is reused (one process group), and everything a launch would start fresh is fresh per cell (the
@@ -179,13 +179,11 @@ def make_data(root: Path) -> dict[str, dict[str, str]]:
 def run_cells(plan: dict) -> None:
     """Runs every recipe's cell of one mode in this launch; rank 0 appends each result to the file."""
     import torch
-    from accelerate.utils import DistributedType
 
     from train.config import ConfigError, load_config
-    from train.main import build_accelerator, check_precision
+    from train.launch import build_accelerator, check_precision, resolve_launch
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = None
+    accelerator = launch = None
     pristine_ds = None  # the DeepSpeed settings as launched: each cell starts from them
     for recipe in plan["recipes"]:
         cell = Cell(recipe, plan["mode"])
@@ -200,18 +198,19 @@ def run_cells(plan: dict) -> None:
             cfg = load_config(recipe, [*overrides, f"train.max_steps={steps}"])
             torch.set_num_threads(cfg.train.threads)
             if accelerator is None:
-                accelerator = build_accelerator(cfg, world_size)
-                if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                launch = resolve_launch(cfg)
+                accelerator = build_accelerator(cfg, launch)
+                if launch.deepspeed:
                     pristine_ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-            check_precision(accelerator)
+            check_precision(launch, accelerator)
         except ConfigError as err:
             cell.status, cell.message = "refused", str(err)
         if cell.status != "refused":
             try:
-                first = _train(accelerator, cfg, pristine_ds, resume=None)
+                first = _train(launch, accelerator, cfg, pristine_ds, resume=None)
                 cell.l1 = _l1_at(out, steps)
                 resumed_cfg = load_config(recipe, [*overrides, f"train.max_steps={steps + 1}"])
-                second = _train(accelerator, resumed_cfg, pristine_ds, resume=Path(first["checkpoint"]))
+                second = _train(launch, accelerator, resumed_cfg, pristine_ds, resume=Path(first["checkpoint"]))
                 cell.l1_resumed = _l1_at(out, steps + 1)
                 cell.val_psnr = second.get("val/psnr")
                 if accelerator.is_main_process:
@@ -234,7 +233,7 @@ def run_cells(plan: dict) -> None:
         time.sleep(0.5)
 
 
-def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
+def _train(launch, accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
     from accelerate.utils import set_seed
 
     from train.checkpoint import Checkpointer
@@ -248,15 +247,16 @@ def _train(accelerator, cfg, pristine_ds, resume: Path | None) -> dict:
         live.clear()
         live.update(copy.deepcopy(pristine_ds))
     train_source, val_source = resolve_sources(cfg)
-    check_data(cfg, plan_stages(cfg, accelerator.num_processes), train_source, val_source)
+    schedule = plan_stages(cfg, launch.world_size)
+    check_data(cfg, schedule, train_source, val_source)
     set_seed(cfg.train.seed)
-    checkpointer = Checkpointer(cfg.run_dir, accelerator, cfg.train.keep_last)
-    checkpointer.open(cfg.to_yaml())
+    checkpointer = Checkpointer(cfg.run_dir, accelerator, launch, cfg.train.keep_last)
+    checkpointer.claim_run_folder(cfg.to_yaml())
     try:
-        return Trainer(cfg, accelerator, checkpointer, train_source, val_source,
+        return Trainer(cfg, launch, accelerator, checkpointer, schedule, (train_source, val_source),
                        None if resume is None else str(resume)).train()
     finally:
-        checkpointer.close()
+        checkpointer.release_run_folder()
 
 
 def _step_records(run_dir: Path) -> list[dict]:

@@ -18,6 +18,7 @@ AdamW) on 12, 16, 24, 40 and 80 GB cards, with each implementation's measured al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -33,10 +34,12 @@ sys.path[:0] = [str(ROOT)]
 from benchmarks.model_speed import _official_class  # noqa: E402  (after the path)
 from model import PRESETS, build_model  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
-from train.config import ProgressiveConfig  # noqa: E402
+from train.config import Config  # noqa: E402
 from train.host_memory import retain_freed_memory, rss_kib  # noqa: E402
-from train.memory_plan import (GB, RESERVED_CUDA, USABLE_SHARE, MemoryPlanError, Setup, StepCost,  # noqa: E402
-                               forward_backward, plan_memory)
+from train.memory_plan import (GB, RESERVED_CUDA, USABLE_SHARE, MemoryPlanError, StateFootprint,  # noqa: E402
+                               StepCost, plan_memory)
+from train.schedule import plan_stages  # noqa: E402
+from train.step import autocast_dtype, forward_backward  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 CARDS_GB = (12, 16, 24, 40, 80)
@@ -68,7 +71,7 @@ def measure(case: dict) -> dict:
     for i in range(case["steps"] + 1):  # the first step warms up
         c0, w0 = time.process_time(), time.perf_counter()
         for x_micro, target_micro in zip(x.split(micro), target.split(micro)):
-            forward_backward(net, x_micro, target_micro, case["dtype"], share=micro / case["batch"])
+            forward_backward(net, x_micro, target_micro, autocast_dtype(case["dtype"]), share=micro / case["batch"])
         opt.step()
         opt.zero_grad(set_to_none=False)  # the gradients stay allocated: the meter sees the step alone
         if i:
@@ -77,7 +80,7 @@ def measure(case: dict) -> dict:
     rss = rss_kib("VmHWM") * 1024.0
     meter = TensorMemoryMeter()
     with meter:
-        forward_backward(net, x, target, case["dtype"])
+        forward_backward(net, x, target, autocast_dtype(case["dtype"]))
     return {"rss": rss, "allocated": meter.peak, "cpu_s": statistics.median(cpu) if cpu else None,
             "wall_s": statistics.median(wall) if wall else None}
 
@@ -165,15 +168,14 @@ def print_plan_costs(preset: str, dtype: str, patch: int, common: dict, steps: i
 
 def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: str) -> None:
     """The official recipe's stages on CARDS_GB cards, planned as train/memory_plan.py plans them."""
-    recipe = ProgressiveConfig()
-    stages = [(i, p, b) for i, (p, b) in enumerate(zip(recipe.patch, recipe.batch))]
+    recipe = plan_stages(Config(), 8)  # the recipe as written, for its 8 GPUs
     params = sum(p.numel() for p in build_model(preset).parameters())
     print(f"The official recipe ({preset}: 8 GPUs, DDP, AdamW, per-GPU batch "
-          + ", ".join(f"{b} x {p} px" for _, p, b in stages) + ") per card; cells: micro-batch x accumulation "
+          + ", ".join(f"{s.batch} x {s.patch} px" for s in recipe.stages) + ") per card; cells: micro-batch x accumulation "
           "and activation mode per stage ('-': does not fit); planned with the allocated bytes per pixel above, "
           f"{USABLE_SHARE:.0%} of the card less {RESERVED_CUDA / GB:g} GB")
-    print("| card | precision | implementation | " + " | ".join(f"{p} px x {b}" for _, p, b in stages) + " |")
-    print("|---|---|---|" + "---|" * len(stages))
+    print("| card | precision | implementation | " + " | ".join(f"{s.patch} px x {s.batch}" for s in recipe.stages) + " |")
+    print("|---|---|---|" + "---|" * len(recipe.stages))
     for card in CARDS_GB:
         for (cost_preset, dtype, impl), cost in allocated.items():
             if cost_preset != preset or impl == "ours checkpoint":
@@ -181,12 +183,13 @@ def print_recipe_fit(allocated: dict[tuple[str, str, str], StepCost], preset: st
             costs = {impl: cost}
             if impl == "ours lean" and (preset, dtype, "ours checkpoint") in allocated:
                 costs["ours checkpoint"] = allocated[(preset, dtype, "ours checkpoint")]
-            setup = Setup(params=params, precision=dtype, world_size=8)
+            footprint = StateFootprint(params=params, precision=dtype, world_size=8)
             cells = []
-            for stage in stages:
+            for stage in recipe.stages:
                 try:
-                    s = plan_memory([stage], setup, card * GB, RESERVED_CUDA, costs.__getitem__,
-                                    modes=tuple(costs)).stages[0]
+                    one = dataclasses.replace(recipe, stages=(stage,))
+                    s = plan_memory(one, footprint, card * GB, RESERVED_CUDA, costs.__getitem__,
+                                    modes=tuple(costs)).schedule.stages[0]
                     cells.append(f"{s.micro_batch} x {s.batch // s.micro_batch}, {s.activations.split()[-1]}")
                 except MemoryPlanError:
                     cells.append("-")

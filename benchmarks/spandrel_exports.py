@@ -48,9 +48,20 @@ def export_presets(out: Path) -> list[Path]:
 
 
 def weight_files(paths: list[Path]) -> list[Path]:
+    """The weight files of export or run folders; an export of a network of one's own (model.arch in
+    its config.yaml) is skipped, saying so: spandrel builds Restormer, not it."""
+    from train.safe_yaml import read_yaml
+
     files = []
     for path in paths:
         folder = path / "export" if (path / "export").is_dir() else path
+        config = read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        model = config.get("model") if isinstance(config, dict) else None
+        arch = model.get("arch") if isinstance(model, dict) else None
+        if arch is not None:
+            print(f"skipped {folder}: spandrel loads Restormer, and this is a network of its own ({arch})",
+                  file=sys.stderr)
+            continue
         found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
         if not found:
             raise SystemExit(f"error: {path}: no {' or '.join(WEIGHT_FILES)} in it (give an export or run folder)")

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
 from train.checkpoint import (
@@ -20,6 +19,7 @@ from train.checkpoint import (
     checkpoint_name, choose, clean_stale_tmp, complete_checkpoints, is_sealed, move_aside, prune, publish,
     read_state, seal, verify, write_json_atomic,
 )
+from train.launch import Launch
 from train.run_lock import LOCK_FILE, RunLock, RunLockedError
 from train.state import TrainState
 
@@ -133,11 +133,12 @@ def test_resume_path_refuses_a_damaged_state_file_in_the_same_form(tmp_path):
     """train.main reads trainer_state.json before any process starts: its refusal reads like the others."""
     from train.config import Config
     from train.main import refuse_unmappable_resume
+    from train.schedule import plan_stages
 
     path = make(tmp_path, 3)
     flip(path, STATE_FILE)  # a byte of the JSON text becomes >= 0x80: not UTF-8 any more
     with pytest.raises(CheckpointError, match=r"--resume .*: refused, trainer_state.json: unreadable \(UnicodeDecode"):
-        refuse_unmappable_resume(str(path), Config(), 1)
+        refuse_unmappable_resume(str(path), Config(), plan_stages(Config(), 1))
 
 
 WRONG_STATES = {  # trainer_state.json well-formed, with a field of the wrong type or range, or missing
@@ -159,6 +160,7 @@ def test_a_state_file_with_wrong_types_is_refused_naming_the_key(tmp_path, wrong
     passes over it, --resume PATH refuses it in train/main.py before any process starts."""
     from train.config import Config
     from train.main import refuse_unmappable_resume
+    from train.schedule import plan_stages
 
     older, path = make(tmp_path, 2), make(tmp_path, 3)
     state = {k: v for k, v in json.loads((path / STATE_FILE).read_text(encoding="utf-8")).items() if k != "manifest"}
@@ -168,7 +170,7 @@ def test_a_state_file_with_wrong_types_is_refused_naming_the_key(tmp_path, wrong
     (seal if sealed else lambda p, s: write_json_atomic(p / STATE_FILE, s))(path, state)
     expected = re.escape(f"{STATE_FILE}: {message}")
     with pytest.raises(CheckpointError, match=rf"--resume {re.escape(str(path))}: refused, {expected}"):
-        refuse_unmappable_resume(str(path), Config(), 1)
+        refuse_unmappable_resume(str(path), Config(), plan_stages(Config(), 1))
     choice = choose("auto", [older, path], lambda p: verify(p, 0))
     assert choice.path == older and re.match(expected, choice.rejected[0][1])
 
@@ -217,23 +219,24 @@ def test_publish_replaces_and_stale_tmp_is_cleaned(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def _layout_checker(distributed_type, processes):
-    acc = SimpleNamespace(is_main_process=True, distributed_type=distributed_type, num_processes=processes)
-    return Checkpointer(Path("/nonexistent"), acc, keep_last=1)
+def _layout_checker(zero_stage, processes):
+    acc = SimpleNamespace(is_main_process=True)
+    launch = Launch(torch.device("cpu"), zero_stage=zero_stage, world_size=processes)
+    return Checkpointer(Path("/nonexistent"), acc, launch, keep_last=1)
 
 
 @pytest.mark.parametrize("saved,now", [(2, 1), (1, 2)])
 def test_deepspeed_resume_on_another_process_count_is_refused_up_front(tmp_path, saved, now):
     path = make(tmp_path, 3, ranks=saved)
     (path / "pytorch_model").mkdir()
-    checker = _layout_checker(DistributedType.DEEPSPEED, now)
+    checker = _layout_checker(2, now)
     with pytest.raises(CheckpointError, match=f"written by {saved} processes and this run has {now}.*Resume with {saved}"):
         checker._check_layout(path, read_state(path))
-    _layout_checker(DistributedType.DEEPSPEED, saved)._check_layout(path, read_state(path))  # same count: fine
+    _layout_checker(2, saved)._check_layout(path, read_state(path))  # same count: fine
     with pytest.raises(CheckpointError, match="written with DeepSpeed and this run is not under DeepSpeed"):
-        _layout_checker(DistributedType.MULTI_CPU, now)._check_layout(path, read_state(path))
+        _layout_checker(None, now)._check_layout(path, read_state(path))
     (path / "pytorch_model").rmdir()  # a DDP checkpoint: any process count resumes it
-    _layout_checker(DistributedType.MULTI_CPU, now)._check_layout(path, read_state(path))
+    _layout_checker(None, now)._check_layout(path, read_state(path))
 
 
 # ---------------------------------------------------------------- the run lock

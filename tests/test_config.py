@@ -74,7 +74,7 @@ def test_bad_config_is_a_clear_error(override, message):
 def test_every_choice_the_config_accepts_has_one_implementation():
     from train.losses import OBJECTIVES
     from train.schedule import SCHEDULES
-    from train.trainer import OPTIMIZERS
+    from train.build import OPTIMIZERS
 
     hints = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()
              if hasattr(section, "__dataclass_fields__")}

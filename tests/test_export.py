@@ -72,16 +72,17 @@ def test_a_checkpoint_with_ema_exports_both_weights_and_deploys_the_ema(tmp_path
 def test_onnx_with_free_height_and_width_matches_torch(tmp_path, preset):
     pytest.importorskip("onnxruntime")
     model = tiny(preset, seed=1)
-    path = export_onnx(model, tmp_path / "m.onnx", height=32, width=40)
+    channels = 1 if preset == "gaussian_gray_denoising" else 3
+    path = export_onnx(model, tmp_path / "m.onnx", channels, height=32, width=40)
     for height, width in ((32, 40), (20, 28), (37, 45)):  # the traced size, smaller, not a multiple of 8
-        assert check_onnx(model, path, height, width) <= 1e-4
+        assert check_onnx(model, path, channels, height, width) <= 1e-4
 
 
 def test_onnx_static_export_matches_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     model = tiny(seed=2)
-    path = export_onnx(model, tmp_path / "m.onnx", height=24, width=32, dynamic=False)
-    assert check_onnx(model, path, 24, 32) <= 1e-4
+    path = export_onnx(model, tmp_path / "m.onnx", 3, height=24, width=32, dynamic=False)
+    assert check_onnx(model, path, 3, 24, 32) <= 1e-4
 
 
 def test_onnx_cli_reports_its_check(tmp_path, capsys):
@@ -98,7 +99,7 @@ def test_onnx_graph_rejects_nothing_torch_would_accept(tmp_path):
     """The graph pads internally: an odd-sized image gives an output of its own size."""
     ort = pytest.importorskip("onnxruntime")
     model = tiny(seed=4)
-    path = export_onnx(model, tmp_path / "m.onnx", height=16, width=16)
+    path = export_onnx(model, tmp_path / "m.onnx", 3, height=16, width=16)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 3, 13, 19), dtype=np.float32)
     assert session.run(None, {"input": x})[0].shape == (1, 3, 13, 19)

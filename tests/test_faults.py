@@ -600,12 +600,13 @@ def scenario_damage_seen_by_one_rank(data: Path, work: Path) -> str:
 NAN_PROBE = """
 import sys
 sys.path.insert(0, {root!r})
+import train.step as step
 import train.trainer as trainer
 from train.main import main
 
 # Runs main() unchanged, with the loss of the listed steps multiplied by NaN.
 poisoned, now = {steps!r}, {{"step": 0}}
-train_step, compute_losses = trainer.Trainer.train_step, trainer.compute_losses
+train_step, compute_losses = trainer.Trainer.train_step, step.compute_losses
 
 
 def counting_step(self, stage):
@@ -620,7 +621,7 @@ def nan_losses(*args, **kwargs):
     return losses
 
 
-trainer.Trainer.train_step, trainer.compute_losses = counting_step, nan_losses
+trainer.Trainer.train_step, step.compute_losses = counting_step, nan_losses
 sys.exit(main())
 """
 

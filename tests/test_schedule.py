@@ -72,15 +72,16 @@ def test_iterations_rule_resume_on_another_world_size_keeps_the_recipe_iteration
         return plan.stage_at(step).index, lr_at(cfg.lr, cfg.optim.lr, recipe_total, step * plan.step_scale)
 
     # The case: 2 processes at step 368000 = recipe iteration 92000, the start of stage 1.
-    up = resume_step(cfg, 368000, 2, 4)
+    up = resume_step(cfg, 368000, 2, plan_stages(cfg, 4))
     assert up == 184000 and position(up, 4) == position(368000, 2)
     assert position(368000, 2)[0] == 1
     # And back down, from the middle of a stage.
-    down = resume_step(cfg, 200001, 4, 2)
+    down = resume_step(cfg, 200001, 4, plan_stages(cfg, 2))
     assert down == 400002 and position(down, 2) == position(200001, 4)
     # Same world size, or another batch rule: the step is the position already.
-    assert resume_step(cfg, 12345, 2, 2) == 12345
-    assert resume_step(load_config("deraining"), 12345, 2, 4) == 12345
+    assert resume_step(cfg, 12345, 2, plan_stages(cfg, 2)) == 12345
+    deraining = load_config("deraining")
+    assert resume_step(deraining, 12345, 2, plan_stages(deraining, 4)) == 12345
 
 
 def test_iterations_rule_resume_refuses_a_position_between_steps():
@@ -89,4 +90,4 @@ def test_iterations_rule_resume_refuses_a_position_between_steps():
 
     cfg = load_config("deraining", ["train.batch_rule=iterations"])
     with pytest.raises(ConfigError, match=r"step 1001 \(2 processes.*on 4 processes.*Resume on 2 processes"):
-        resume_step(cfg, 1001, 2, 4)  # recipe iteration 250.25: no whole step on 4 processes
+        resume_step(cfg, 1001, 2, plan_stages(cfg, 4))  # recipe iteration 250.25: no whole step on 4 processes

@@ -40,16 +40,16 @@ class ONNXExportError(RuntimeError):
     pass
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, height: int = 64, width: int = 64,
+def export_onnx(model: torch.nn.Module, path: str | Path, channels: int, height: int = 64, width: int = 64,
                 opset: int = 17, dynamic: bool = True) -> Path:
-    """Traces `model` (on a CPU fp32 copy) at (height, width); dynamic: H and W stay free in the graph."""
+    """Traces `model` (on a CPU fp32 copy) on a (1, channels, height, width) image; dynamic: H and W stay
+    free in the graph."""
     if importlib.util.find_spec("onnx") is None:  # not a dependency: torch's exporter needs it to write the graph
         raise ONNXExportError("ONNX export needs the onnx package: pip install onnx onnxruntime (or pass "
                               "--formats safetensors pth)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = PaddedModel.cpu_copy(model)
-    channels = model.patch_embed.proj.weight.shape[1]
     example = torch.rand(1, channels, height, width)
     axes = {"input": {2: "height", 3: "width"}, "output": {2: "height", 3: "width"}} if dynamic else None
     try:
@@ -66,15 +66,15 @@ def export_onnx(model: torch.nn.Module, path: str | Path, height: int = 64, widt
     return path
 
 
-def check_onnx(model: torch.nn.Module, path: str | Path, height: int, width: int, seed: int = 0) -> float:
-    """Max |onnxruntime - torch| on one random (1, C, height, width) input."""
+def check_onnx(model: torch.nn.Module, path: str | Path, channels: int, height: int, width: int,
+               seed: int = 0) -> float:
+    """Max |onnxruntime - torch| on one random (1, channels, height, width) input."""
     try:
         import onnxruntime
     except ImportError as err:
         raise ONNXExportError("checking the ONNX file needs onnxruntime: pip install onnxruntime "
                               "(or pass --no-check)") from err
     net = PaddedModel.cpu_copy(model)
-    channels = model.patch_embed.proj.weight.shape[1]
     x = torch.rand(1, channels, height, width, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = net(x).numpy()
@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     height, width = args.onnx_size
     try:
-        path = export_onnx(loaded.model, Path(args.output) / ONNX_FILE, height, width, args.opset,
+        path = export_onnx(loaded.model, Path(args.output) / ONNX_FILE, loaded.in_channels, height, width, args.opset,
                            dynamic=not args.static)
         print(f"{'onnx':12s} {path} (input {'1 x C x H x W, any H, W' if not args.static else f'1 x C x {height} x {width}'})")
         if args.no_check:
             return 0
         # Checked at a size other than the traced one, when free, to prove the shapes really are.
         check_hw = (height + 8, width + 5) if not args.static else (height, width)
-        diff = check_onnx(loaded.model, path, *check_hw)
+        diff = check_onnx(loaded.model, path, loaded.in_channels, *check_hw)
     except ONNXExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

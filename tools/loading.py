@@ -9,12 +9,16 @@ The architecture is read off the weights themselves (model.infer_arch), so no fi
 a config.yaml beside it. Explicit architecture arguments override what the weights say (and then
 must fit them); the preset name shown comes from --preset, a config.yaml beside the weights, the
 official release file name, or the first preset of the same kind.
+
+A network of the user's own (model.arch, train/network.py) cannot be read off its weights: the
+config.yaml its run, checkpoint or export wrote names it (model.arch, model.kwargs, model.channels),
+and the class is imported from there (its module must be on PYTHONPATH, as when it was trained).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch
 from model import ARCH_FIELDS, PRESETS, Restormer, WeightsFileError, infer_arch, load_weights, read_state_dict
 from train import checkpoint as ckpt
 from train.exporting import SAFETENSORS_FILE
+from train.network import NetworkImportError, build_network, describe_network, network_record, record_channels
 from train.safe_yaml import YAMLInputError, read_yaml
 
 # File-name prefixes of the official release's weights and the preset each needs.
@@ -45,36 +50,39 @@ class ModelLoadError(ValueError):
 class LoadedModel:
     model: torch.nn.Module  # in eval mode, on the requested device
     weights: Path  # the file the parameters came from
-    arch: dict[str, Any] = field(default_factory=dict)  # preset + overrides given to build_model
+    arch: dict[str, Any]  # the network's record (train/network.py): preset + overrides, or arch + kwargs
+    channels: tuple[int, int]  # (input, output) image channels
 
     @property
     def in_channels(self) -> int:
-        return self.model.patch_embed.proj.weight.shape[1]
+        return self.channels[0]
 
     @property
     def out_channels(self) -> int:
-        return self.model.output.weight.shape[0]
+        return self.channels[1]
 
     @property
     def dual_pixel(self) -> bool:
         return bool(getattr(self.model, "dual_pixel_task", False))
 
     def describe(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.arch.items() if k != "preset")
         params = sum(p.numel() for p in self.model.parameters())
+        if "arch" in self.arch:
+            return f"{self.weights} ({describe_network(self.arch)}; {params / 1e6:.2f} M parameters)"
+        extra = ", ".join(f"{k}={v}" for k, v in self.arch.items() if k != "preset")
         return f"{self.weights} (preset {self.arch['preset']}{', ' + extra if extra else ''}; {params / 1e6:.2f} M parameters)"
 
 
-def _config_preset(config_path: Path | None) -> str | None:
-    """The preset name a run's config.yaml gives, if it is readable (a naming hint only)."""
+def _config_model(config_path: Path | None) -> dict[str, Any]:
+    """The model section of a run's config.yaml, if it is readable ({} otherwise)."""
     if config_path is None:
-        return None
+        return {}
     try:
         data = read_yaml(config_path)
     except YAMLInputError:
-        return None
+        return {}
     section = data.get("model") if isinstance(data, dict) else None
-    return section.get("preset") if isinstance(section, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def _preset_of_kind(kwargs: dict[str, Any]) -> str | None:
@@ -101,7 +109,9 @@ def resolve_weights(path: str | Path, prefer_ema: bool = True) -> tuple[Path, Pa
             return weights, path / ckpt.CONFIG_FILE
         exported = path / ckpt.EXPORT_DIR / SAFETENSORS_FILE
         if exported.is_file():
-            return exported, path / ckpt.CONFIG_FILE if (path / ckpt.CONFIG_FILE).is_file() else None
+            # The export's own config.yaml describes its weights; the run folder's is the latest start's.
+            configs = [c for c in (exported.parent / ckpt.CONFIG_FILE, path / ckpt.CONFIG_FILE) if c.is_file()]
+            return exported, configs[0] if configs else None
         found = ckpt.complete_checkpoints(path / ckpt.CHECKPOINTS_DIR)
         if found:
             return resolve_weights(found[-1], prefer_ema)
@@ -131,25 +141,48 @@ def load_model(path: str | Path, arch: dict[str, Any] | None = None, prefer_ema:
     mismatch raises model.WeightsMismatchError, which names the keys that differ.
     """
     weights, config = resolve_weights(path, prefer_ema)
+    section = _config_model(config)
+    given = {k: v for k, v in (arch or {}).items() if v is not None}
+    if section.get("arch") is not None:
+        return _load_imported(network_record(section), weights, config, given, device)
     try:
         state = read_state_dict(weights)
         kwargs = infer_arch(state)
     except WeightsFileError as err:  # names the file itself
         raise ModelLoadError(str(err)) from None
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{weights}: {err}") from err
-    given = {k: v for k, v in (arch or {}).items() if v is not None}
+        hint = "" if config else (". A network of your own (model.arch) loads from its run, checkpoint or export "
+                                  "folder, whose config.yaml names it")
+        raise ModelLoadError(f"{weights}: {err}{hint}") from err
     preset = given.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS:
             raise ModelLoadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         kwargs.update(PRESETS[preset])
     kwargs.update(given)
-    name = preset or _config_preset(config) or official_preset(weights) or _preset_of_kind(kwargs) or "custom"
+    name = preset or section.get("preset") or official_preset(weights) or _preset_of_kind(kwargs) or "custom"
     model = Restormer(**kwargs)
     load_weights(model, state)
     resolved = {"preset": name, **{k: kwargs[k] for k in ARCH_FIELDS if k in kwargs}}
-    return LoadedModel(model.to(device).eval(), weights, resolved)
+    return LoadedModel(model.to(device).eval(), weights, resolved, (kwargs["inp_channels"], kwargs["out_channels"]))
+
+
+def _load_imported(record: dict[str, Any], weights: Path, config: Path, given: dict[str, Any],
+                   device: str | torch.device) -> LoadedModel:
+    """The network by import path that `config` names, with the weights loaded strictly."""
+    if given:
+        options = " ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise ModelLoadError(f"{options}: {config} names a network of its own ({record['arch']}), not Restormer; "
+                             "drop these options (its arguments are model.kwargs there)")
+    try:
+        model = build_network(record)
+        state = read_state_dict(weights)
+    except NetworkImportError as err:
+        raise ModelLoadError(f"{config}: {err}") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{weights}: {err}") from err
+    load_weights(model, state)
+    return LoadedModel(model.to(device).eval(), weights, record, record_channels(record))
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

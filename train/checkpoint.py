@@ -43,6 +43,8 @@ from typing import Any
 from blake3 import blake3
 
 from data_shards.atomic import atomic_write, fsync_path
+from train.distributed import any_rank, from_main, gather_objects
+from train.launch import Launch
 from train.run_lock import RunLock, RunLockedError
 from train.state import saved_state_problem
 
@@ -339,9 +341,10 @@ class Checkpointer:
 
     Every method is collective (all ranks call it); the main process alone touches shared files."""
 
-    def __init__(self, run_dir: Path, accelerator, keep_last: int):
+    def __init__(self, run_dir: Path, accelerator, launch: Launch, keep_last: int):
         self.run_dir = Path(run_dir)
         self.acc = accelerator
+        self.launch = launch
         self.keep_last = keep_last
         self.root = self.run_dir / CHECKPOINTS_DIR
         self.export_dir = self.run_dir / EXPORT_DIR
@@ -352,8 +355,8 @@ class Checkpointer:
 
     # ---------------------------------------------------------- the run folder
 
-    def open(self, config_yaml: str) -> None:
-        """Locks the run folder for this run, then writes its config.yaml."""
+    def claim_run_folder(self, config_yaml: str) -> None:
+        """Locks the run folder for this run (held until release_run_folder), then writes its config.yaml."""
         failure = None
         if self.main:
             try:
@@ -363,10 +366,10 @@ class Checkpointer:
                 (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
             except (RunLockedError, OSError) as err:
                 failure = err
-        if self._any(failure is not None):
+        if any_rank(self.acc, failure is not None):
             raise CheckpointError(str(failure) if failure else "the main process could not lock the run folder")
 
-    def close(self) -> None:
+    def release_run_folder(self) -> None:
         if self._lock is not None:
             self._lock.release()
 
@@ -374,31 +377,9 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return str(found[-1]) if found else "none (no checkpoint was written yet)"
 
-    # ---------------------------------------------------------- collectives
-
-    def _any(self, flag: bool) -> bool:
-        if self.acc.num_processes == 1:
-            return flag
-        import torch
-
-        value = torch.tensor([float(flag)], device=self.acc.device, dtype=torch.float64)
-        return bool(self.acc.reduce(value, "max").item())
-
-    def _from_main(self, value):
-        if self.acc.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value])[0]
-
     def verdict(self, path: Path) -> str | None:
         """verify() on every rank; one answer for all, naming the ranks that saw a problem."""
-        mine = verify(path, self.acc.process_index)
-        if self.acc.num_processes == 1:
-            return mine
-        from accelerate.utils import gather_object
-
-        seen = gather_object([mine])
+        seen = gather_objects(self.acc, verify(path, self.launch.rank))
         bad = [(rank, problem) for rank, problem in enumerate(seen) if problem is not None]
         if not bad:
             return None
@@ -411,7 +392,7 @@ class Checkpointer:
     def resume_point(self, arg: str | None) -> Path | None:
         """The checkpoint to resume from (see the module docstring), or None for a fresh start. Called
         before the model is built: what cannot be resumed here is refused up front."""
-        candidates = self._from_main(complete_checkpoints(self.root) if arg == "auto" else [])
+        candidates = from_main(self.acc, complete_checkpoints(self.root) if arg == "auto" else [])
         choice = choose(arg, candidates, self.verdict)
         if self.main:
             for path, problem in choice.rejected:
@@ -440,7 +421,7 @@ class Checkpointer:
         failure, ema = None, None
         try:
             self.acc.load_state(str(path))
-            rng_file = path / f"random_states_{self.acc.process_index}.pkl"
+            rng_file = path / f"random_states_{self.launch.rank}.pkl"
             if rng_file.is_file() and not _loads_safely(rng_file):
                 # accelerate skips an RNG file it cannot load without a word: a tampered one must not pass.
                 raise pickle.UnpicklingError(f"{rng_file} was refused")
@@ -451,16 +432,14 @@ class Checkpointer:
         except Exception as err:  # a damaged file, or a pickle that torch.load(weights_only=True) refused
             failure = err
         # All ranks fail together: a rank that went on training alone would wait for the others forever.
-        if self._any(failure is not None):
-            raise CheckpointError(_load_failure(path, failure, self.acc.process_index))
+        if any_rank(self.acc, failure is not None):
+            raise CheckpointError(_load_failure(path, failure, self.launch.rank))
         self._saved_step = int(state["step"])
         return Loaded({k: v for k, v in state.items() if k != "manifest"}, ema)
 
     def _check_layout(self, path: Path, state: dict[str, Any]) -> None:
         """Refuses, before loading anything, what accelerate/DeepSpeed would fail on half-way."""
-        from accelerate.utils import DistributedType
-
-        deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        deepspeed = self.launch.deepspeed
         written_by_deepspeed = (path / DEEPSPEED_DIR).is_dir()
         if deepspeed != written_by_deepspeed:
             raise CheckpointError(
@@ -468,10 +447,10 @@ class Checkpointer:
                 f"DeepSpeed and this run is {'' if deepspeed else 'not '}under DeepSpeed. Resume with the launcher "
                 "config it was written with, or start a new run from its weights (model.init_weights=...)")
         saved_world = state.get("world_size")
-        if deepspeed and saved_world is not None and saved_world != self.acc.num_processes:
+        if deepspeed and saved_world is not None and saved_world != self.launch.world_size:
             raise CheckpointError(
                 f"cannot resume from {path}: this DeepSpeed checkpoint was written by {saved_world} processes and "
-                f"this run has {self.acc.num_processes}; ZeRO's optimizer state is partitioned per process and "
+                f"this run has {self.launch.world_size}; ZeRO's optimizer state is partitioned per process and "
                 f"DeepSpeed cannot re-partition it on load. Resume with {saved_world} processes, or start a new "
                 f"run from its consolidated weights (python -m tools.export -w {path} -o DIR, then "
                 "model.init_weights=DIR/model.safetensors; the optimizer state starts afresh)")
@@ -489,7 +468,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         failure = self._write(tmp, ema, config_yaml)
         # Every rank learns whether any rank failed (this reduce is also the barrier before sealing).
-        if self._any(failure is not None):
+        if any_rank(self.acc, failure is not None):
             raise self._failed(step, tmp, failure)
         t1 = time.perf_counter()
         if self.main:
@@ -497,7 +476,7 @@ class Checkpointer:
                 seal(tmp, state)  # every rank's files are written: hash them all, then mark it complete
             except Exception as err:  # disk full again, while writing trainer_state.json
                 failure = err
-        if self._any(failure is not None):
+        if any_rank(self.acc, failure is not None):
             raise self._failed(step, tmp, failure)
         self.last_timing = SaveTiming(t1 - t0, time.perf_counter() - t1)
         if self.main:

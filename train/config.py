@@ -37,6 +37,12 @@ class ModelConfig:
     num_refinement_blocks: int | None = None
     heads: list[int] | None = None
     ffn_expansion_factor: float | None = None
+    # A network of your own instead of Restormer (docs/custom_networks.md): package.module:Class (or a
+    # function returning the network), built with kwargs. Set on the command line, it replaces the
+    # recipe file's Restormer shape (preset and the fields above), which do not go with it otherwise.
+    arch: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    channels: list[int] | None = None  # with arch: [input, output] image channels; null: [3, 3]
     checkpointing: bool = False  # recompute each transformer block in backward: big patches fit
     channels_last: bool = False
     compile: bool = False
@@ -45,6 +51,11 @@ class ModelConfig:
     def shape_overrides(self) -> dict[str, Any]:
         """The shape fields set here (model.ARCH_FIELDS but the preset): build_model(preset, **these)."""
         return {k: getattr(self, k) for k in ARCH_FIELDS if k != "preset" and getattr(self, k) is not None}
+
+
+# The keys that name the network, Restormer's shape or a network by import path: model.arch on the
+# command line replaces all of them (load_config).
+NETWORK_KEYS = (*ARCH_FIELDS, "arch", "kwargs", "channels")
 
 
 @dataclass
@@ -76,7 +87,7 @@ class ProgressiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"  # implementations: train.trainer.OPTIMIZERS
+    name: Literal["adamw", "sgd"] = "adamw"  # implementations: train.build.OPTIMIZERS
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
@@ -185,7 +196,9 @@ class _Mismatch(ConfigError):
     next option. Other ConfigErrors of _coerce (a bad list item, a number too large) are the answer."""
 
 
-_KINDS = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+_KINDS = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+          dict: "a mapping"}
+_PLAIN = (type(None), bool, int, float, str)
 
 
 def _choices(annotation: Any) -> list[str]:
@@ -222,6 +235,15 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
             return [_coerce(v, item_type, f"{name}[{i}]", source) for i, v in enumerate(value)]
         except _Mismatch as err:  # a list, with a bad item: that item's message is the answer
             raise ConfigError(str(err)) from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch(f"{where}: expected a mapping of names to values, e.g. {{width: 16}}, got {_shown(value)}")
+        names = [key for key in value if not (isinstance(key, str) and key.isidentifier())]
+        problem = f"{_shown(names[0])} is not an argument name" if names else _plain_problem(value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}; give names and plain YAML values (numbers, strings, true/false, "
+                              "null, lists, mappings)")
+        return dict(value)
     if origin is Literal:
         options = typing.get_args(annotation)
         if isinstance(value, str) and value in options:
@@ -252,6 +274,20 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
             return str(value)
         raise _Mismatch(f"{where}: expected a string, got {_shown(value)}")
     raise TypeError(f"unsupported config annotation {annotation} at {where}")
+
+
+def _plain_problem(value: Any, where: str = "") -> str | None:
+    """What in a value is not plain YAML (a date, say), or None."""
+    if isinstance(value, dict):
+        items = [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+        items += [(f"{where} key {key!r}", key) for key in value]
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, _PLAIN):
+        return None
+    else:
+        return f"{where} is a {type(value).__name__} ({_shown(value)})"
+    return next(filter(None, (_plain_problem(item, name) for name, item in items)), None)
 
 
 def _shown(value: Any) -> str:
@@ -288,6 +324,8 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str, old: boo
             if not isinstance(value, dict):
                 raise ConfigError(f"'{where}' (from {source}) is a section, give a mapping")
             _merge(current, value, f"{where}.", source, old)
+        elif isinstance(current, dict) and isinstance(value, dict):  # model.kwargs.width=32 sets one entry
+            setattr(obj, key, {**current, **_coerce(value, hints[key], where, source)})
         else:
             setattr(obj, key, _coerce(value, hints[key], where, source))
 
@@ -343,12 +381,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         resolved = resolve_config_path(str(path))
         _merge(cfg, read_config_file(resolved), "", str(resolved))
+    parsed = []
     for text in overrides or []:
         keys, value = parse_override(text)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}
-        _merge(cfg, nested, "", override_source(text))
+        parsed.append((nested, override_source(text)))
+    if any(isinstance(n.get("model"), dict) and "arch" in n["model"] for n, _ in parsed):
+        # Another network on the command line: the recipe's network (Restormer's shape) goes with it.
+        for key in NETWORK_KEYS:
+            setattr(cfg.model, key, getattr(ModelConfig(), key))
+    for nested, source in parsed:
+        _merge(cfg, nested, "", source)
     validate(cfg)
     return cfg
 
@@ -435,10 +480,33 @@ def validate(cfg: Config) -> None:
     _check_limits(cfg)
     # Last: it builds the network (on the meta device) from numbers the checks above bounded.
     overrides = cfg.model.shape_overrides()
+    if cfg.model.arch is not None:
+        _validate_imported(cfg.model, overrides)
+        return
+    for key, unset in (("kwargs", {}), ("channels", None)):
+        if getattr(cfg.model, key) != unset:
+            raise ConfigError(f"model.{key} goes with model.arch (a network of your own, by import path); "
+                              f"Restormer's shape is model.preset and model.dim/num_blocks/heads/...: drop model.{key}")
     problem = arch_problem(cfg.model.preset, **overrides)
     if problem:
         given = "".join(f", {k}={v}" for k, v in overrides.items())
         raise ConfigError(f"model (preset {cfg.model.preset}{given}): {problem}")
+
+
+def _validate_imported(model: ModelConfig, overrides: dict[str, Any]) -> None:
+    restormer = ([f"model.preset={model.preset}"] if model.preset != ModelConfig.preset else []) + [
+        f"model.{k}={v}" for k, v in overrides.items()]
+    if restormer:
+        raise ConfigError(f"{', '.join(restormer)} set Restormer's shape, but model.arch={model.arch} trains another "
+                          "network: drop them (its arguments go in model.kwargs), or drop model.arch")
+    if model.channels is not None and len(model.channels) != 2:
+        raise ConfigError(f"model.channels={model.channels}: give [input, output] image channels, e.g. [3, 3]")
+    # Here, not at the top: train/network.py builds from a Config, so it imports this module.
+    from train.network import import_problem
+
+    problem = import_problem(model.arch, model.kwargs)
+    if problem:
+        raise ConfigError(problem)
 
 
 # Every number of a config is a count, a size, a rate, a level or a time: none is negative, NaN or
@@ -450,7 +518,7 @@ NUMBER_LIMIT = 2**31 - 1
 # Restormer (dim 48, blocks [4, 6, 6, 8], 8 heads, refinement 4), a larger one takes minutes to build.
 RANGES = {
     "model.dim": (1, 1024), "model.num_blocks": (0, 64), "model.heads": (1, 64),
-    "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16),
+    "model.num_refinement_blocks": (0, 64), "model.ffn_expansion_factor": (0.1, 16), "model.channels": (1, 64),
     "optim.betas": (0, 0.9999999), "data.num_workers": (0, 256), "train.threads": (1, 1024),
     "data.timeout_s": (0, NUMBER_LIMIT), "val.max_images": (1, NUMBER_LIMIT), "val.grid_crop": (1, NUMBER_LIMIT),
     # Sizes that become byte counts (x 2**30, x 10**9): a petabyte is beyond any device or local disk.
@@ -475,6 +543,8 @@ def _check_limits(cfg: Config) -> None:
 
 def _numbers(tree: Any, where: str):
     """(dotted key, value) of every number in a config's to_dict(), list items as key[i]."""
+    if where == "model.kwargs":  # the network's own arguments: its constructor checks them
+        return
     if isinstance(tree, dict):
         for key, value in tree.items():
             yield from _numbers(value, f"{where}.{key}" if where else key)

@@ -14,6 +14,7 @@ from data_shards.stream import (NoiseConfig, StreamSettings, build_train_loader,
                                 index_source, noise_mismatch)
 from train.config import Config, ConfigError
 from train.metrics import SSIM_WINDOW
+from train.network import network_record, record_channels
 from train.schedule import Stage, StagePlan
 
 
@@ -116,6 +117,7 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
     problem = noise_mismatch(bool(index.inputs), noise_config(cfg), f"data.train: '{train_source}'")
     if problem:
         raise ConfigError(problem)
+    _check_channels(cfg, index, train_source)
     largest = max(index.max_size) if index.max_size else None
     for stage in plan.stages:
         if largest is not None and stage.patch > largest:
@@ -129,6 +131,19 @@ def check_data(cfg: Config, plan: StagePlan, train_source: str, val_source: str 
         if problem:
             raise ConfigError(f"data.train: '{redact(train_source)}': {problem} (stage {stage.index}); pack more "
                               "data or lower progressive.batch")
+
+
+def _check_channels(cfg: Config, index: ShardIndex, source: str) -> None:
+    """A network of the user's own takes model.channels; the stream gives what the data holds (named
+    inputs, as dual-pixel views, concatenated). Restormer's preset decides its own channels."""
+    if cfg.model.arch is None:
+        return
+    stored = [index.channels * max(1, len(index.inputs)), index.channels]
+    wanted = list(record_channels(network_record(cfg.model)))
+    if stored != wanted:
+        raise ConfigError(f"data.train: '{redact(source)}' gives {stored[0]}-channel inputs and {stored[1]}-channel "
+                          f"targets, but model.channels is {wanted}: set model.channels={stored} (and the network's "
+                          "own arguments in model.kwargs to match)")
 
 
 VAL_NOISE_SETTINGS = "for validation (val.noise_sigma, e.g. 25, or data.noise_* when it is null)"

@@ -14,8 +14,6 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import datetime
-import os
 import time
 
 import torch
@@ -26,8 +24,8 @@ from train.checkpoint import (CHECKPOINTS_DIR, CheckpointError, Checkpointer, ch
 from train.config import ConfigError, load_config
 from train.data import check_data, resolve_sources
 from train.host_memory import retain_freed_memory
-from train.schedule import plan_stages, resume_step
-from train.tracking import wandb_mode
+from train.launch import Launch, build_accelerator, check_precision, resolve_launch
+from train.schedule import StagePlan, plan_stages, resume_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,28 +42,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "plans for this machine's GPU, or for train.memory_gb=N on any machine")
     parser.add_argument("--num-processes", type=int, metavar="N",
                         help="with --print-plan: the process count to plan for (default: this launch's)")
+    parser.add_argument("--launch-config", metavar="FILE",
+                        help="with --print-plan: plan for the launch of this accelerate config file (its processes, "
+                             "precision, DeepSpeed and the ZeRO stage of its DeepSpeed JSON) instead of this one's")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml())
             return 0
-        if args.num_processes is not None and not args.print_plan:
-            raise ConfigError("--num-processes goes with --print-plan (a launch's process count is accelerate launch's "
-                              "--num_processes)")
+        for flag, value in (("--num-processes", args.num_processes), ("--launch-config", args.launch_config)):
+            if value is not None and not args.print_plan:
+                raise ConfigError(f"{flag} goes with --print-plan (a launch's own are accelerate launch's "
+                                  "--num_processes and --config_file)")
+        launch = resolve_launch(cfg, num_processes=args.num_processes, launch_config=args.launch_config)
+        schedule = plan_stages(cfg, launch.world_size)
         if args.print_plan:
-            return print_memory_plan(cfg, world_size if args.num_processes is None else args.num_processes)
-        plan = plan_stages(cfg, world_size)
+            return print_memory_plan(cfg, launch, schedule)
         train_source, val_source = resolve_sources(cfg)
-        check_data(cfg, plan, train_source, val_source, world_size)
+        check_data(cfg, schedule, train_source, val_source, launch.world_size)
         check_resume_arg(args.resume, cfg.run_dir / CHECKPOINTS_DIR)
-        refuse_unmappable_resume(args.resume, cfg, world_size)
+        refuse_unmappable_resume(args.resume, cfg, schedule)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -79,17 +81,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.trainer import NonFiniteError, Trainer
 
-    accelerator = build_accelerator(cfg, world_size)
+    accelerator = build_accelerator(cfg, launch)
     set_seed(cfg.train.seed)
-    checkpointer = Checkpointer(cfg.run_dir, accelerator, cfg.train.keep_last)
+    checkpointer = Checkpointer(cfg.run_dir, accelerator, launch, cfg.train.keep_last)
     # The errors caught first are raised by every rank at the same step, so the closing barrier is
     # safe. Any other error may be this rank's alone (a bad sample, a dead peer): a barrier would keep
     # it waiting for ranks still training, where exiting lets the launcher stop them.
     agreed = True
     try:
-        check_precision(accelerator)  # same settings on every rank: all refuse together, before any work
-        checkpointer.open(cfg.to_yaml())  # the run folder's lock, held until the end
-        trainer = Trainer(cfg, accelerator, checkpointer, train_source, val_source, args.resume)
+        check_precision(launch, accelerator)  # same settings on every rank: all refuse together, before any work
+        checkpointer.claim_run_folder(cfg.to_yaml())  # its lock, held until the end
+        trainer = Trainer(cfg, launch, accelerator, checkpointer, schedule, (train_source, val_source), args.resume)
         started = time.time()
         summary = trainer.train()
     except NonFiniteError as err:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # otherwise free tensors while Python shuts down and the process aborts.
         if agreed:
             accelerator.wait_for_everyone()
-        checkpointer.close()
+        checkpointer.release_run_folder()
         accelerator.end_training()
         time.sleep(0.5)
 
@@ -139,51 +141,18 @@ def run_baselines(cfg, val_source: str):
     return baselines
 
 
-def print_memory_plan(cfg, world_size: int) -> int:
-    """--print-plan: the plan for `world_size` processes of this launch's kind (accelerate launch's
-    precision and DeepSpeed settings where it set them), without training."""
+def print_memory_plan(cfg, launch: Launch, schedule: StagePlan) -> int:
+    """--print-plan: the plan of `launch` (this one, or --launch-config/--num-processes), without training."""
     from train.memory_plan import budget_bytes, describe, plan_for_run
 
-    if world_size < 1:
-        raise ConfigError(f"--num-processes {world_size}: give a process count of 1 or more")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    zero_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if deepspeed else None
-    stages = plan_stages(cfg, world_size)
-    budget = budget_bytes(cfg.train.memory_gb, device)
-    plan = None if budget is None else plan_for_run(cfg, stages, budget=budget, device=device, precision=precision,
-                                                    world_size=world_size, zero_stage=zero_stage)
-    print(f"{stages.note}; {'fp32' if precision == 'no' else precision}{f', DeepSpeed ZeRO-{zero_stage}' if deepspeed else ''}")
+    budget = budget_bytes(cfg.train.memory_gb, launch.device)
+    plan = None if budget is None else plan_for_run(cfg, schedule, launch, budget)
+    print(f"{schedule.note}; {launch.describe()}")
     print(describe(plan, cfg.train.memory_gb))
     return 0
 
 
-def build_accelerator(cfg, world_size: int):
-    """The Accelerator for this launch: gloo between CPU ranks, DeepSpeed when launched with it."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
-    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
-    if cpu_ranks:
-        # Without a GPU every backend (DeepSpeed included) must use gloo, or ranks do not see each other.
-        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
-    else:
-        handlers = [InitProcessGroupKwargs(timeout=timeout)]
-    # `accelerate launch --multi_gpu` (launch/cpu.yaml) on a machine without GPUs starts processes that
-    # each think they are alone unless told they are CPU ranks; DeepSpeed picks its CPU backend itself.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(
-        cpu=cpu_ranks and not deepspeed,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if wandb_mode(cfg.tracking.wandb) == "disabled" else "wandb",
-        project_dir=str(cfg.run_dir),
-        kwargs_handlers=handlers,
-    )
-
-
-def refuse_unmappable_resume(arg: str | None, cfg, world_size: int) -> None:
+def refuse_unmappable_resume(arg: str | None, cfg, schedule: StagePlan) -> None:
     """Under train.batch_rule=iterations a resume on another process count must keep the recipe
     iteration: refused here, before any process starts, when it cannot (the trainer maps the step
     again on the checkpoint it verifies). A damaged newest checkpoint is left to --resume auto."""
@@ -198,32 +167,7 @@ def refuse_unmappable_resume(arg: str | None, cfg, world_size: int) -> None:
         if arg == "auto":
             return
         raise refused(arg, str(err)) from err
-    resume_step(cfg, int(state["step"]), int(state["world_size"]), world_size)
-
-
-def check_precision(accelerator) -> None:
-    """Refuses a precision this device would not really run (ConfigError naming the setting)."""
-    from accelerate.utils import DistributedType
-
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.mixed_precision == "fp16" and not deepspeed and accelerator.scaler is None:
-        # accelerate runs fp16 only on accelerators: on a CPU it would silently train in fp32.
-        raise ConfigError(
-            f"mixed precision fp16 (--mixed_precision / train.mixed_precision) does not run on "
-            f"{accelerator.device.type}: accelerate gives it no autocast and no GradScaler there (it would train "
-            "in fp32). Use bf16 or no on this device, or fp16 under DeepSpeed"
-        )
-    if accelerator.mixed_precision == "fp16" and deepspeed:
-        from deepspeed.accelerator import get_accelerator
-
-        # DeepSpeed's CPU backend runs fp16 only where oneDNN has fp16 kernels (AVX512-FP16/AMX-FP16
-        # CPUs); elsewhere it fails inside the first step, on every rank.
-        if not get_accelerator().is_fp16_supported():
-            raise ConfigError(
-                f"mixed precision fp16 (--mixed_precision / train.mixed_precision) under DeepSpeed does not run on "
-                f"this {accelerator.device.type}: DeepSpeed's {get_accelerator().device_name()} backend has no fp16 "
-                "kernels here (a CPU needs AVX512-FP16 or AMX-FP16). Use bf16 or no on this device"
-            )
+    resume_step(cfg, int(state["step"]), int(state["world_size"]), schedule)
 
 
 def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None, tile: int | None = None) -> None:
@@ -243,7 +187,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path, baselines=None, 
     lines.append("weights identical on every process: " + in_sync[summary["replicas_in_sync"]])
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
-        lines.append(f"exported: {summary['export']['safetensors']}, {summary['export']['pth']}")
+        lines.append("exported: " + ", ".join(path for kind, path in summary["export"].items() if kind != "config"))
     print("\n".join(lines), flush=True)
 
 

@@ -3,15 +3,18 @@
 A training process holds two kinds of memory on its device:
 - state, whose size follows from the parameter count and the setup: weights, gradients (and DDP's
   gradient buckets), optimizer state, the EMA copy, DeepSpeed's fp32 master weights and ZeRO's
-  sharding of them (`Setup.state_bytes`);
+  sharding of them (`StateFootprint.parts`);
 - a training step's activations and transients, linear in the pixels of a micro-batch. They are
   measured, not assumed (`calibrate`): one forward and backward of the run's network at two small
-  patch sizes, under the run's precision and activation mode. On CUDA the caching allocator's peak
+  patch sizes, under the run's precision, activation mode and objective, through the trainer's own
+  step function (train/step.py). On CUDA the caching allocator's peak
   counts them (workspaces included); on a CPU, where oneDNN's buffers and the C library's heap add
   ~15-25% to what the tensors hold, the peak RSS of fresh processes does (`_cpu_peaks`). So the plan holds
-  for any preset and any `model.*` shape override.
+  for any preset, any `model.*` shape override and any network by import path (model.arch; its module
+  on PYTHONPATH, which the fresh processes inherit).
 
-Each stage keeps its global batch exactly: its per-process batch is split into equal micro-batches
+The plan's output is the stages the trainer runs (train.schedule.StagePlan, micro-batch, activations
+and predicted peak filled in). Each stage keeps its global batch exactly: its per-process batch is split into equal micro-batches
 (the largest divisor of the batch that fits) and the trainer accumulates them. Full activation
 checkpointing is used only where a micro-batch of one image does not fit otherwise, and a stage
 that does not fit even then is refused before any step. Every predicted peak stays within
@@ -21,6 +24,7 @@ RESERVED_CUDA for the CUDA context and libraries; on a CPU the process's own mem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -30,8 +34,13 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
+from train.config import Config, ConfigError, LossConfig
+from train.distributed import from_main, smallest
 from train.host_memory import retain_freed_memory, rss_kib
+from train.launch import Launch
+from train.network import apply_activations, build_network, network_record, parameter_count, record_channels
+from train.schedule import StagePlan
+from train.step import autocast_dtype, forward_backward
 
 USABLE_SHARE = 0.9  # the rest absorbs the allocator's fragmentation (reserved beyond allocated on CUDA)
 RESERVED_CUDA = 2**30  # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator counts
@@ -68,8 +77,9 @@ class StepCost:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Setup:
-    """What decides the state's size: parameters, precision, optimizer, EMA, processes, DeepSpeed."""
+class StateFootprint:
+    """What decides the size of a process's training state: parameters, precision, optimizer, EMA,
+    processes, DeepSpeed's ZeRO stage."""
 
     params: int
     precision: str = "no"  # no | bf16 | fp16
@@ -78,7 +88,8 @@ class Setup:
     world_size: int = 1
     zero_stage: int | None = None  # None: DDP or one process
 
-    def state_bytes(self) -> dict[str, float]:
+    def parts(self) -> dict[str, float]:
+        """Bytes per process, by what holds them."""
         n, shards = self.params, self.world_size
         moments = 2 if self.optimizer == "adamw" else 1
         if self.zero_stage is None:
@@ -86,12 +97,12 @@ class Setup:
             if shards > 1:
                 state["DDP buckets"] = 4 * n
         else:
-            low = self.precision in ("bf16", "fp16")
-            width = 2 if low else 4
+            low_precision = self.precision in ("bf16", "fp16")  # DeepSpeed keeps those weights in 2 bytes
+            width = 2 if low_precision else 4
             state = {"weights": width * n / (shards if self.zero_stage >= 3 else 1),
                      "gradients": width * n / (shards if self.zero_stage >= 2 else 1),
                      "optimizer": 4 * moments * n / (shards if self.zero_stage >= 1 else 1)}
-            if low:
+            if low_precision:
                 state["fp32 master weights"] = 4 * n / (shards if self.zero_stage >= 1 else 1)
         if self.ema:
             state["EMA"] = 4 * n
@@ -99,22 +110,12 @@ class Setup:
 
 
 @dataclass(frozen=True)
-class StageMemory:
-    index: int
-    patch: int
-    batch: int  # per process and loaded batch (the schedule's)
-    micro_batch: int  # images per forward/backward: a divisor of batch
-    activations: str  # model.restormer.ACTIVATION_MODES
-    predicted: float  # peak bytes, state and reserved included
-
-
-@dataclass(frozen=True)
 class MemoryPlan:
     budget: float
     reserved: float
     state: dict[str, float]
-    stages: tuple[StageMemory, ...]
     costs: dict[str, StepCost]
+    schedule: StagePlan  # what the trainer runs: each stage's micro_batch, activations, predicted peak set
 
     @property
     def usable(self) -> float:
@@ -130,23 +131,21 @@ class MemoryPlan:
                  "| stage | patch | batch | micro-batch x accum | activations | predicted peak GB |",
                  "|---|---|---|---|---|---|"]
         lines += [f"| {s.index} | {s.patch} | {s.batch} | {s.micro_batch} x {s.batch // s.micro_batch} | "
-                  f"{s.activations} | {s.predicted / GB:.2f} |" for s in self.stages]
+                  f"{s.activations} | {s.predicted / GB:.2f} |" for s in self.schedule.stages]
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        return asdict(self) | {"usable": self.usable, "usable_share": USABLE_SHARE}
 
-
-def plan_memory(stages, setup: Setup, budget: float, reserved: float, cost_of, modes: tuple[str, ...] = MODES
-                ) -> MemoryPlan:
-    """Fits every (index, patch, batch) stage into `budget` bytes, trying `modes` in order;
-    `cost_of(mode)` -> StepCost is called once per mode the plan needs. Raises MemoryPlanError."""
-    state_parts = setup.state_bytes()
+def plan_memory(schedule: StagePlan, footprint: StateFootprint, budget: float, reserved: float, cost_of,
+                modes: tuple[str, ...] = MODES) -> MemoryPlan:
+    """Fits every stage of `schedule` (its per-process batch) into `budget` bytes, trying `modes` in
+    order; `cost_of(mode)` -> StepCost is called once per mode the plan needs. Raises MemoryPlanError."""
+    state_parts = footprint.parts()
     fixed = reserved + sum(state_parts.values())
     usable = USABLE_SHARE * budget
     costs: dict[str, StepCost] = {}
     planned = []
-    for index, patch, batch in stages:
+    for stage in schedule.stages:
+        index, patch, batch = stage.index, stage.patch, stage.batch
         choice = None
         for mode in modes:
             if mode not in costs:
@@ -154,7 +153,7 @@ def plan_memory(stages, setup: Setup, budget: float, reserved: float, cost_of, m
             for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
                 predicted = fixed + costs[mode].bytes(micro, patch)
                 if predicted <= usable:
-                    choice = StageMemory(index, patch, batch, micro, mode, predicted)
+                    choice = dataclasses.replace(stage, micro_batch=micro, activations=mode, predicted=predicted)
                     break
             if choice is not None:
                 break
@@ -164,10 +163,10 @@ def plan_memory(stages, setup: Setup, budget: float, reserved: float, cost_of, m
                 f"stage {index} ({patch} px) does not fit the memory budget: one image with {modes[-1]} activations "
                 f"needs {need / GB:.2f} GB (state {sum(state_parts.values()) / GB:.2f}, reserved {reserved / GB:.2f}), "
                 f"the plan may use {usable / GB:.2f} GB ({USABLE_SHARE:.0%} of train.memory_gb={budget / GB:g}). "
-                + ("Train in bf16 (train.mixed_precision=bf16), lower" if setup.precision == "no" else "Lower")
+                + ("Train in bf16 (train.mixed_precision=bf16), lower" if footprint.precision == "no" else "Lower")
                 + " progressive.patch, shard the state with DeepSpeed ZeRO, or use a device with more memory")
         planned.append(choice)
-    return MemoryPlan(budget, reserved, state_parts, tuple(planned), costs)
+    return MemoryPlan(budget, reserved, state_parts, costs, dataclasses.replace(schedule, stages=tuple(planned)))
 
 
 def budget_bytes(memory_gb: float | str | None, device: torch.device) -> float | None:
@@ -186,59 +185,50 @@ def reserved_bytes(device: torch.device) -> float:
     return rss_kib("VmRSS") * 1024.0
 
 
-def plan_for_run(cfg, stage_plan, *, budget: float, device: torch.device, precision: str, world_size: int,
-                 zero_stage: int | None) -> MemoryPlan:
-    """The plan of a run (train.config.Config, its train.schedule.StagePlan) in `budget` bytes on
-    this device; each activation mode it needs is calibrated once. Raises MemoryPlanError, also for a
-    calibration that failed (out of memory, a dead subprocess): one kind of error for the caller."""
-    from model import build_model
-
-    if device.type == "cpu" and not sys.platform.startswith("linux"):
+def plan_for_run(cfg: Config, schedule: StagePlan, launch: Launch, budget: float) -> MemoryPlan:
+    """The plan of a run's `schedule` (train.schedule.plan_stages for launch.world_size) in `budget`
+    bytes on launch.device; each activation mode it needs is calibrated once. Raises MemoryPlanError,
+    also for a calibration that failed (out of memory, a dead subprocess): one kind of error for the caller."""
+    if launch.device.type == "cpu" and not sys.platform.startswith("linux"):
         raise MemoryPlanError(f"train.memory_gb={budget / GB:g}: a plan on a CPU measures the process's memory "
                               "through Linux's /proc; set train.memory_gb=null here")
-    arch = {"preset": cfg.model.preset, **cfg.model.shape_overrides()}
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(**arch).parameters())
-    setup = Setup(params=params, precision=precision, optimizer=cfg.optim.name, ema=cfg.train.ema_decay is not None,
-                  world_size=world_size, zero_stage=zero_stage)
+    arch = network_record(cfg.model)
+    footprint = StateFootprint(params=parameter_count(arch), precision=launch.precision, optimizer=cfg.optim.name,
+                               ema=cfg.train.ema_decay is not None, world_size=launch.world_size,
+                               zero_stage=launch.zero_stage)
     # model.checkpointing=true asks for whole-block checkpointing everywhere. Under model.compile the
     # compiler's partitioner decides what backward keeps (the lean path is eager only); eager plain
     # autograd, which keeps every intermediate the partitioner could, stands in as the bound.
     modes = ("checkpoint",) if cfg.model.checkpointing else ("plain", "checkpoint") if cfg.model.compile else MODES
-    stages = [(s.index, s.patch, s.batch) for s in stage_plan.stages]
 
     def cost_of(mode: str) -> StepCost:
+        step = CalibrationStep(arch, launch.precision, mode, asdict(cfg.loss))
         try:
-            return calibrate(Probe(arch, precision, mode), device)
+            return calibrate(step, launch.device)
         except MemoryPlanError:
             raise
         except Exception as err:  # noqa: BLE001 (whatever failed, the run cannot plan: said in one line)
-            raise MemoryPlanError(f"memory calibration ({mode} activations, {precision}) failed: "
+            raise MemoryPlanError(f"memory calibration ({mode} activations, {launch.precision}) failed: "
                                   f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
-    return plan_memory(stages, setup, budget, reserved_bytes(device), cost_of, modes)
+    return plan_memory(schedule, footprint, budget, reserved_bytes(launch.device), cost_of, modes)
 
 
-def agreed_plan(acc, cfg, stage_plan, zero_stage: int | None) -> MemoryPlan | None:
+def agreed_plan(acc, cfg: Config, launch: Launch, schedule: StagePlan) -> MemoryPlan | None:
     """The plan of a run under an accelerate.Accelerator, the same on every rank: the budget is the
     smallest of all ranks', the main process calibrates and plans, and every rank gets the plan or the
     refusal (MemoryPlanError on every rank, before any step: one rank failing alone would hang the others)."""
-    budget = budget_bytes(cfg.train.memory_gb, acc.device)
+    budget = budget_bytes(cfg.train.memory_gb, launch.device)
     if budget is None:
         return None
-    if acc.num_processes > 1:
-        budget = -acc.reduce(torch.tensor([-budget], device=acc.device, dtype=torch.float64), "max").item()
+    budget = smallest(acc, budget)
     result: MemoryPlan | str | None = None
     if acc.is_main_process:
         try:
-            result = plan_for_run(cfg, stage_plan, budget=budget, device=acc.device, precision=acc.mixed_precision,
-                                  world_size=acc.num_processes, zero_stage=zero_stage)
+            result = plan_for_run(cfg, schedule, launch, budget)
         except MemoryPlanError as err:
             result = str(err)
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        result = broadcast_object_list([result])[0]
+    result = from_main(acc, result)
     if isinstance(result, str):
         raise MemoryPlanError(f"train.memory_gb: {result}")
     return result
@@ -256,56 +246,48 @@ def describe(plan: MemoryPlan | None, memory_gb: float | str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Probe:
-    """What calibration runs: the network's shape (model.build_model arguments), precision, mode."""
+class CalibrationStep:
+    """The training step calibration measures (plain data: it travels to a fresh process as JSON): the
+    network's record (train.network.network_record), precision, activation mode and objective (LossConfig's fields)."""
 
     arch: dict
     precision: str
     mode: str
+    loss: dict
 
     def network(self, device: torch.device) -> torch.nn.Module:
-        from model import build_model
-
+        """The network calibrated: the run's (build_network), in this step's activation mode."""
         torch.manual_seed(0)
-        net = build_model(**self.arch).to(device).train()
-        net.set_activations(self.mode)
+        net = build_network(self.arch).to(device).train()
+        apply_activations(net, self.mode)
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
         return net
 
-    def step(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
-        """Forward, L1 loss and backward of one image, as the trainer runs it."""
-        x = torch.rand(1, net.patch_embed.proj.in_channels, patch, patch, device=device)
-        forward_backward(net, x, torch.rand(1, net.output.out_channels, patch, patch, device=device), self.precision)
+    def run(self, net: torch.nn.Module, patch: int, device: torch.device) -> None:
+        """One image through the trainer's step function (train.step.forward_backward), with the record's
+        channels (a user's network has no Restormer attributes to read them from)."""
+        inputs, outputs = record_channels(self.arch)
+        x = torch.rand(1, inputs, patch, patch, device=device)
+        target = torch.rand(1, outputs, patch, patch, device=device)
+        forward_backward(net, x, target, autocast_dtype(self.precision), LossConfig(**self.loss))
 
 
-def forward_backward(net: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, precision: str,
-                     share: float = 1.0) -> None:
-    """The trainer's forward (under autocast for bf16/fp16), L1 loss (times `share` of the step) and
-    backward: what calibration, the memory benchmark and the device check all measure."""
-    from model import PRECISIONS
-
-    dtype = PRECISIONS.get(precision)  # accelerate's "no" is fp32: no autocast
-    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = net(x)
-    ((out.float() - target).abs().mean() * share).backward()
+_CALIBRATED: dict[tuple[str, str], StepCost] = {}  # (step, device) -> cost: a process plans many runs alike
 
 
-_CALIBRATED: dict[tuple[str, str], StepCost] = {}  # (probe, device) -> cost: a process plans many runs alike
-
-
-def calibrate(probe: Probe, device: torch.device) -> StepCost:
+def calibrate(step: CalibrationStep, device: torch.device) -> StepCost:
     """The step's memory beyond the state at CALIBRATION_PATCHES, as a line in the pixels."""
-    key = (json.dumps(asdict(probe), sort_keys=True), str(device))
+    key = (json.dumps(asdict(step), sort_keys=True), str(device))
     if key not in _CALIBRATED:
-        _CALIBRATED[key] = _calibrate(probe, device)
+        _CALIBRATED[key] = _calibrate(step, device)
     return _CALIBRATED[key]
 
 
-def _calibrate(probe: Probe, device: torch.device) -> StepCost:
+def _calibrate(step: CalibrationStep, device: torch.device) -> StepCost:
     if device.type == "cuda":
         with torch.random.fork_rng(devices=[device]):  # the run's random state stays the run's
-            net = probe.network(device)
+            net = step.network(device)
             peaks = []
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
@@ -313,54 +295,54 @@ def _calibrate(probe: Probe, device: torch.device) -> StepCost:
                 # From the first step on: what it allocates once and keeps (cuBLAS workspaces) stays in
                 # the fixed part instead of shrinking the per-pixel slope.
                 torch.cuda.reset_peak_memory_stats(device)
-                probe.step(net, patch, device)
+                step.run(net, patch, device)
                 torch.cuda.synchronize(device)
                 peaks.append(torch.cuda.max_memory_allocated(device) - before)
             del net
         torch.cuda.empty_cache()
     else:
-        peaks = _cpu_peaks(probe)
+        peaks = _cpu_peaks(step)
     return StepCost.fit(CALIBRATION_PATCHES, peaks, batch=1)
 
 
-def _cpu_peaks(probe: Probe) -> list[float]:
+def _cpu_peaks(step: CalibrationStep) -> list[float]:
     """Peak RSS growth of each calibration step: the median, per patch, of CPU_SAMPLES fresh processes,
     one after another (side by side they would need several times the memory being planned). Fresh,
     because this one's heap already holds freed memory that a step could reuse unseen; several,
     because one process's growth varies by 5-10% from run to run (the address-space layout and the
     hash seed change how the C library's heap fragments). Each runs with this process's thread count:
     oneDNN keeps buffers per thread."""
-    command = [sys.executable, "-m", "train.memory_plan", json.dumps(asdict(probe)), str(torch.get_num_threads())]
+    command = [sys.executable, "-m", "train.memory_plan", json.dumps(asdict(step)), str(torch.get_num_threads())]
     samples = []
     for _ in range(CPU_SAMPLES):
         try:
             done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                                   timeout=CPU_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) took over "
+            raise MemoryPlanError(f"memory calibration of {step.arch} ({step.mode}, {step.precision}) took over "
                                   f"{CPU_TIMEOUT_S} s; set train.memory_gb=null to train without a plan") from None
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise MemoryPlanError(f"memory calibration of {probe.arch} ({probe.mode}, {probe.precision}) "
+            raise MemoryPlanError(f"memory calibration of {step.arch} ({step.mode}, {step.precision}) "
                                   f"failed: {last}")
         samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return [statistics.median(step) for step in zip(*samples)]
+    return [statistics.median(peaks) for peaks in zip(*samples)]
 
 
-def _measure_cpu(probe: Probe) -> list[float]:
+def _measure_cpu(step: CalibrationStep) -> list[float]:
     """In the fresh process: each step's peak RSS above the RSS before the first step. The steps go
     from small to large, so each peak is reached by growing past the one before."""
     retain_freed_memory()  # as train/main.py runs
     device = torch.device("cpu")
-    net = probe.network(device)
+    net = step.network(device)
     before = rss_kib("VmRSS")
     peaks = []
     for patch in CALIBRATION_PATCHES:
-        probe.step(net, patch, device)
+        step.run(net, patch, device)
         peaks.append((rss_kib("VmHWM") - before) * 1024.0)
     return peaks
 
 
 if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[2]))
-    print(json.dumps(_measure_cpu(Probe(**json.loads(sys.argv[1])))))
+    print(json.dumps(_measure_cpu(CalibrationStep(**json.loads(sys.argv[1])))))

@@ -7,7 +7,6 @@ rate advances exactly once per optimizer step whatever the number of processes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -65,6 +64,7 @@ class Stage:
     accum: int  # loaded batches per optimizer step
     micro_batch: int  # images per forward/backward: batch, or a divisor of it (train/memory_plan.py)
     activations: str  # what backward keeps: model.restormer.ACTIVATION_MODES
+    predicted: float | None = None  # the memory plan's peak bytes per process; None: planned without one
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,11 @@ class StagePlan:
     stages: tuple[Stage, ...]
     step_scale: float  # recipe iterations per optimizer step here (lr curve follows the recipe)
     note: str  # what the batch rule did, for the log
+    world_size: int  # the processes it is planned for
 
     @property
     def total_steps(self) -> int:
         return self.stages[-1].end
-
-    def with_memory(self, memory) -> StagePlan:
-        """The stages with the micro-batches and activation modes of a train.memory_plan.MemoryPlan."""
-        fitted = {m.index: m for m in memory.stages}
-        stages = tuple(dataclasses.replace(s, micro_batch=fitted[s.index].micro_batch,
-                                           activations=fitted[s.index].activations) for s in self.stages)
-        return dataclasses.replace(self, stages=stages)
 
     def stage_at(self, step: int) -> Stage:
         for stage in self.stages:
@@ -97,7 +91,7 @@ def plan_stages(cfg: Config, world_size: int) -> StagePlan:
     ref = cfg.train.reference_world_size
     rule = cfg.train.batch_rule if ref is not None and ref != world_size else "none"
     user_accum = cfg.train.grad_accum
-    # Whole batches with the default activations until a memory plan says otherwise (StagePlan.with_memory).
+    # Whole batches with the default activations; a memory plan (train/memory_plan.py) refits them.
     activations = "checkpoint" if cfg.model.checkpointing else "lean"
     stages = []
     start = 0
@@ -136,18 +130,18 @@ def plan_stages(cfg: Config, world_size: int) -> StagePlan:
         )
     else:
         note = f"running the recipe as written on {world_size} process(es)"
-    return StagePlan(tuple(stages), step_scale, note)
+    return StagePlan(tuple(stages), step_scale, note, world_size)
 
 
-def resume_step(cfg: Config, saved_step: int, saved_world_size: int, world_size: int) -> int:
-    """The optimizer step here that continues a checkpoint written at `saved_step` on `saved_world_size`
-    processes. The recipe iteration is the invariant: under train.batch_rule=iterations a step covers
+def resume_step(cfg: Config, saved_step: int, saved_world_size: int, plan: StagePlan) -> int:
+    """The optimizer step of `plan` (this launch's) that continues a checkpoint written at `saved_step`
+    on `saved_world_size` processes. The recipe iteration is the invariant: under train.batch_rule=iterations a step covers
     world_size / reference_world_size recipe iterations, so the step count is rescaled; it must land on
     a whole step of the same stage, or the resume is refused (ConfigError). Other rules keep the step."""
-    ref = cfg.train.reference_world_size
+    ref, world_size, new = cfg.train.reference_world_size, plan.world_size, plan
     if cfg.train.batch_rule != "iterations" or ref is None or saved_world_size == world_size:
         return saved_step
-    old, new = plan_stages(cfg, saved_world_size), plan_stages(cfg, world_size)
+    old = plan_stages(cfg, saved_world_size)  # the saving launch's stages
     recipe_iteration = Fraction(saved_step * saved_world_size, ref)
     step = recipe_iteration * ref / world_size
     old_stage = old.stage_at(saved_step)
