@@ -1,9 +1,18 @@
-"""The JSON index written next to the shards of one split: what streaming and verify rely on.
+"""The index written next to the shards of one split: what streaming and verify rely on.
 
-Besides the split's description it records, per shard, where each sample lies (byte offsets), its
-key, and a digest of its bytes, so that every read can prove that it got the sample the index
-describes. An index is untrusted input like the shards: `ShardIndex.load` checks every field's type
-and limits, and that shard names stay inside the index's folder or URL prefix, before anything uses it.
+index.json holds the split's description, one entry per shard (name, samples, bytes, sha256) and
+the size and BLAKE3 hash of the split's records file (data_shards.records): where each sample lies
+(byte offsets), its key, and a digest of its bytes, so that every read can prove that it got the
+sample the index describes. The records are memory mapped, so an index costs a process nothing per
+sample until it reads that sample, and every process on a node shares one copy. A remote index's
+records are fetched once per node (data_shards.node_copy).
+
+Indexes of format 1 (before the records file) kept the records as JSON lists in each shard entry;
+they are still read (into memory) and `python -m data_shards.index` rewrites them in this layout.
+
+An index is untrusted input like the shards: `ShardIndex.load` checks every field's type and
+limits, that shard names stay inside the index's folder or URL prefix, and the records file's hash
+and bounds, before anything uses it.
 
 This module is also the one place that knows how a tar groups into samples (`tar_samples`), and how
 a sample's digest is computed (`sample_digest`).
@@ -27,11 +36,16 @@ import blake3
 import numpy as np
 
 from data_shards.codec import MAX_PIXELS
+from data_shards.node_copy import node_copy
+from data_shards.records import DIGEST_BYTES, MAX_NAME_CHARS, RecordTable, open_records
 from data_shards.remote import RemoteSettings, read_bytes, redact
 
 INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-# An index is read whole into memory: about 80 bytes per sample, so this admits ~10^7 samples.
+RECORDS_NAME = "index.records"
+FORMAT_VERSION = 2
+OLD_FORMAT = 1  # records as JSON lists per shard: read, and rewritten by `python -m data_shards.index`
+# index.json is read whole into memory: about 150 bytes per shard (10^5 shards: 15 MB); an old
+# (format 1) one about 80 bytes per sample, so this admits ~10^7 samples in that format.
 MAX_INDEX_BYTES = 1 << 30
 # One sample is read whole into memory before its digest is checked, so an index range is at most the
 # largest sample pack writes, and no index can make a loader worker allocate more. An image is at most
@@ -41,9 +55,47 @@ MAX_INDEX_BYTES = 1 << 30
 # that large, plus a JSON member and tar headers (64 KiB is ample); pack refuses a larger one.
 MAX_IMAGE_BYTES = 7 * MAX_PIXELS + MAX_PIXELS // 1024
 MAX_SAMPLE_BYTES = 3 * MAX_IMAGE_BYTES + (64 << 10)  # 1.31 GiB
-MAX_NAME_CHARS = 255  # a key, the split's name, the version: printable, at most this long
-DIGEST_BYTES = 16  # BLAKE3 output per sample: 128 bits, 32 hex characters in the index
 REINDEX = "python -m data_shards.index {folder}"
+
+
+@dataclass(frozen=True, eq=False)
+class ShardRecords:
+    """One shard's samples in a RecordTable (the split's, or its own): shard `shard` of the table,
+    whose samples are the table's sample ids first .. first + samples - 1."""
+
+    table: RecordTable
+    shard: int
+    first: int
+
+    @property
+    def samples(self) -> int:
+        return int(self.table.counts[self.shard])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        at = self.first + self.shard
+        return self.table.offsets[at:at + self.samples + 1]
+
+    @property
+    def digests(self) -> np.ndarray:
+        return self.table.digests[self.first:self.first + self.samples]
+
+    def keys(self) -> tuple[str, ...]:
+        return self.table.keys(self.first, self.first + self.samples)
+
+    def alone(self) -> RecordTable:
+        """This shard's records as a table of their own (for writing them into another index)."""
+        ends = self.table.key_end[self.first:self.first + self.samples]
+        base = int(self.table.key_end[self.first - 1]) if self.first else 0
+        return RecordTable(counts=np.array([self.samples], np.int64), offsets=np.asarray(self.offsets),
+                           digests=np.asarray(self.digests), key_end=np.asarray(ends) - base,
+                           key_text=np.asarray(self.table.key_text[base:int(ends[-1]) if len(ends) else base]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ShardRecords) and np.array_equal(self.offsets, other.offsets) and \
+            np.array_equal(self.digests, other.digests) and self.keys() == other.keys()
+
+    __hash__ = None
 
 
 @dataclass(frozen=True)
@@ -52,18 +104,29 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
-    # The per-sample records; None in indexes written before they were recorded.
-    # offsets: samples + 1 byte positions in the tar: sample i (all its members, headers included)
-    # occupies offsets[i]:offsets[i + 1], so a reader can seek to any sample.
-    offsets: tuple[int, ...] | None = None
-    keys: tuple[str, ...] | None = None  # sample i's key
-    # sample_digest of bytes offsets[i]:offsets[i + 1]. The tar headers are part of those bytes, so
-    # it proves the members' names and sizes as well as their content.
-    blake3: tuple[str, ...] | None = None
+    # Where each sample lies, its key and digest; None in indexes written before they were recorded.
+    records: ShardRecords | None = None
 
     @property
     def has_records(self) -> bool:
-        return self.offsets is not None and self.keys is not None and self.blake3 is not None
+        return self.records is not None
+
+    # The records as values, for checks that compare them one by one (verify, tests).
+    @property
+    def offsets(self) -> tuple[int, ...] | None:
+        """samples + 1 byte positions in the tar: sample i (all its members, headers included) occupies
+        offsets[i]:offsets[i + 1], so a reader can seek to any sample."""
+        return None if self.records is None else tuple(self.records.offsets.tolist())
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        return None if self.records is None else self.records.keys()
+
+    @property
+    def blake3(self) -> tuple[str, ...] | None:
+        """sample_digest of bytes offsets[i]:offsets[i + 1], in hex. The tar headers are part of those
+        bytes, so it proves the members' names and sizes as well as their content."""
+        return None if self.records is None else tuple(bytes(d).hex() for d in self.records.digests)
 
 
 @dataclass(frozen=True)
@@ -123,16 +186,36 @@ class ShardIndex:
                 f"shard(s), e.g. {old[0]}: it was packed by an older version. {fix} (it checks each shard's sha256, "
                 "then records its samples; the shards are not changed), or re-pack")
 
-    def to_json(self) -> str:
+    def record_table(self) -> RecordTable:
+        """Every sample's records, in index order: the loaded table itself when the shards are its own,
+        in order (no copy), else their records joined."""
+        problem = self.records_problem()
+        if problem:
+            raise ValueError(problem)
+        records = [shard.records for shard in self.shards]
+        table = records[0].table if records else None
+        if table is not None and len(table.counts) == len(records) and all(
+                r.table is table and r.shard == i for i, r in enumerate(records)):
+            return table
+        return RecordTable.concatenate([r.alone() for r in records])
+
+    def to_json(self, records_bytes: int, records_blake3: str) -> str:
         data = asdict(self)
         data.pop("location")
+        data["shards"] = [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+                          for s in self.shards]
+        data["records"] = {"name": RECORDS_NAME, "bytes": records_bytes, "blake3": records_blake3}
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     def save(self, folder: str | Path) -> Path:
-        """Writes folder/index.json atomically (temp name, then rename)."""
+        """Writes folder/index.records, then folder/index.json, each atomically (temp name, then rename)."""
+        records = Path(folder) / RECORDS_NAME
+        tmp = records.with_name(records.name + ".tmp")
+        size, digest = self.record_table().write(tmp)
+        os.replace(tmp, records)
         target = Path(folder) / INDEX_NAME
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
+        tmp.write_text(self.to_json(size, digest), encoding="utf-8")
         os.replace(tmp, target)
         return target
 
@@ -146,7 +229,13 @@ class ShardIndex:
             data = json.loads(text)
         except (ValueError, RecursionError) as err:  # JSONDecodeError, too many digits; deep nesting
             raise ValueError(f"{shown}: not a valid shard index ({type(err).__name__}: {_first_line(err)})") from None
-        return cls(**_parse_index(data, shown), location=location)
+        fields = _parse_index(data, shown)
+        if data["format_version"] == FORMAT_VERSION:
+            table = _open_records(_parse_records(data, shown), fields["shards"], location, shown,
+                                  settings or RemoteSettings())
+            fields["shards"] = tuple(replace(shard, records=ShardRecords(table, i, first))
+                                     for i, (shard, first) in enumerate(zip(fields["shards"], _firsts(table.counts))))
+        return cls(**fields, location=location)
 
 
 # ------------------------------------------------------------------ samples in a tar
@@ -221,12 +310,13 @@ def describe_shard(path: str | Path, name: str | None = None) -> ShardInfo:
         for start, end in zip(offsets, offsets[1:]):
             data = _read_exactly(handle, end - start, path)
             whole.update(data)
-            digests.append(sample_digest(data).hex())
+            digests.append(sample_digest(data))
         while chunk := handle.read(1 << 20):
             whole.update(chunk)
         size = handle.tell()
+    table = RecordTable.from_lists([len(samples)], offsets, [sample.key for sample in samples], digests)
     return ShardInfo(name=name or path.name, samples=len(samples), bytes=size, sha256=whole.hexdigest(),
-                     offsets=offsets, keys=tuple(sample.key for sample in samples), blake3=tuple(digests))
+                     records=ShardRecords(table, 0, 0))
 
 
 def _read_exactly(handle, count: int, path: Path) -> bytes:
@@ -237,11 +327,15 @@ def _read_exactly(handle, count: int, path: Path) -> bytes:
 
 
 def reindex(folder: str | Path) -> Path:
-    """Rewrites the index of a local split folder packed before the per-sample records existed. Each
-    shard must still be the one packed (the index's size and sha256), so the records describe what was
-    packed, not what a changed shard holds now."""
+    """Rewrites the index of a local split folder in the current layout. An index that has the
+    per-sample records keeps them (format 1's JSON lists move into the records file); one packed
+    before they existed gets them from its shards, each of which must still be the one packed (the
+    index's size and sha256), so the records describe what was packed, not what a changed shard
+    holds now."""
     index = ShardIndex.load(folder)
     base = Path(index.location).parent
+    if index.records_problem() is None:
+        return index.save(base)
     shards = []
     for shard in index.shards:
         path = base / shard.name
@@ -389,18 +483,22 @@ _FORMAT = re.compile("png|npy")
 _TOP = {"split", "shards", "total_samples", "inputs", "channels", "bit_depths", "format", "min_size", "median_size",
         "max_size", "source_images", "tile", "stride", "command", "version", "format_version"}
 _SHARD = {"name", "samples", "bytes", "sha256"}
-_RECORDS = {"offsets", "keys", "blake3"}
+_RECORDS = {"offsets", "keys", "blake3"}  # format 1's per-sample lists in each shard entry
+_RECORDS_FILE = {"name", "bytes", "blake3"}
+_BLAKE3 = re.compile(r"[0-9a-f]{64}")
 
 
 def _parse_index(data, where: str) -> dict:
     """ShardIndex's fields from decoded JSON, after checking every type and limit."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: not a shard index (the top level is {_kind(data)}, not an object)")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{where}: index format_version {_kind(data.get('format_version'))}, this code reads "
+    version = data.get("format_version")
+    if version not in (OLD_FORMAT, FORMAT_VERSION) or isinstance(version, bool):
+        raise ValueError(f"{where}: index format_version {_kind(version)}, this code reads {OLD_FORMAT} and "
                          f"{FORMAT_VERSION}; re-pack with `restormer-pack`")
-    _object(data, where, _TOP)
-    shards = tuple(_parse_shard(entry, f"{where}: shards[{i}]")
+    _object(data, where, _TOP | ({"records"} if version == FORMAT_VERSION else set()))
+    shard_fields = set() if version == FORMAT_VERSION else _RECORDS
+    shards = tuple(_parse_shard(entry, f"{where}: shards[{i}]", shard_fields)
                    for i, entry in enumerate(_list(data["shards"], f"{where}: shards")))
     seen: dict[str, int] = {}
     for i, shard in enumerate(shards):
@@ -427,8 +525,9 @@ def _parse_index(data, where: str) -> dict:
     }
 
 
-def _parse_shard(data, where: str) -> ShardInfo:
-    _object(data, where, _SHARD, _RECORDS)
+def _parse_shard(data, where: str, records: set[str]) -> ShardInfo:
+    """A shard entry; `records`: the per-sample lists it may hold (format 1), else none."""
+    _object(data, where, _SHARD, records)
     name = data["name"]
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
         shown = json.dumps(name)[:60] if isinstance(name, str) else _kind(name)
@@ -436,8 +535,8 @@ def _parse_shard(data, where: str) -> ShardInfo:
                          "index's folder, of letters, digits, '.', '_', '-' and '/' (no '..', no absolute path)")
     samples, size = _int(data["samples"], f"{where}.samples"), _int(data["bytes"], f"{where}.bytes")
     sha256 = _str(data["sha256"], f"{where}.sha256", _SHA256, " of 64 hex digits")
-    if any(data.get(key) is None for key in _RECORDS):
-        return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256)  # records_problem() says so
+    if not records or any(data.get(key) is None for key in _RECORDS):
+        return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256)  # format 2, or records_problem()
     offsets = _ints(_list(data["offsets"], f"{where}.offsets", samples + 1), f"{where}.offsets")
     steps = np.diff(np.asarray(offsets, dtype=np.int64))
     bad = np.flatnonzero((steps < 1) | (steps > MAX_SAMPLE_BYTES))
@@ -449,7 +548,49 @@ def _parse_shard(data, where: str) -> ShardInfo:
         raise ValueError(f"{where}: the samples end at byte {offsets[-1]}, past the shard's {size} bytes")
     keys = _names(_list(data["keys"], f"{where}.keys", samples), f"{where}.keys")
     digests = _digests(_list(data["blake3"], f"{where}.blake3", samples), f"{where}.blake3")
-    return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, offsets=offsets, keys=keys, blake3=digests)
+    table = RecordTable.from_lists([samples], offsets, keys, [bytes.fromhex(d) for d in digests])
+    return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, records=ShardRecords(table, 0, 0))
+
+
+def _parse_records(data: dict, where: str) -> dict:
+    """Format 2's records entry: the records file's name (beside index.json), size and BLAKE3 hash."""
+    entry = _object(data["records"], f"{where}: records", _RECORDS_FILE)
+    name = entry["name"]
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+        raise ValueError(f"{where}: records name {_kind(name)} is not allowed: a file beside the index, of letters, "
+                         "digits, '.', '_', '-' and '/'")
+    return {"name": name, "bytes": _int(entry["bytes"], f"{where}: records.bytes"),
+            "blake3": _str(entry["blake3"], f"{where}: records.blake3", _BLAKE3, " of 64 hex digits")}
+
+
+def _firsts(counts: np.ndarray) -> list[int]:
+    """Each shard's first sample id."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist() if len(counts) else []
+
+
+def _open_records(entry: dict, shards: tuple[ShardInfo, ...], location: str, shown: str,
+                  settings: RemoteSettings) -> RecordTable:
+    """The records file that index.json names, mapped once it is checked against the index; a remote
+    one through this node's copy."""
+    if location.startswith("pipe:"):
+        raise ValueError(f"{shown}: an index read from a command cannot locate its records file "
+                         f"({entry['name']}); give the index's path or URL")
+    if "://" in location:
+        url = f"{location.rsplit('/', 1)[0]}/{entry['name']}"
+        path, named = node_copy(url, entry["bytes"], entry["blake3"], settings), f"{redact(url)} (copied to {{}})"
+        named = named.format(path)
+    else:
+        path = Path(location).parent / entry["name"]
+        named = str(path)
+        if not path.is_file():
+            raise ValueError(f"{named}: missing; index.json needs its records file beside it: copy it along, or re-pack")
+    huge = next((i for i, shard in enumerate(shards) if max(shard.samples, shard.bytes) >= 1 << 62), None)
+    if huge is not None:
+        raise ValueError(f"{shown}: shards[{huge}] claims {shards[huge].samples} samples in {shards[huge].bytes} bytes, "
+                         "more than any records file can describe; re-pack")
+    counts = np.array([shard.samples for shard in shards], dtype=np.int64)
+    sizes = np.array([shard.bytes for shard in shards], dtype=np.int64)
+    return open_records(path, counts, sizes, entry["bytes"], entry["blake3"], named, MAX_SAMPLE_BYTES)
 
 
 # ------------------------------------------------------------------ the command
