@@ -5,20 +5,20 @@ a Feistel network over the smallest domain of 4^k >= n elements (two halves of k
 along its cycle until the value lands in [0, n) ("cycle walking": the restriction of a permutation
 of a larger domain to [0, n) is a permutation of [0, n), and the walk takes fewer than 4 steps on
 average since the domain is under 4n). It costs nothing per sample: where a materialised
-permutation takes 8 bytes per sample in every process and loader worker, this holds 8 round keys.
+permutation takes 8 bytes per sample in every process and loader worker, this holds 6 round keys.
 
-Its round keys come from (seed, epoch) alone (a generator seeded (seed, 2, epoch)), so every rank and worker computes the same order, and
-each epoch gets its own. Eight rounds of a 64-bit mixing function (splitmix64's finaliser) make the
-order indistinguishable from a uniform shuffle by the measures the stream's tests and
-benchmarks/index_scale.py apply (distinct source images per batch, rank correlation of position and
-id, agreement between epochs).
+Its round keys come from (seed, epoch) alone, so every rank and worker computes the same order, and
+each epoch gets its own. Six rounds (four make a Feistel network a strong pseudo-random permutation;
+two more for margin) of a 64-bit mixing function (splitmix64's finaliser) shuffle as well as a
+uniform permutation by the measures of tests/test_order.py and docs/streaming.md (distinct source
+images per batch, rank correlation of position and id, agreement between epochs).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_ROUNDS = 8
+_ROUNDS = 6
 
 
 class EpochOrder:
@@ -28,8 +28,7 @@ class EpochOrder:
         self.size = size
         self.half_bits = max(1, ((size - 1).bit_length() + 1) // 2)
         self.mask = np.uint64((1 << self.half_bits) - 1)
-        # (seed, purpose, ...) as the stream seeds its other generators: 0 augmentation, 1 mixup, 2 order.
-        self.keys = np.random.default_rng([seed, 2, epoch]).integers(0, 2**64, _ROUNDS, dtype=np.uint64)
+        self.keys = np.random.default_rng([seed, epoch]).integers(0, 2**64, _ROUNDS, dtype=np.uint64)
 
     def __getitem__(self, positions) -> np.ndarray:
         """The sample ids at `positions` (ints in [0, size)); an array of the positions' shape."""

@@ -90,7 +90,7 @@ class RecordTable:
         header = MAGIC + np.array([self.samples, len(self.counts), len(self.key_text)], "<u8").tobytes()
         with open(path, "wb") as handle:
             for part in (header, self.offsets.astype("<i8"), self.digests, self.key_end.astype("<i8"), self.key_text):
-                data = memoryview(np.ascontiguousarray(part)).cast("B") if not isinstance(part, bytes) else part
+                data = part if isinstance(part, bytes) else np.ascontiguousarray(part).reshape(-1).view(np.uint8)
                 digest.update(data)
                 handle.write(data)
             handle.flush()
