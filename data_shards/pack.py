@@ -5,7 +5,8 @@
     python -m data_shards.pack --input left=DIR --input right=DIR --target DIR --out OUT  # dual-pixel
     python -m data_shards.pack --manifest FILE.csv --out OUT          # CSV/Parquet manifest
 
-Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/index.json (see data_shards.index).
+Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/index.json with its index.records (see
+data_shards.index).
 """
 
 from __future__ import annotations

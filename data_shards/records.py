@@ -34,7 +34,7 @@ MAGIC = b"RSTREC01"
 HEADER_BYTES = 32
 DIGEST_BYTES = 16  # BLAKE3 output per sample: 128 bits
 MAX_NAME_CHARS = 255  # a key, the split's name, the version: printable, at most this long
-_CHUNK = 1 << 20  # items per vectorised check, and a bounded read buffer (8 MiB of int64)
+_CHUNK = 1 << 18  # items per vectorised check, and a bounded read buffer (2 MiB of int64)
 _ALIGN = 8
 
 

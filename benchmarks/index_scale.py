@@ -1,0 +1,300 @@
+"""What a split's index costs a training process and a node, from 10^5 to 10^8 samples.
+
+    python benchmarks/index_scale.py --samples 100000 1000000 10000000 100000000 [--json PATH]
+        [--old-code /path/to/a/checkout/of/the/old/code] [--work DIR]
+
+Builds synthetic indexes shaped like a real pack's (CUrban100-style tiles: 1000 samples per shard,
+4-20 KiB per sample, 20-character keys, random digests) without writing any shard. Then, each in a
+fresh process that has already imported torch and the stream (the baseline): loads the index,
+builds the stream's Catalog and looks up the first batch's sample ids, as every rank does at startup.
+Per size it prints and writes (with --json, a list of records):
+
+- load_s: wall time of that startup;
+- peak_rss_mib, rss_after_mib: peak and after-load RSS over the baseline (the peak is reset after
+  the imports through /proc/self/clear_refs);
+- shared_mib_per_node: what the index costs a node of 8 ranks x 4 loader workers: the records file
+  once (page cache, shared by every process that maps it) + 8 x a rank's private growth + 32 x a
+  forked worker's (measured: a worker looks up a batch's ids, which the old design does by
+  materialising the epoch's permutation);
+- remote_fetched_mib: bytes a loopback http server sends when 8 local ranks load the index from it
+  at once (the new design through the node's copy).
+
+With --old-code, the same for the design before index format 2 (records as JSON lists in
+index.json, a materialised permutation), up to where it refuses (MAX_INDEX_BYTES) or --old-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from data_shards.records import MAGIC  # noqa: E402 (after the path)
+PER_SHARD = 1000
+RANKS, WORKERS = 8, 4
+CHUNK_SHARDS = 1000  # shards generated at a time: 10^6 samples
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------ synthetic indexes
+
+
+def _chunk(first_shard: int, shards: int, seed: int):
+    """Samples of shards first_shard .. + shards: per shard its offsets, the digests, the keys."""
+    rng = np.random.default_rng([seed, first_shard])
+    sizes = rng.integers(8, 41, size=(shards, PER_SHARD), dtype=np.int64) * 512
+    offsets = np.concatenate([np.zeros((shards, 1), np.int64), np.cumsum(sizes, axis=1)], axis=1)
+    digests = rng.integers(0, 256, size=(shards * PER_SHARD, 16), dtype=np.uint8)
+    ids = np.arange(first_shard * PER_SHARD, (first_shard + shards) * PER_SHARD, dtype=np.int64)
+    return offsets, digests, _keys(ids)
+
+
+def _keys(ids: np.ndarray) -> np.ndarray:
+    """(n, 20) uint8: 'img0001234-0256x1792', a tile of image id // 64 (an 8 x 8 grid of 256 px)."""
+    image, tile = ids // 64, ids % 64
+
+    def digits(values, count):
+        return np.stack([(values // 10 ** (count - 1 - i)) % 10 + ord("0") for i in range(count)], axis=1)
+
+    parts = [np.frombuffer(b"img", np.uint8)[None].repeat(len(ids), 0), digits(image, 7),
+             np.full((len(ids), 1), ord("-")), digits(tile // 8 * 256, 4), np.full((len(ids), 1), ord("x")),
+             digits(tile % 8 * 256, 4)]
+    return np.concatenate(parts, axis=1).astype(np.uint8)
+
+
+def _description(samples: int, shard_entries: list[dict]) -> dict:
+    return {"split": "train", "shards": shard_entries, "total_samples": samples, "inputs": [], "channels": 3,
+            "bit_depths": [8], "format": "png", "min_size": [256, 256], "median_size": [256, 256],
+            "max_size": [256, 256], "source_images": samples // 64, "tile": 256, "stride": 256,
+            "command": "benchmarks/index_scale.py", "version": "synthetic"}
+
+
+def _shard_entry(number: int, offsets: np.ndarray) -> dict:
+    return {"name": f"train-{number:06d}.tar", "samples": PER_SHARD, "bytes": int(offsets[-1]) + 1024,
+            "sha256": f"{number:064x}"}
+
+
+def build_new(folder: Path, samples: int) -> None:
+    """index.json (format 2) and index.records, written section by section (never all in memory)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = samples // PER_SHARD
+    header = MAGIC + np.array([samples, shards, 20 * samples], "<u8").tobytes()
+    digest, entries = blake3.blake3(max_threads=blake3.blake3.AUTO), []
+    with open(folder / "index.records", "wb") as out:
+        out.write(header)
+        digest.update(header)
+        for section in range(4):  # offsets, digests, key ends, keys: each a pass over the chunks
+            for first in range(0, shards, CHUNK_SHARDS):
+                count = min(CHUNK_SHARDS, shards - first)
+                offsets, digests, keys = _chunk(first, count, seed=0)
+                if section == 0:
+                    entries += [_shard_entry(first + i, offsets[i]) for i in range(count)]
+                    data = offsets.astype("<i8")
+                elif section == 1:
+                    data = digests
+                elif section == 2:
+                    data = (np.arange(1, len(keys) + 1, dtype=np.int64) + first * PER_SHARD) * 20
+                    data = data.astype("<i8")
+                else:
+                    data = keys
+                view = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                digest.update(view)
+                out.write(view)
+    size = (folder / "index.records").stat().st_size
+    index = _description(samples, entries) | {
+        "format_version": 2, "records": {"name": "index.records", "bytes": size, "blake3": digest.hexdigest()}}
+    (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
+def build_old(folder: Path, samples: int) -> None:
+    """index.json of format 1: the per-sample records as JSON lists in each shard entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = samples // PER_SHARD
+    with open(folder / "index.json", "w") as out:
+        out.write('{"format_version": 1, "shards": [')
+        for first in range(0, shards, CHUNK_SHARDS):
+            count = min(CHUNK_SHARDS, shards - first)
+            offsets, digests, keys = _chunk(first, count, seed=0)
+            for i in range(count):
+                rows = slice(i * PER_SHARD, (i + 1) * PER_SHARD)
+                entry = _shard_entry(first + i, offsets[i]) | {
+                    "offsets": offsets[i].tolist(), "keys": [bytes(k).decode() for k in keys[rows]],
+                    "blake3": [bytes(d).hex() for d in digests[rows]]}
+                out.write(("" if first + i == 0 else ", ") + json.dumps(entry))
+        rest = json.dumps(_description(samples, []))[1:].replace('"shards": [], ', "")
+        out.write("], " + rest)
+
+
+# ------------------------------------------------------------------ one fresh process
+
+
+_PROBE = r"""
+import json, os, sys, time
+import numpy as np, torch
+from data_shards.index import ShardIndex
+from data_shards.remote import RemoteSettings
+from data_shards import stream
+
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+
+def ids(catalog, positions):  # what a worker does for its first batch, in either design
+    if hasattr(stream, "epoch_order"):
+        return stream.epoch_order(0, 0, catalog.size)[positions]
+    from data_shards.order import EpochOrder
+    return EpochOrder(0, 0, catalog.size)[positions]
+
+where, cache = sys.argv[1], sys.argv[2]
+settings = RemoteSettings(cache_dir=cache, cache_limit_bytes=1 << 40) if cache != "-" else None
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset the peak: count from the imports on
+before = status()
+start = time.perf_counter()
+index = ShardIndex.load(where, settings)
+catalog = stream.Catalog.from_index(index, index.shard_urls, where)
+first = ids(catalog, np.arange(64))
+load_s = time.perf_counter() - start
+after = status()
+read, write = os.pipe()
+child = os.fork()
+if child == 0:  # a loader worker (fork): its own private growth for one batch's lookups
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    mine = status()
+    ids(catalog, np.arange(64, 128))
+    [catalog.locate(int(i)) if hasattr(catalog, "locate") else catalog.start[int(i)] for i in first]
+    os.write(write, json.dumps(status()["RssAnon"] - mine["RssAnon"]).encode())
+    os._exit(0)
+os.waitpid(child, 0)
+worker = json.loads(os.read(read, 100))
+print(json.dumps({"load_s": load_s, "peak": after["VmHWM"] - before["VmRSS"], "after": after["VmRSS"] - before["VmRSS"],
+                  "anon": after["RssAnon"] - before["RssAnon"], "file": after["RssFile"] - before["RssFile"],
+                  "worker_anon": worker}))
+"""
+
+
+def probe(code: Path, where: str, cache: str = "-") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _PROBE, where, cache], cwd=code, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ a loopback server counting bytes
+
+
+class _Counting(http.server.SimpleHTTPRequestHandler):
+    sent = 0
+    lock = threading.Lock()
+
+    def copyfile(self, source, outputfile):
+        while chunk := source.read(1 << 20):
+            outputfile.write(chunk)
+            with _Counting.lock:
+                _Counting.sent += len(chunk)
+
+    def log_message(self, *args):
+        pass
+
+
+def remote_fetch(code: Path, folder: Path, cache_root: Path) -> tuple[float, list[dict]]:
+    """MiB sent while RANKS processes load the index from a loopback server at once."""
+    handler = lambda *a, **k: _Counting(*a, directory=str(folder), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Counting.sent = 0
+    url = f"http://127.0.0.1:{server.server_address[1]}/index.json"
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    script = ("import sys; from data_shards.index import ShardIndex; from data_shards.remote import RemoteSettings; "
+              "ShardIndex.load(sys.argv[1], RemoteSettings(cache_dir=sys.argv[2], cache_limit_bytes=1 << 40))")
+    ranks = [subprocess.Popen([sys.executable, "-c", script, url, str(cache_root)], cwd=code, env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(RANKS)]
+    errors = [rank.communicate(timeout=3600)[1] for rank in ranks]
+    server.shutdown()
+    failed = [e.strip().splitlines()[-1][:200] for rank, e in zip(ranks, errors) if rank.returncode != 0]
+    return _Counting.sent / MIB, failed
+
+
+# ------------------------------------------------------------------ the table
+
+
+def measure(design: str, code: Path, samples: int, work: Path, remote: bool) -> dict:
+    folder = work / f"{design}-{samples}"
+    (build_new if design == "new" else build_old)(folder, samples)
+    size = sum(path.stat().st_size for path in folder.iterdir())
+    found = probe(code, str(folder))
+    record = {"design": design, "samples": samples, "index_mib": size / MIB}
+    if "error" in found:
+        record["error"] = found["error"]
+    else:
+        records_file = (folder / "index.records").stat().st_size if design == "new" else 0
+        node = records_file + RANKS * found["anon"] + RANKS * WORKERS * max(found["worker_anon"], 0)
+        record |= {"load_s": found["load_s"], "peak_rss_mib": found["peak"] / MIB,
+                   "rss_after_mib": found["after"] / MIB, "shared_mib_per_node": node / MIB}
+        if remote:
+            cache = work / f"cache-{design}-{samples}"
+            record["remote_fetched_mib"], failed = remote_fetch(code, folder, cache)
+            if failed:
+                record["remote_error"] = failed[0]
+            shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return record
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['design']} | {r['samples']:,} | {r['index_mib']:.0f} | refused: {r['error'][:90]} | | | | |"
+    per = lambda mib: f"{mib:.0f} ({mib * MIB / r['samples']:.0f} B)"  # noqa: E731
+    fetched = f"{r['remote_fetched_mib']:.0f}" if "remote_fetched_mib" in r else "-"
+    return (f"| {r['design']} | {r['samples']:,} | {r['index_mib']:.0f} | {r['load_s']:.2f} | {per(r['peak_rss_mib'])} | "
+            f"{per(r['rss_after_mib'])} | {per(r['shared_mib_per_node'])} | {fetched} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, nargs="+", required=True, help="sizes, multiples of 1000")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--old-code", type=Path, help="a checkout of the code before index format 2")
+    parser.add_argument("--old-max", type=int, default=4_000_000, help="largest size tried with the old code")
+    parser.add_argument("--remote-max", type=int, default=10**8, help="largest size also loaded over http")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.work))
+    print("| design | samples | index MiB | load s | peak RSS MiB (per sample) | RSS after | node, 8 ranks x 4 workers "
+          "| fetched by 8 ranks, MiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    results = []
+    try:
+        for samples in args.samples:
+            designs = [("new", ROOT)]
+            if args.old_code is not None and samples <= args.old_max:
+                designs.append(("old", args.old_code))
+            for design, code in designs:
+                # 8 old-design ranks hold 8 parsed copies at once: past 10^6 that is more than this machine has.
+                remote = samples <= (args.remote_max if design == "new" else min(args.remote_max, 10**6))
+                results.append(measure(design, code, samples, work, remote))
+                print(_row(results[-1]), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
