@@ -115,14 +115,14 @@ def build_new(folder: Path, samples: int) -> None:
     size = (folder / "index.records").stat().st_size
     index = _description(samples, entries) | {
         "format_version": 2, "records": {"name": "index.records", "bytes": size, "blake3": digest.hexdigest()}}
-    (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def build_old(folder: Path, samples: int) -> None:
     """index.json of format 1: the per-sample records as JSON lists in each shard entry."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = samples // PER_SHARD
-    with open(folder / "index.json", "w") as out:
+    with open(folder / "index.json", "w", encoding="utf-8") as out:
         out.write('{"format_version": 1, "shards": [')
         for first in range(0, shards, CHUNK_SHARDS):
             count = min(CHUNK_SHARDS, shards - first)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(measure(design, code, samples, work, remote))
                 print(_row(results[-1]), flush=True)
                 if args.json:
-                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+                    args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
