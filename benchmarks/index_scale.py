@@ -141,54 +141,65 @@ def build_old(folder: Path, samples: int) -> None:
 
 
 _PROBE = r"""
-import json, os, sys, time
+import gc, json, os, sys, time
 import numpy as np, torch
-from data_shards.index import ShardIndex
-from data_shards.remote import RemoteSettings
 from data_shards import stream
 
 def status():
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status", encoding="utf-8"))
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
-def ids(catalog, positions):  # what a worker does for its first batch, in either design
-    if hasattr(stream, "epoch_order"):
-        return stream.epoch_order(0, 0, catalog.size)[positions]
-    from data_shards.order import EpochOrder
-    return EpochOrder(0, 0, catalog.size)[positions]
+def first_batch(dataset, k):  # the sample ids and byte ranges of micro-batch k, in either design
+    positions = stream.batch_positions(dataset.settings, k)
+    if hasattr(dataset, "_ids"):
+        ids = dataset._ids(positions)
+        return [dataset.catalog.locate(i) for i in ids]
+    order = dataset._order(0)
+    return [(int(dataset.catalog.start[order[p]]), int(dataset.catalog.end[order[p]])) for p in positions]
 
-where, cache = sys.argv[1], sys.argv[2]
-settings = RemoteSettings(cache_dir=cache, cache_limit_bytes=1 << 40) if cache != "-" else None
-with open("/proc/self/clear_refs", "w") as handle:
+def private():  # pages written since a fork (copied from the parent's, or new): the worker's own
+    fields = dict(line.split(":", 1) for line in open("/proc/self/smaps_rollup", encoding="utf-8") if ":" in line)
+    return int(fields["Private_Dirty"].split()[0]) * 1024
+
+def worker(work):
+    # Private growth of a forked loader worker that makes a long-running worker's collections, then `work`.
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        mine = private()
+        gc.collect()
+        work()
+        os.write(write, json.dumps(private() - mine).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    return json.loads(os.read(read, 100))
+
+def batch_of_a_fresh_worker():
+    dataset._orders.clear()  # a worker starts without the rank's orders: the DataLoader's parent draws none
+    first_batch(dataset, 1)
+
+where = sys.argv[1]
+imports_only = worker(lambda: None)  # what any worker of this process costs, index or not
+settings = stream.StreamSettings(patch=8, batch=64, num_workers=0, noise=stream.NoiseConfig(sigma=25))
+with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
     handle.write("5")  # reset the peak: count from the imports on
 before = status()
 start = time.perf_counter()
-index = ShardIndex.load(where, settings)
-catalog = stream.Catalog.from_index(index, index.shard_urls, where)
-first = ids(catalog, np.arange(64))
+dataset = stream.build_train_loader(where, settings).dataset  # a rank's startup: load, check, catalog
+first_batch(dataset, 0)
 load_s = time.perf_counter() - start
+gc.collect()
 after = status()
-read, write = os.pipe()
-child = os.fork()
-if child == 0:  # a loader worker (fork): its own private growth for one batch's lookups
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    mine = status()
-    ids(catalog, np.arange(64, 128))
-    [catalog.locate(int(i)) if hasattr(catalog, "locate") else catalog.start[int(i)] for i in first]
-    os.write(write, json.dumps(status()["RssAnon"] - mine["RssAnon"]).encode())
-    os._exit(0)
-os.waitpid(child, 0)
-worker = json.loads(os.read(read, 100))
+index_worker = worker(batch_of_a_fresh_worker) - imports_only
 print(json.dumps({"load_s": load_s, "peak": after["VmHWM"] - before["VmRSS"], "after": after["VmRSS"] - before["VmRSS"],
                   "anon": after["RssAnon"] - before["RssAnon"], "file": after["RssFile"] - before["RssFile"],
-                  "worker_anon": worker}))
+                  "worker_anon": index_worker}))
 """
 
 
-def probe(code: Path, where: str, cache: str = "-") -> dict:
+def probe(code: Path, where: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _PROBE, where, cache], cwd=code, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _PROBE, where], cwd=code, env=env, capture_output=True,
                           text=True, timeout=3600)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
