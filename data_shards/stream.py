@@ -211,8 +211,10 @@ class Catalog:
     table, shared with every process that maps it; the catalog adds per shard only its first id."""
 
     urls: tuple[str, ...]
-    sizes: tuple[int, ...]  # each shard's size and sha256, for open_shard
-    sha256s: tuple[str, ...]
+    # Each shard's size and sha256, for open_shard: arrays, not Python objects per shard, so that none
+    # of index.json's parsed objects outlives the load and pins the allocator's memory.
+    sizes: np.ndarray  # int64 (shards,)
+    sha256s: np.ndarray  # uint8 (shards, 32)
     records: RecordTable
     firsts: np.ndarray  # int64 (shards + 1,): shard s holds the sample ids firsts[s]:firsts[s + 1]
 
@@ -229,6 +231,10 @@ class Catalog:
         # A shard's offsets are its samples + 1: sample i's are at i + shard and the next.
         start, end = self.records.offsets[i + shard:i + shard + 2].tolist()
         return shard, start, end
+
+    def shard(self, number: int) -> dict:
+        """What open_shard needs to know of shard `number`: its size and sha256."""
+        return {"size": int(self.sizes[number]), "sha256": self.sha256s[number].tobytes().hex()}
 
     def shard_samples(self, number: int) -> range:
         """The sample ids of shard `number`."""
@@ -255,7 +261,8 @@ class Catalog:
             raise ValueError(f"{where}: {len(urls)} shard URLs but the index lists {len(shard_index.shards)} shards")
         records = shard_index.record_table()  # refuses an index without records, with the fix
         shards = shard_index.shards
-        return cls(urls=tuple(urls), sizes=tuple(s.bytes for s in shards), sha256s=tuple(s.sha256 for s in shards),
+        return cls(urls=tuple(urls), sizes=np.array([s.bytes for s in shards], dtype=np.int64),
+                   sha256s=np.frombuffer(bytes.fromhex("".join(s.sha256 for s in shards)), np.uint8).reshape(-1, 32),
                    records=records, firsts=np.concatenate([[0], np.cumsum(records.counts)]).astype(np.int64))
 
 
@@ -406,13 +413,12 @@ class _ShardReader:
         self.handles: OrderedDict[int, object] = OrderedDict()
 
     def read(self, shard: int, start: int, length: int) -> bytes:
-        url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
-        check_range(url, start, length, size)  # an open handle obeys the bounds that opening checks
+        url, known = self.catalog.urls[shard], self.catalog.shard(shard)
+        check_range(url, start, length, known["size"])  # an open handle obeys the bounds that opening checks
         handle = self.handles.pop(shard, None)
         reused = handle is not None
         if not reused:
-            handle = open_shard(url, start, length=length, size=size, sha256=self.catalog.sha256s[shard],
-                                settings=self.remote)
+            handle = open_shard(url, start, length=length, **known, settings=self.remote)
         try:
             if reused:
                 handle.seek(start)
@@ -464,8 +470,7 @@ def _indexed_samples(catalog: Catalog, log: _BadSampleLog, remote: RemoteSetting
             continue
         first, last = catalog.locate(ids.start)[1], catalog.locate(ids.stop - 1)[2]
         try:
-            with open_shard(url, first, length=last - first, size=catalog.sizes[number],
-                            sha256=catalog.sha256s[number], settings=remote) as stream:
+            with open_shard(url, first, length=last - first, **catalog.shard(number), settings=remote) as stream:
                 for i in ids:
                     if stop is not None and i >= stop:
                         return
