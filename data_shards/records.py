@@ -15,7 +15,7 @@ page cache holds one copy for all of them; nothing per sample is copied into a p
 file checks it once, in one sequential read that never holds more than a chunk: its size and
 header, its hash against the index's, and every field's bounds (vectorised; a key is looked at as
 text only when its chunk is not plain printable ASCII). A file that passed is remembered by
-(device, inode, size, mtime) for the rest of the process, so a second load (the config check, then
+(device, inode, size, mtime, ctime) for the rest of the process, so a second load (the config check, then
 each progressive stage) costs no second pass.
 """
 
@@ -35,7 +35,6 @@ HEADER_BYTES = 32
 DIGEST_BYTES = 16  # BLAKE3 output per sample: 128 bits
 MAX_NAME_CHARS = 255  # a key, the split's name, the version: printable, at most this long
 _CHUNK = 1 << 18  # items per vectorised check, and a bounded read buffer (2 MiB of int64)
-_ALIGN = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +47,7 @@ class RecordTable:
     key_end: np.ndarray  # int64 (samples,)
     key_text: np.ndarray  # uint8
     path: str | None = None  # the mapped file, for pickling into a spawned worker
+    identity: tuple | None = None  # the file's (device, inode, size, mtime, ctime) when it was checked
 
     @property
     def samples(self) -> int:
@@ -74,22 +74,23 @@ class RecordTable:
 
     @classmethod
     def concatenate(cls, tables: list[RecordTable]) -> RecordTable:
+        if not tables:
+            return cls.from_lists([], [], [], [])
         ends, base = [], 0
         for table in tables:
             ends.append(table.key_end + base)
             base += int(table.key_end[-1]) if table.samples else 0
-        return cls(counts=np.concatenate([t.counts for t in tables]) if tables else np.zeros(0, np.int64),
-                   offsets=np.concatenate([t.offsets for t in tables]) if tables else np.zeros(0, np.int64),
-                   digests=np.concatenate([t.digests for t in tables]) if tables else np.zeros((0, DIGEST_BYTES), np.uint8),
-                   key_end=np.concatenate(ends) if tables else np.zeros(0, np.int64),
-                   key_text=np.concatenate([t.key_text for t in tables]) if tables else np.zeros(0, np.uint8))
+        return cls(counts=np.concatenate([t.counts for t in tables]), offsets=np.concatenate([t.offsets for t in tables]),
+                   digests=np.concatenate([t.digests for t in tables]), key_end=np.concatenate(ends),
+                   key_text=np.concatenate([t.key_text for t in tables]))
 
     def write(self, path: Path) -> tuple[int, str]:
         """Writes the file; returns its size and BLAKE3 hash (hex) for index.json."""
         digest = blake3.blake3()
         header = MAGIC + np.array([self.samples, len(self.counts), len(self.key_text)], "<u8").tobytes()
         with open(path, "wb") as handle:
-            for part in (header, self.offsets.astype("<i8"), self.digests, self.key_end.astype("<i8"), self.key_text):
+            for part in (header, self.offsets.astype("<i8", copy=False), self.digests,
+                         self.key_end.astype("<i8", copy=False), self.key_text):
                 data = part if isinstance(part, bytes) else np.ascontiguousarray(part).reshape(-1).view(np.uint8)
                 digest.update(data)
                 handle.write(data)
@@ -101,8 +102,8 @@ class RecordTable:
         # A mapped table crosses into a spawned loader worker as its path: the worker maps the same
         # file (shared pages) instead of unpickling a private copy of every array.
         if self.path is None:
-            return object.__reduce__(self)
-        return _reopen, (self.path, _identity(self.path), self.counts)
+            return RecordTable, (self.counts, self.offsets, self.digests, self.key_end, self.key_text)
+        return _reopen, (self.path, self.identity, self.counts)
 
 
 def layout(samples: int, shards: int, key_bytes: int) -> dict[str, tuple[int, int]]:
@@ -128,14 +129,14 @@ def open_records(path: Path, counts: np.ndarray, shard_bytes: np.ndarray, size: 
     """Maps a records file after checking it against index.json (its size, hash, the shards' sample
     counts and byte sizes) and every field's bounds (a sample takes 1 to `max_sample` bytes);
     ValueError names the first problem. `shown` names the file in messages."""
-    identity = _identity(path)
-    remembered = (identity, hexdigest, counts.tobytes(), shard_bytes.tobytes())
-    if remembered in _OPENED:
-        return _OPENED[remembered]
-    if identity[2] != size:
-        raise ValueError(f"{shown}: {identity[2]} bytes, the index says {size}: truncated or replaced since it "
-                         "was written; copy it again, or re-pack")
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle:  # checked and mapped through this handle: one file, even if replaced meanwhile
+        identity = _identity(handle)
+        remembered = (identity, hexdigest, counts.tobytes(), shard_bytes.tobytes())
+        if remembered in _OPENED:
+            return _OPENED[remembered]
+        if identity[2] != size:
+            raise ValueError(f"{shown}: {identity[2]} bytes, the index says {size}: truncated or replaced since it "
+                             "was written; copy it again, or re-pack")
         header = handle.read(HEADER_BYTES)
         if len(header) < HEADER_BYTES or header[:8] != MAGIC:
             raise ValueError(f"{shown}: not a records file (no {MAGIC.decode()} header); re-pack")
@@ -145,39 +146,39 @@ def open_records(path: Path, counts: np.ndarray, shard_bytes: np.ndarray, size: 
                              f"lists {int(counts.sum())} samples in {len(counts)} shards; re-pack")
         plain = _Check(handle, shown, counts, shard_bytes, layout(samples, shards, key_bytes), hexdigest,
                        max_sample).run(header)
-    table = _map(path, counts, samples, shards, key_bytes)
+        table = _map(handle, path, counts, samples, shards, key_bytes, identity)
     if not plain:
         _text_keys(table, shown)
     _OPENED[remembered] = table
     return table
 
 
-def _map(path, counts: np.ndarray, samples: int, shards: int, key_bytes: int) -> RecordTable:
+def _map(handle, path, counts: np.ndarray, samples: int, shards: int, key_bytes: int, identity: tuple) -> RecordTable:
     sections = layout(samples, shards, key_bytes)
 
     def section(name, dtype, shape):
         at, count = sections[name]
         if count == 0:
             return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=at, shape=shape)
+        return np.memmap(handle, dtype=dtype, mode="r", offset=at, shape=shape)
 
     return RecordTable(counts=counts, offsets=section("offsets", "<i8", (samples + shards,)),
                        digests=section("digests", np.uint8, (samples, DIGEST_BYTES)),
                        key_end=section("key_end", "<i8", (samples,)), key_text=section("keys", np.uint8, (key_bytes,)),
-                       path=str(path))
+                       path=str(path), identity=identity)
 
 
-def _identity(path) -> tuple[int, int, int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+def _identity(handle) -> tuple[int, ...]:
+    stat = os.fstat(handle.fileno())
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _reopen(path: str, identity: tuple, counts: np.ndarray) -> RecordTable:
-    if _identity(path) != identity:
-        raise ValueError(f"{path}: the records file changed after the index was loaded; restart the run")
     with open(path, "rb") as handle:
+        if _identity(handle) != identity:
+            raise ValueError(f"{path}: the records file changed after the index was loaded; restart the run")
         samples, shards, key_bytes = (int(v) for v in np.frombuffer(handle.read(HEADER_BYTES)[8:], "<u8"))
-    return _map(path, counts, samples, shards, key_bytes)
+        return _map(handle, path, counts, samples, shards, key_bytes, identity)
 
 
 class _Check:
