@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from data_shards.records import MAGIC  # noqa: E402 (after the path)
+from data_shards.records import MAGIC, layout  # noqa: E402 (after the path)
 PER_SHARD = 1000
 RANKS, WORKERS = 8, 4
 CHUNK_SHARDS = 1000  # shards generated at a time: 10^6 samples
@@ -87,31 +87,28 @@ def _shard_entry(number: int, offsets: np.ndarray) -> dict:
 
 
 def build_new(folder: Path, samples: int) -> None:
-    """index.json (format 2) and index.records, written section by section (never all in memory)."""
+    """index.json (format 2) and index.records, a chunk of shards at a time: each chunk's pieces go to
+    their sections' places (never all in memory), then the file is hashed front to back."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = samples // PER_SHARD
-    header = MAGIC + np.array([samples, shards, 20 * samples], "<u8").tobytes()
-    digest, entries = blake3.blake3(max_threads=blake3.blake3.AUTO), []
+    sections = layout(samples, shards, 20 * samples)
+    entries = []
     with open(folder / "index.records", "wb") as out:
-        out.write(header)
-        digest.update(header)
-        for section in range(4):  # offsets, digests, key ends, keys: each a pass over the chunks
-            for first in range(0, shards, CHUNK_SHARDS):
-                count = min(CHUNK_SHARDS, shards - first)
-                offsets, digests, keys = _chunk(first, count, seed=0)
-                if section == 0:
-                    entries += [_shard_entry(first + i, offsets[i]) for i in range(count)]
-                    data = offsets.astype("<i8")
-                elif section == 1:
-                    data = digests
-                elif section == 2:
-                    data = (np.arange(1, len(keys) + 1, dtype=np.int64) + first * PER_SHARD) * 20
-                    data = data.astype("<i8")
-                else:
-                    data = keys
-                view = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-                digest.update(view)
-                out.write(view)
+        out.write(MAGIC + np.array([samples, shards, 20 * samples], "<u8").tobytes())
+        for first in range(0, shards, CHUNK_SHARDS):
+            count = min(CHUNK_SHARDS, shards - first)
+            offsets, digests, keys = _chunk(first, count, seed=0)
+            entries += [_shard_entry(first + i, offsets[i]) for i in range(count)]
+            ends = (np.arange(1, len(keys) + 1, dtype=np.int64) + first * PER_SHARD) * 20
+            done = first * PER_SHARD
+            for name, data, at in (("offsets", offsets, 8 * (done + first)), ("digests", digests, 16 * done),
+                                   ("key_end", ends, 8 * done), ("keys", keys, 20 * done)):
+                os.pwrite(out.fileno(), np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(),
+                          sections[name][0] + at)
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(folder / "index.records", "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
     size = (folder / "index.records").stat().st_size
     index = _description(samples, entries) | {
         "format_version": 2, "records": {"name": "index.records", "bytes": size, "blake3": digest.hexdigest()}}
@@ -184,14 +181,14 @@ settings = stream.StreamSettings(patch=8, batch=64, num_workers=0, noise=stream.
 with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
     handle.write("5")  # reset the peak: count from the imports on
 before = status()
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 dataset = stream.build_train_loader(where, settings).dataset  # a rank's startup: load, check, catalog
 first_batch(dataset, 0)
-load_s = time.perf_counter() - start
+load_s, load_cpu_s = time.perf_counter() - start, time.process_time() - cpu
 gc.collect()
 after = status()
 index_worker = worker(batch_of_a_fresh_worker) - imports_only
-print(json.dumps({"load_s": load_s, "peak": after["VmHWM"] - before["VmRSS"], "after": after["VmRSS"] - before["VmRSS"],
+print(json.dumps({"load_s": load_s, "load_cpu_s": load_cpu_s, "peak": after["VmHWM"] - before["VmRSS"], "after": after["VmRSS"] - before["VmRSS"],
                   "anon": after["RssAnon"] - before["RssAnon"], "file": after["RssFile"] - before["RssFile"],
                   "worker_anon": index_worker}))
 """
@@ -256,8 +253,9 @@ def measure(design: str, code: Path, samples: int, work: Path, remote: bool) -> 
     else:
         records_file = (folder / "index.records").stat().st_size if design == "new" else 0
         node = records_file + RANKS * found["anon"] + RANKS * WORKERS * max(found["worker_anon"], 0)
-        record |= {"load_s": found["load_s"], "peak_rss_mib": found["peak"] / MIB,
-                   "rss_after_mib": found["after"] / MIB, "shared_mib_per_node": node / MIB}
+        record |= {"load_s": found["load_s"], "load_cpu_s": found["load_cpu_s"], "peak_rss_mib": found["peak"] / MIB,
+                   "rss_after_mib": found["after"] / MIB, "shared_mib_per_node": node / MIB,
+                   "rank_private_mib": found["anon"] / MIB, "worker_private_mib": found["worker_anon"] / MIB}
         if remote:
             cache = work / f"cache-{design}-{samples}"
             record["remote_fetched_mib"], failed = remote_fetch(code, folder, cache)
@@ -273,7 +271,8 @@ def _row(r: dict) -> str:
         return f"| {r['design']} | {r['samples']:,} | {r['index_mib']:.0f} | refused: {r['error'][:90]} | | | | |"
     per = lambda mib: f"{mib:.0f} ({mib * MIB / r['samples']:.0f} B)"  # noqa: E731
     fetched = f"{r['remote_fetched_mib']:.0f}" if "remote_fetched_mib" in r else "-"
-    return (f"| {r['design']} | {r['samples']:,} | {r['index_mib']:.0f} | {r['load_s']:.2f} | {per(r['peak_rss_mib'])} | "
+    return (f"| {r['design']} | {r['samples']:,} | {r['index_mib']:.0f} | {r['load_s']:.2f} ({r['load_cpu_s']:.2f}) | "
+            f"{per(r['peak_rss_mib'])} | "
             f"{per(r['rss_after_mib'])} | {per(r['shared_mib_per_node'])} | {fetched} |")
 
 
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.work))
-    print("| design | samples | index MiB | load s | peak RSS MiB (per sample) | RSS after | node, 8 ranks x 4 workers "
+    print("| design | samples | index MiB | load s (CPU s) | peak RSS MiB (per sample) | RSS after | node, 8 ranks x 4 workers "
           "| fetched by 8 ranks, MiB |\n|---|---|---|---|---|---|---|---|", flush=True)
     results = []
     try:
