@@ -175,11 +175,13 @@ def batch_of_a_fresh_worker():
     dataset._orders.clear()  # a worker starts without the rank's orders: the DataLoader's parent draws none
     first_batch(dataset, 1)
 
-where = sys.argv[1]
+where, reset = sys.argv[1], sys.argv[2] == "reset"
 imports_only = worker(lambda: None)  # what any worker of this process costs, index or not
 settings = stream.StreamSettings(patch=8, batch=64, num_workers=0, noise=stream.NoiseConfig(sigma=25))
-with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
-    handle.write("5")  # reset the peak: count from the imports on
+if reset:  # count the peak from the imports on (this makes a later fork's pages count as private: workers are
+    # measured in another run, without it)
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
+        handle.write("5")
 before = status()
 start, cpu = time.perf_counter(), time.process_time()
 dataset = stream.build_train_loader(where, settings).dataset  # a rank's startup: load, check, catalog
@@ -194,9 +196,9 @@ print(json.dumps({"load_s": load_s, "load_cpu_s": load_cpu_s, "peak": after["VmH
 """
 
 
-def probe(code: Path, where: str) -> dict:
+def probe(code: Path, where: str, reset: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _PROBE, where], cwd=code, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _PROBE, where, "reset" if reset else "-"], cwd=code, env=env, capture_output=True,
                           text=True, timeout=3600)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -246,11 +248,12 @@ def measure(design: str, code: Path, samples: int, work: Path, remote: bool) -> 
     folder = work / f"{design}-{samples}"
     (build_new if design == "new" else build_old)(folder, samples)
     size = sum(path.stat().st_size for path in folder.iterdir())
-    found = probe(code, str(folder))
+    found = probe(code, str(folder), reset=True)
     record = {"design": design, "samples": samples, "index_mib": size / MIB}
     if "error" in found:
         record["error"] = found["error"]
     else:
+        found["worker_anon"] = probe(code, str(folder), reset=False)["worker_anon"]
         records_file = (folder / "index.records").stat().st_size if design == "new" else 0
         node = records_file + RANKS * found["anon"] + RANKS * WORKERS * max(found["worker_anon"], 0)
         record |= {"load_s": found["load_s"], "load_cpu_s": found["load_cpu_s"], "peak_rss_mib": found["peak"] / MIB,
