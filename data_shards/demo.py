@@ -33,7 +33,7 @@ from data_shards.index import INDEX_NAME
 from data_shards.pack import PackConfig, pack
 from data_shards.publish import build_once
 
-DEMO_VERSION = "6"  # bump when the content or its index changes: old copies are then rebuilt
+DEMO_VERSION = "7"  # bump when the content or its index changes: old copies are then rebuilt
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,18 @@
-"""The JSON index written next to the shards of one split: what streaming and verify rely on.
+"""The index written next to the shards of one split: what streaming and verify rely on.
 
-Besides the split's description it records, per shard, where each sample lies (byte offsets), its
-key, and a digest of its bytes, so that every read can prove that it got the sample the index
-describes. An index is untrusted input like the shards: `ShardIndex.load` checks every field's type
-and limits, and that shard names stay inside the index's folder or URL prefix, before anything uses it.
+index.json holds the split's description, one entry per shard (name, samples, bytes, sha256) and
+the size and BLAKE3 hash of the split's records file (data_shards.records): where each sample lies
+(byte offsets), its key, and a digest of its bytes, so that every read can prove that it got the
+sample the index describes. The records are memory mapped, so an index costs a process nothing per
+sample until it reads that sample, and every process on a node shares one copy. A remote index's
+records are fetched once per node (data_shards.node_copy).
+
+Indexes of format 1 (before the records file) kept the records as JSON lists in each shard entry;
+they are still read (into memory) and `python -m data_shards.index` rewrites them in this layout.
+
+An index is untrusted input like the shards: `ShardIndex.load` checks every field's type and
+limits, that shard names stay inside the index's folder or URL prefix, and the records file's hash
+and bounds, before anything uses it.
 
 This module is also the one place that knows how a tar groups into samples (`tar_samples`), and how
 a sample's digest is computed (`sample_digest`).
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -27,11 +37,16 @@ import blake3
 import numpy as np
 
 from data_shards.codec import MAX_PIXELS
+from data_shards.node_copy import node_copy
+from data_shards.records import DIGEST_BYTES, MAX_NAME_CHARS, RecordTable, open_records
 from data_shards.remote import RemoteSettings, read_bytes, redact
 
 INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-# An index is read whole into memory: about 80 bytes per sample, so this admits ~10^7 samples.
+RECORDS_NAME = "index.records"
+FORMAT_VERSION = 2
+OLD_FORMAT = 1  # records as JSON lists per shard: read, and rewritten by `python -m data_shards.index`
+# index.json is read whole into memory: about 150 bytes per shard (10^5 shards: 15 MB); an old
+# (format 1) one about 80 bytes per sample, so this admits ~10^7 samples in that format.
 MAX_INDEX_BYTES = 1 << 30
 # One sample is read whole into memory before its digest is checked, so an index range is at most the
 # largest sample pack writes, and no index can make a loader worker allocate more. An image is at most
@@ -41,29 +56,78 @@ MAX_INDEX_BYTES = 1 << 30
 # that large, plus a JSON member and tar headers (64 KiB is ample); pack refuses a larger one.
 MAX_IMAGE_BYTES = 7 * MAX_PIXELS + MAX_PIXELS // 1024
 MAX_SAMPLE_BYTES = 3 * MAX_IMAGE_BYTES + (64 << 10)  # 1.31 GiB
-MAX_NAME_CHARS = 255  # a key, the split's name, the version: printable, at most this long
-DIGEST_BYTES = 16  # BLAKE3 output per sample: 128 bits, 32 hex characters in the index
 REINDEX = "python -m data_shards.index {folder}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, slots=True)
+class ShardRecords:
+    """One shard's samples in a RecordTable (the split's, or its own): shard `shard` of the table,
+    whose samples are the table's sample ids first .. first + samples - 1."""
+
+    table: RecordTable
+    shard: int
+    first: int
+
+    @property
+    def samples(self) -> int:
+        return int(self.table.counts[self.shard])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        at = self.first + self.shard
+        return self.table.offsets[at:at + self.samples + 1]
+
+    @property
+    def digests(self) -> np.ndarray:
+        return self.table.digests[self.first:self.first + self.samples]
+
+    def keys(self) -> tuple[str, ...]:
+        return self.table.keys(self.first, self.first + self.samples)
+
+    def alone(self) -> RecordTable:
+        """This shard's records as a table of their own (for writing them into another index)."""
+        ends = self.table.key_end[self.first:self.first + self.samples]
+        base = int(self.table.key_end[self.first - 1]) if self.first else 0
+        return RecordTable(counts=np.array([self.samples], np.int64), offsets=np.asarray(self.offsets),
+                           digests=np.asarray(self.digests), key_end=np.asarray(ends) - base,
+                           key_text=np.asarray(self.table.key_text[base:int(ends[-1]) if len(ends) else base]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ShardRecords) and np.array_equal(self.offsets, other.offsets) and \
+            np.array_equal(self.digests, other.digests) and self.keys() == other.keys()
+
+    __hash__ = None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardInfo:
     name: str  # relative to the index's folder (or URL prefix); never '..' or absolute
     samples: int
     bytes: int
     sha256: str
-    # The per-sample records; None in indexes written before they were recorded.
-    # offsets: samples + 1 byte positions in the tar: sample i (all its members, headers included)
-    # occupies offsets[i]:offsets[i + 1], so a reader can seek to any sample.
-    offsets: tuple[int, ...] | None = None
-    keys: tuple[str, ...] | None = None  # sample i's key
-    # sample_digest of bytes offsets[i]:offsets[i + 1]. The tar headers are part of those bytes, so
-    # it proves the members' names and sizes as well as their content.
-    blake3: tuple[str, ...] | None = None
+    # Where each sample lies, its key and digest; None in indexes written before they were recorded.
+    records: ShardRecords | None = None
 
     @property
     def has_records(self) -> bool:
-        return self.offsets is not None and self.keys is not None and self.blake3 is not None
+        return self.records is not None
+
+    # The records as values, for checks that compare them one by one (verify, tests).
+    @property
+    def offsets(self) -> tuple[int, ...] | None:
+        """samples + 1 byte positions in the tar: sample i (all its members, headers included) occupies
+        offsets[i]:offsets[i + 1], so a reader can seek to any sample."""
+        return None if self.records is None else tuple(self.records.offsets.tolist())
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        return None if self.records is None else self.records.keys()
+
+    @property
+    def blake3(self) -> tuple[str, ...] | None:
+        """sample_digest of bytes offsets[i]:offsets[i + 1], in hex. The tar headers are part of those
+        bytes, so it proves the members' names and sizes as well as their content."""
+        return None if self.records is None else tuple(bytes(d).hex() for d in self.records.digests)
 
 
 @dataclass(frozen=True)
@@ -105,7 +169,8 @@ class ShardIndex:
         if "://" in self.location:
             base = self.location.rsplit("/", 1)[0]
             return [f"{base}/{shard.name}" for shard in self.shards]
-        return [str(Path(self.location).parent / shard.name) for shard in self.shards]
+        base = str(Path(self.location).parent)  # names are relative paths of safe characters (_SHARD_NAME)
+        return [f"{base}/{shard.name}" for shard in self.shards]
 
     def records_problem(self) -> str | None:
         """What is missing for a checked read of every sample, with the one-command fix; None when complete.
@@ -123,16 +188,36 @@ class ShardIndex:
                 f"shard(s), e.g. {old[0]}: it was packed by an older version. {fix} (it checks each shard's sha256, "
                 "then records its samples; the shards are not changed), or re-pack")
 
-    def to_json(self) -> str:
+    def record_table(self) -> RecordTable:
+        """Every sample's records, in index order: the loaded table itself when the shards are its own,
+        in order (no copy), else their records joined."""
+        problem = self.records_problem()
+        if problem:
+            raise ValueError(problem)
+        records = [shard.records for shard in self.shards]
+        table = records[0].table if records else None
+        if table is not None and len(table.counts) == len(records) and all(
+                r.table is table and r.shard == i for i, r in enumerate(records)):
+            return table
+        return RecordTable.concatenate([r.alone() for r in records])
+
+    def to_json(self, records_bytes: int, records_blake3: str) -> str:
         data = asdict(self)
         data.pop("location")
+        data["shards"] = [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+                          for s in self.shards]
+        data["records"] = {"name": RECORDS_NAME, "bytes": records_bytes, "blake3": records_blake3}
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     def save(self, folder: str | Path) -> Path:
-        """Writes folder/index.json atomically (temp name, then rename)."""
+        """Writes folder/index.records, then folder/index.json, each atomically (temp name, then rename)."""
+        records = Path(folder) / RECORDS_NAME
+        tmp = records.with_name(records.name + ".tmp")
+        size, digest = self.record_table().write(tmp)
+        os.replace(tmp, records)
         target = Path(folder) / INDEX_NAME
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
+        tmp.write_text(self.to_json(size, digest), encoding="utf-8")
         os.replace(tmp, target)
         return target
 
@@ -146,7 +231,14 @@ class ShardIndex:
             data = json.loads(text)
         except (ValueError, RecursionError) as err:  # JSONDecodeError, too many digits; deep nesting
             raise ValueError(f"{shown}: not a valid shard index ({type(err).__name__}: {_first_line(err)})") from None
-        return cls(**_parse_index(data, shown), location=location)
+        fields = _parse_index(data, shown)
+        names, samples, sizes, hashes, records = fields["shards"]
+        if data["format_version"] == FORMAT_VERSION:
+            table = _open_records(_parse_records(data, shown), samples, sizes, location, shown,
+                                  settings or RemoteSettings())
+            records = map(ShardRecords, itertools.repeat(table), range(len(names)), _firsts(table.counts))
+        fields["shards"] = tuple(map(ShardInfo, names, samples, sizes, hashes, records))
+        return cls(**fields, location=location)
 
 
 # ------------------------------------------------------------------ samples in a tar
@@ -221,12 +313,13 @@ def describe_shard(path: str | Path, name: str | None = None) -> ShardInfo:
         for start, end in zip(offsets, offsets[1:]):
             data = _read_exactly(handle, end - start, path)
             whole.update(data)
-            digests.append(sample_digest(data).hex())
+            digests.append(sample_digest(data))
         while chunk := handle.read(1 << 20):
             whole.update(chunk)
         size = handle.tell()
+    table = RecordTable.from_lists([len(samples)], offsets, [sample.key for sample in samples], digests)
     return ShardInfo(name=name or path.name, samples=len(samples), bytes=size, sha256=whole.hexdigest(),
-                     offsets=offsets, keys=tuple(sample.key for sample in samples), blake3=tuple(digests))
+                     records=ShardRecords(table, 0, 0))
 
 
 def _read_exactly(handle, count: int, path: Path) -> bytes:
@@ -237,11 +330,15 @@ def _read_exactly(handle, count: int, path: Path) -> bytes:
 
 
 def reindex(folder: str | Path) -> Path:
-    """Rewrites the index of a local split folder packed before the per-sample records existed. Each
-    shard must still be the one packed (the index's size and sha256), so the records describe what was
-    packed, not what a changed shard holds now."""
+    """Rewrites the index of a local split folder in the current layout. An index that has the
+    per-sample records keeps them (format 1's JSON lists move into the records file); one packed
+    before they existed gets them from its shards, each of which must still be the one packed (the
+    index's size and sha256), so the records describe what was packed, not what a changed shard
+    holds now."""
     index = ShardIndex.load(folder)
     base = Path(index.location).parent
+    if index.records_problem() is None:
+        return index.save(base)
     shards = []
     for shard in index.shards:
         path = base / shard.name
@@ -381,6 +478,7 @@ def _size(value, path: str) -> tuple[int, int] | None:
 
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+_SHARD_NAMES = re.compile(f"({_SHARD_NAME.pattern})(\n({_SHARD_NAME.pattern}))*")  # several, one a line
 _INPUT_NAME = re.compile(r"input(_[a-z0-9]+)?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile("[0-9a-f]*")
@@ -389,28 +487,38 @@ _FORMAT = re.compile("png|npy")
 _TOP = {"split", "shards", "total_samples", "inputs", "channels", "bit_depths", "format", "min_size", "median_size",
         "max_size", "source_images", "tile", "stride", "command", "version", "format_version"}
 _SHARD = {"name", "samples", "bytes", "sha256"}
-_RECORDS = {"offsets", "keys", "blake3"}
+_RECORDS = {"offsets", "keys", "blake3"}  # format 1's per-sample lists in each shard entry
+_RECORDS_FILE = {"name", "bytes", "blake3"}
+_BLAKE3 = re.compile(r"[0-9a-f]{64}")
 
 
 def _parse_index(data, where: str) -> dict:
     """ShardIndex's fields from decoded JSON, after checking every type and limit."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: not a shard index (the top level is {_kind(data)}, not an object)")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{where}: index format_version {_kind(data.get('format_version'))}, this code reads "
+    version = data.get("format_version")
+    if version not in (OLD_FORMAT, FORMAT_VERSION) or isinstance(version, bool):
+        raise ValueError(f"{where}: index format_version {_kind(version)}, this code reads {OLD_FORMAT} and "
                          f"{FORMAT_VERSION}; re-pack with `restormer-pack`")
-    _object(data, where, _TOP)
-    shards = tuple(_parse_shard(entry, f"{where}: shards[{i}]")
-                   for i, entry in enumerate(_list(data["shards"], f"{where}: shards")))
-    seen: dict[str, int] = {}
-    for i, shard in enumerate(shards):
-        if shard.name in seen:
-            raise ValueError(f"{where}: shards[{i}] '{shard.name}' is listed twice (also shards[{seen[shard.name]}]); "
-                             "each shard may appear once: re-pack, or remove the duplicate entry")
-        seen[shard.name] = i
+    _object(data, where, _TOP | ({"records"} if version == FORMAT_VERSION else set()))
+    shard_fields = set() if version == FORMAT_VERSION else _RECORDS
+    entries = _list(data["shards"], f"{where}: shards")
+    shards = _plain_shards(entries) if version == FORMAT_VERSION else None
+    if shards is None:  # format 1, or an entry the bulk check refuses: entry by entry, naming the first bad one
+        parsed = [_parse_shard(entry, f"{where}: shards[{i}]", shard_fields) for i, entry in enumerate(entries)]
+        shards = ([s.name for s in parsed], [s.samples for s in parsed], [s.bytes for s in parsed],
+                  [s.sha256 for s in parsed], [s.records for s in parsed])
+    names, samples = shards[0], shards[1]
+    if len(set(names)) != len(names):
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name in seen:
+                raise ValueError(f"{where}: shards[{i}] '{name}' is listed twice (also shards[{seen[name]}]); "
+                                 "each shard may appear once: re-pack, or remove the duplicate entry")
+            seen[name] = i
     total = _int(data["total_samples"], f"{where}: total_samples")
-    if total != sum(shard.samples for shard in shards):
-        raise ValueError(f"{where}: total_samples is {total} but the shards hold {sum(s.samples for s in shards)}")
+    if total != sum(samples):
+        raise ValueError(f"{where}: total_samples is {total} but the shards hold {sum(samples)}")
     bit_depths = tuple(_int(v, f"{where}: bit_depths[{i}]", 8, 16)
                        for i, v in enumerate(_list(data["bit_depths"], f"{where}: bit_depths")))
     inputs = tuple(_str(v, f"{where}: inputs[{i}]", _INPUT_NAME, " like 'input' or 'input_left'")
@@ -427,8 +535,23 @@ def _parse_index(data, where: str) -> dict:
     }
 
 
-def _parse_shard(data, where: str) -> ShardInfo:
-    _object(data, where, _SHARD, _RECORDS)
+def _plain_shards(entries: list) -> tuple[list, list, list, list, list] | None:
+    """Format 2's shard entries checked in bulk (10^5 of them load in a fraction of a second): their
+    names, samples, bytes, sha256s and records (None: in the records file); None when any is not as
+    _parse_shard would accept it, so that it names the first bad one."""
+    if not all(type(entry) is dict and entry.keys() == _SHARD for entry in entries):
+        return None
+    names, samples, sizes, hashes = ([entry[field] for entry in entries] for field in ("name", "samples", "bytes", "sha256"))
+    if not (set(map(type, names)) <= {str} and _SHARD_NAMES.fullmatch("\n".join(names))
+            and set(map(type, samples + sizes)) <= {int} and min(samples + sizes, default=0) >= 0
+            and set(map(type, hashes)) <= {str} and set(map(len, hashes)) <= {64} and _HEX.fullmatch("".join(hashes))):
+        return None
+    return names, samples, sizes, hashes, [None] * len(names)
+
+
+def _parse_shard(data, where: str, records: set[str]) -> ShardInfo:
+    """A shard entry; `records`: the per-sample lists it may hold (format 1), else none."""
+    _object(data, where, _SHARD, records)
     name = data["name"]
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
         shown = json.dumps(name)[:60] if isinstance(name, str) else _kind(name)
@@ -436,8 +559,8 @@ def _parse_shard(data, where: str) -> ShardInfo:
                          "index's folder, of letters, digits, '.', '_', '-' and '/' (no '..', no absolute path)")
     samples, size = _int(data["samples"], f"{where}.samples"), _int(data["bytes"], f"{where}.bytes")
     sha256 = _str(data["sha256"], f"{where}.sha256", _SHA256, " of 64 hex digits")
-    if any(data.get(key) is None for key in _RECORDS):
-        return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256)  # records_problem() says so
+    if not records or any(data.get(key) is None for key in _RECORDS):
+        return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256)  # format 2, or records_problem()
     offsets = _ints(_list(data["offsets"], f"{where}.offsets", samples + 1), f"{where}.offsets")
     steps = np.diff(np.asarray(offsets, dtype=np.int64))
     bad = np.flatnonzero((steps < 1) | (steps > MAX_SAMPLE_BYTES))
@@ -449,7 +572,48 @@ def _parse_shard(data, where: str) -> ShardInfo:
         raise ValueError(f"{where}: the samples end at byte {offsets[-1]}, past the shard's {size} bytes")
     keys = _names(_list(data["keys"], f"{where}.keys", samples), f"{where}.keys")
     digests = _digests(_list(data["blake3"], f"{where}.blake3", samples), f"{where}.blake3")
-    return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, offsets=offsets, keys=keys, blake3=digests)
+    table = RecordTable.from_lists([samples], offsets, keys, [bytes.fromhex(d) for d in digests])
+    return ShardInfo(name=name, samples=samples, bytes=size, sha256=sha256, records=ShardRecords(table, 0, 0))
+
+
+def _parse_records(data: dict, where: str) -> dict:
+    """Format 2's records entry: the records file's name (beside index.json), size and BLAKE3 hash."""
+    entry = _object(data["records"], f"{where}: records", _RECORDS_FILE)
+    name = entry["name"]
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+        raise ValueError(f"{where}: records name {_kind(name)} is not allowed: a file beside the index, of letters, "
+                         "digits, '.', '_', '-' and '/'")
+    return {"name": name, "bytes": _int(entry["bytes"], f"{where}: records.bytes"),
+            "blake3": _str(entry["blake3"], f"{where}: records.blake3", _BLAKE3, " of 64 hex digits")}
+
+
+def _firsts(counts: np.ndarray) -> list[int]:
+    """Each shard's first sample id."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist() if len(counts) else []
+
+
+def _open_records(entry: dict, samples: list[int], sizes: list[int], location: str, shown: str,
+                  settings: RemoteSettings) -> RecordTable:
+    """The records file that index.json names, mapped once it is checked against the index; a remote
+    one through this node's copy."""
+    if location.startswith("pipe:"):
+        raise ValueError(f"{shown}: an index read from a command cannot locate its records file "
+                         f"({entry['name']}); give the index's path or URL")
+    if "://" in location:
+        url = f"{location.rsplit('/', 1)[0]}/{entry['name']}"
+        path, named = node_copy(url, entry["bytes"], entry["blake3"], settings), f"{redact(url)} (copied to {{}})"
+        named = named.format(path)
+    else:
+        path = Path(location).parent / entry["name"]
+        named = str(path)
+        if not path.is_file():
+            raise ValueError(f"{named}: missing; index.json needs its records file beside it: copy it along, or re-pack")
+    if max(samples + sizes, default=0) >= 1 << 62:
+        huge = next(i for i, (count, size) in enumerate(zip(samples, sizes)) if max(count, size) >= 1 << 62)
+        raise ValueError(f"{shown}: shards[{huge}] claims {samples[huge]} samples in {sizes[huge]} bytes, more than "
+                         "any records file can describe; re-pack")
+    return open_records(path, np.array(samples, dtype=np.int64), np.array(sizes, dtype=np.int64), entry["bytes"],
+                        entry["blake3"], named, MAX_SAMPLE_BYTES)
 
 
 # ------------------------------------------------------------------ the command

@@ -5,7 +5,8 @@
     python -m data_shards.pack --input left=DIR --input right=DIR --target DIR --out OUT  # dual-pixel
     python -m data_shards.pack --manifest FILE.csv --out OUT          # CSV/Parquet manifest
 
-Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/index.json (see data_shards.index).
+Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/index.json with its index.records (see
+data_shards.index).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from data_shards.codec import (MAX_PIXELS, ImageError, PixelLimitError, check_pixels, encode_npy, encode_png,
                                read_image, to_channels)
 from data_shards.geometry import tile_positions
-from data_shards.index import INDEX_NAME, MAX_NAME_CHARS, MAX_SAMPLE_BYTES, ShardIndex
+from data_shards.index import INDEX_NAME, MAX_NAME_CHARS, MAX_SAMPLE_BYTES, RECORDS_NAME, ShardIndex
 from data_shards.remote import printable
 from data_shards.sources import SampleSpec, Scan, SourceError, read_manifest, scan_clean, scan_paired
 from data_shards.tar_writer import ShardWriter, tar_size
@@ -197,7 +198,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         raise PackError(f"--out {out} is not empty ({', '.join(existing[:5])}); "
                         "pass --overwrite to replace the packed splits in it, or choose an empty folder")
     for folder in (p for p in out.iterdir() if p.is_dir()):
-        ours = [f for f in folder.iterdir() if f.name in (INDEX_NAME, INDEX_NAME + ".tmp")
+        ours = [f for f in folder.iterdir() if f.name in (INDEX_NAME, INDEX_NAME + ".tmp", RECORDS_NAME,
+                                                          RECORDS_NAME + ".tmp")
                 or f.name.endswith((".tar", ".tar.tmp"))]
         for path in ours:
             path.unlink()

@@ -7,8 +7,9 @@ byte offsets); validation reads shards front to back and works from a pattern al
 
 Training (build_train_loader) is one endless sequence of positions 0, 1, 2, ... shared by every
 rank and worker. Position p is sample order(p // N)[p % N] of the N training samples, where
-order(e) is a permutation seeded by (seed, e): epoch e is positions e*N .. (e+1)*N - 1, so every
-sample is drawn exactly once per epoch. Epochs are concatenated, nothing is dropped: the last global
+order(e) is a permutation seeded by (seed, e) (data_shards.order: a seeded bijection, computed per
+position, never held): epoch e is positions e*N .. (e+1)*N - 1, so every sample is drawn exactly
+once per epoch. Epochs are concatenated, nothing is dropped: the last global
 batch of an epoch is filled with the first samples of the next one. With G = world_size * batch,
 micro-batch k of rank r (counting from the stream's `start`) holds positions
 start + k*G + r*batch + [0, batch), and DataLoader worker w builds the batches k = w, w + W, ...
@@ -21,8 +22,9 @@ Crop, flip and noise of a sample come from a generator seeded by (seed, epoch, s
 sample at the same position gets the same augmentation on any topology. Mixup pairs the samples of a
 batch with a generator seeded by (seed, the batch's first position).
 
-Samples are read by seeking to their byte range (ShardInfo.offsets), one at a time, so a worker holds
-one batch of decoded samples plus at most _OPEN_SHARDS open files; it never decodes a skipped sample.
+Samples are read by seeking to their byte range (the index's records, memory mapped: shared by every
+process of the node), one at a time, so a worker holds one batch of decoded samples plus at most
+_OPEN_SHARDS open files; it never decodes a skipped sample. Nothing is held per sample.
 Validation with an index reads each shard front to back, range by range.
 
 Integrity: with an index, every sample is checked before it is decoded, on every read (local,
@@ -57,7 +59,9 @@ from webdataset.shardlists import expand_urls
 from data_shards.codec import decode_npy, decode_png
 from data_shards.degrade import NoiseConfig, add_noise, key_seed, mixup, paired_crop
 from data_shards.geometry import dihedral
-from data_shards.index import DIGEST_BYTES, ShardIndex, sample_digest, sample_members, tar_samples
+from data_shards.index import ShardIndex, sample_digest, sample_members, tar_samples
+from data_shards.order import EpochOrder
+from data_shards.records import RecordTable
 from data_shards.remote import RemoteSettings, ShardReadError, check_range, open_shard, printable, redact
 
 __all__ = ["BadSampleError", "NoiseConfig", "StreamSettings", "build_train_loader", "build_val_loader",
@@ -202,35 +206,44 @@ def resolve_source(source, index: str | Path | None = None,
 
 @dataclass(frozen=True)
 class Catalog:
-    """Where every sample lives and what it must be: sample i is bytes start[i]:end[i] of urls[shard[i]],
-    with the digest digest[i] and the key key(i). Flat arrays: 44 bytes per sample plus its key's."""
+    """Where every sample lives and what it must be: sample i is bytes start:end of urls[shard] (see
+    `locate`), with the digest and key the records hold. The records are the index's memory-mapped
+    table, shared with every process that maps it; the catalog adds per shard only its first id."""
 
     urls: tuple[str, ...]
-    sizes: tuple[int, ...]  # each shard's size and sha256, for open_shard
-    sha256s: tuple[str, ...]
-    shard: np.ndarray  # int32 (N,), ascending
-    start: np.ndarray  # int64 (N,)
-    end: np.ndarray  # int64 (N,)
-    digest: np.ndarray  # uint8 (N, DIGEST_BYTES)
-    key_text: np.ndarray  # uint8: the UTF-8 bytes of every key, one after another
-    key_end: np.ndarray  # int64 (N,): key i is key_text[key_end[i - 1]:key_end[i]]
+    # Each shard's size and sha256, for open_shard: arrays, not Python objects per shard, so that none
+    # of index.json's parsed objects outlives the load and pins the allocator's memory.
+    sizes: np.ndarray  # int64 (shards,)
+    sha256s: np.ndarray  # uint8 (shards, 32)
+    records: RecordTable
+    firsts: np.ndarray  # int64 (shards + 1,): shard s holds the sample ids firsts[s]:firsts[s + 1]
 
     @property
     def size(self) -> int:
-        return len(self.shard)
+        return self.records.samples
 
     def key(self, i: int) -> str:
-        return bytes(self.key_text[self.key_end[i - 1] if i else 0:self.key_end[i]]).decode("utf-8")
+        return self.records.key(i)
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, start, end) of sample i: bytes start:end of that shard."""
+        shard = int(np.searchsorted(self.firsts, i, side="right")) - 1
+        # A shard's offsets are its samples + 1: sample i's are at i + shard and the next.
+        start, end = self.records.offsets[i + shard:i + shard + 2].tolist()
+        return shard, start, end
+
+    def shard(self, number: int) -> dict:
+        """What open_shard needs to know of shard `number`: its size and sha256."""
+        return {"size": int(self.sizes[number]), "sha256": self.sha256s[number].tobytes().hex()}
 
     def shard_samples(self, number: int) -> range:
         """The sample ids of shard `number`."""
-        first, stop = np.searchsorted(self.shard, [number, number + 1])
-        return range(int(first), int(stop))
+        return range(int(self.firsts[number]), int(self.firsts[number + 1]))
 
     def sample(self, i: int, data: bytes) -> dict:
         """The members of sample i from the bytes read at its range ({'__key__': key, 'target.png': ...}),
         once they are proven to be the sample the index recorded; ValueError says how they are not."""
-        if sample_digest(data) != self.digest[i].tobytes():
+        if sample_digest(data) != self.records.digests[i].tobytes():
             try:
                 held = f"; they hold key {sample_members(data).key}"
             except ValueError:
@@ -246,24 +259,11 @@ class Catalog:
     def from_index(cls, shard_index: ShardIndex, urls: list[str], where: str) -> Catalog:
         if len(urls) != len(shard_index.shards):
             raise ValueError(f"{where}: {len(urls)} shard URLs but the index lists {len(shard_index.shards)} shards")
-        problem = shard_index.records_problem()
-        if problem:
-            raise ValueError(problem)
+        records = shard_index.record_table()  # refuses an index without records, with the fix
         shards = shard_index.shards
-        offsets = [np.asarray(shard.offsets, dtype=np.int64) for shard in shards]
-        keys = [key.encode("utf-8") for shard in shards for key in shard.keys]
-        digests = bytes.fromhex("".join(digest for shard in shards for digest in shard.blake3))
-        return cls(urls=tuple(urls), sizes=tuple(s.bytes for s in shards), sha256s=tuple(s.sha256 for s in shards),
-                   shard=np.repeat(np.arange(len(urls), dtype=np.int32), [len(o) - 1 for o in offsets]),
-                   start=np.concatenate([o[:-1] for o in offsets]), end=np.concatenate([o[1:] for o in offsets]),
-                   digest=np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES),
-                   key_text=np.frombuffer(b"".join(keys), dtype=np.uint8),
-                   key_end=np.cumsum([len(key) for key in keys], dtype=np.int64))
-
-
-def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
-    """The sample ids of epoch `epoch` in the order they are drawn; identical on every rank and worker."""
-    return np.random.default_rng([seed, epoch]).permutation(size)
+        return cls(urls=tuple(urls), sizes=np.array([s.bytes for s in shards], dtype=np.int64),
+                   sha256s=np.frombuffer(bytes.fromhex("".join(s.sha256 for s in shards)), np.uint8).reshape(-1, 32),
+                   records=records, firsts=np.concatenate([[0], np.cumsum(records.counts)]).astype(np.int64))
 
 
 def batch_positions(settings: StreamSettings, k: int) -> range:
@@ -295,9 +295,9 @@ class ValLoader:
         log = _BadSampleLog(self.strict)
         inputs = self.shard_index.inputs if self.shard_index else None
         if self.catalog is not None:
-            samples = _indexed_samples(self.catalog, log, self.remote, self._mine, self.max_images)
+            samples = _indexed_samples(self.catalog, log, self.remote, self._takes, self.max_images)
         else:
-            samples = _streamed_samples(self.urls, log, self.remote, self._mine, self.max_images)
+            samples = _streamed_samples(self.urls, log, self.remote, self._takes, self.max_images)
         for sample in samples:
             decoded = _decode(sample, inputs, log, self.noise)
             self.skipped = log.count
@@ -313,7 +313,8 @@ class ValLoader:
                    "target": _to_tensor(target[None]), "key": key, "bits": bits}
         self.skipped = log.count
 
-    def _mine(self, position: int) -> bool:
+    def _takes(self, position: int) -> bool:
+        """Whether this rank takes the split's sample at `position` (ranks take turns)."""
         return position % self.world_size == self.rank
 
 
@@ -321,7 +322,7 @@ class _TrainStream(IterableDataset):
     def __init__(self, catalog: Catalog, inputs: tuple[str, ...], settings: StreamSettings):
         super().__init__()
         self.catalog, self.inputs, self.settings = catalog, inputs, settings
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[int, EpochOrder] = {}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -333,7 +334,8 @@ class _TrainStream(IterableDataset):
         try:
             for k in range(worker, 2**62, workers):
                 positions = batch_positions(s, k)
-                pairs = [self._sample(position, reader, log) for position in positions]
+                pairs = [self._sample(position, sample_id, reader, log)
+                         for position, sample_id in zip(positions, self._ids(positions), strict=True)]
                 batch_in, batch_target = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
                 if s.mixup:
                     batch_in, batch_target = mixup(batch_in, batch_target,
@@ -347,20 +349,31 @@ class _TrainStream(IterableDataset):
         finally:
             reader.close()
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> EpochOrder:
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # a batch spans at most two epochs
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = epoch_order(self.settings.seed, epoch, self.catalog.size)
+            self._orders[epoch] = EpochOrder(self.settings.seed, epoch, self.catalog.size)
         return self._orders[epoch]
 
-    def _sample(self, position: int, reader: _ShardReader, log: _BadSampleLog) -> tuple[np.ndarray, np.ndarray]:
-        """(input, target) crops for one position; a bad sample is replaced by the next in the order."""
+    def _ids(self, positions: range) -> list[int]:
+        """The sample ids at a batch's positions, looked up together (one vectorised pass per epoch)."""
+        epochs, indices = np.divmod(np.asarray(positions, dtype=np.int64), self.catalog.size)
+        ids = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(epochs).tolist():
+            here = epochs == epoch
+            ids[here] = self._order(epoch)[indices[here]]
+        return ids.tolist()
+
+    def _sample(self, position: int, sample_id: int, reader: _ShardReader, log: _BadSampleLog
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(input, target) crops for one position, whose sample is `sample_id`; a bad sample is replaced by
+        the next in the order."""
         size = self.catalog.size
         epoch, index = divmod(position, size)
-        order = self._order(epoch)
         for attempt in range(min(size, _BAD_RUN)):
-            sample_id = int(order[(index + attempt) % size])
+            if attempt:
+                sample_id = int(self._order(epoch)[(index + attempt) % size])
             decoded = _decode(self._read(sample_id, reader, log), self.inputs, log, self.settings.noise)
             if decoded is not None:
                 rng = np.random.default_rng([self.settings.seed, 0, epoch, sample_id, attempt])
@@ -372,13 +385,13 @@ class _TrainStream(IterableDataset):
     def _read(self, sample_id: int, reader: _ShardReader, log: _BadSampleLog) -> dict:
         """The members of one sample as bytes plus __key__ and __url__; no __key__ after logging an error."""
         c = self.catalog
-        shard, start, end = int(c.shard[sample_id]), int(c.start[sample_id]), int(c.end[sample_id])
+        shard, start, end = c.locate(sample_id)
         try:
-            data = _exactly(reader.read(shard, start, end - start), start, end)
+            data = _whole_range(reader.read(shard, start, end - start), start, end)
         except (OSError, ValueError) as err:
             log(err, c.urls[shard], detail=f"bytes {start}:{end}")
             return {"__url__": c.urls[shard]}
-        return _checked(c, sample_id, data, log)
+        return _proven(c, sample_id, data, log)
 
     def _augment(self, decoded, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _, target, degraded = decoded
@@ -400,13 +413,12 @@ class _ShardReader:
         self.handles: OrderedDict[int, object] = OrderedDict()
 
     def read(self, shard: int, start: int, length: int) -> bytes:
-        url, size = self.catalog.urls[shard], self.catalog.sizes[shard]
-        check_range(url, start, length, size)  # an open handle obeys the bounds that opening checks
+        url, known = self.catalog.urls[shard], self.catalog.shard(shard)
+        check_range(url, start, length, known["size"])  # an open handle obeys the bounds that opening checks
         handle = self.handles.pop(shard, None)
         reused = handle is not None
         if not reused:
-            handle = open_shard(url, start, length=length, size=size, sha256=self.catalog.sha256s[shard],
-                                settings=self.remote)
+            handle = open_shard(url, start, length=length, **known, settings=self.remote)
         try:
             if reused:
                 handle.seek(start)
@@ -428,25 +440,27 @@ class _ShardReader:
         self.handles.clear()
 
 
-def _exactly(data: bytes, start: int, end: int) -> bytes:
+def _whole_range(data: bytes, start: int, end: int) -> bytes:
+    """The bytes read for range start:end, refused when the shard ended before the range did."""
     if len(data) != end - start:
         raise ValueError(f"the shard ends at byte {start + len(data)}, the index says {end} (truncated?)")
     return data
 
 
-def _checked(catalog: Catalog, sample_id: int, data: bytes, log: _BadSampleLog) -> dict:
-    """Catalog.sample with __url__ added; no __key__ after logging bytes unlike the index's record."""
-    url = catalog.urls[int(catalog.shard[sample_id])]
+def _proven(catalog: Catalog, sample_id: int, data: bytes, log: _BadSampleLog) -> dict:
+    """Catalog.sample (the bytes proven against the records) with __url__ added; no __key__ after
+    logging bytes unlike the index's record."""
+    shard, start, end = catalog.locate(sample_id)
     try:
-        return {**catalog.sample(sample_id, data), "__url__": url}
+        return {**catalog.sample(sample_id, data), "__url__": catalog.urls[shard]}
     except ValueError as err:
-        log(err, url, catalog.key(sample_id), detail=f"bytes {catalog.start[sample_id]}:{catalog.end[sample_id]}")
-        return {"__url__": url}
+        log(err, catalog.urls[shard], catalog.key(sample_id), detail=f"bytes {start}:{end}")
+        return {"__url__": catalog.urls[shard]}
 
 
-def _indexed_samples(catalog: Catalog, log: _BadSampleLog, remote: RemoteSettings, mine, stop: int | None
+def _indexed_samples(catalog: Catalog, log: _BadSampleLog, remote: RemoteSettings, takes, stop: int | None
                      ) -> Iterator[dict]:
-    """The samples of the split in stored order whose ids are `mine`, up to id `stop`, each checked
+    """The samples of the split in stored order whose ids this rank `takes`, up to id `stop`, each checked
     against the index. Each shard is read front to back in one stream; a read error ends the shard."""
     for number, url in enumerate(catalog.urls):
         ids = catalog.shard_samples(number)
@@ -454,32 +468,31 @@ def _indexed_samples(catalog: Catalog, log: _BadSampleLog, remote: RemoteSetting
             return
         if not ids:
             continue
-        first, last = int(catalog.start[ids.start]), int(catalog.end[ids.stop - 1])
+        first, last = catalog.locate(ids.start)[1], catalog.locate(ids.stop - 1)[2]
         try:
-            with open_shard(url, first, length=last - first, size=catalog.sizes[number],
-                            sha256=catalog.sha256s[number], settings=remote) as stream:
+            with open_shard(url, first, length=last - first, **catalog.shard(number), settings=remote) as stream:
                 for i in ids:
                     if stop is not None and i >= stop:
                         return
-                    start, end = int(catalog.start[i]), int(catalog.end[i])
-                    data = _exactly(stream.read(end - start), start, end)
-                    if mine(i):
-                        yield _checked(catalog, i, data, log)
+                    _, start, end = catalog.locate(i)
+                    data = _whole_range(stream.read(end - start), start, end)
+                    if takes(i):
+                        yield _proven(catalog, i, data, log)
         except (OSError, ValueError) as err:
             log(err, url, detail=f"bytes {first}:{last}")
 
 
-def _streamed_samples(urls: list[str], log: _BadSampleLog, remote: RemoteSettings, mine, stop: int | None
+def _streamed_samples(urls: list[str], log: _BadSampleLog, remote: RemoteSettings, takes, stop: int | None
                       ) -> Iterator[dict]:
     """Without an index: the samples of each shard as its tar groups them, unchecked, numbered in the
-    order they come; those whose number is `mine`, up to `stop`."""
+    order they come; those whose number this rank `takes`, up to `stop`."""
     position = 0
     for url in urls:
         for sample in _tar_samples(url, log, remote):
             if stop is not None and position >= stop:
                 return
             position += 1
-            if mine(position - 1):
+            if takes(position - 1):
                 yield sample
 
 

@@ -175,6 +175,21 @@ def pack_images(out: Path, flat: bool = False, *pack_args: str) -> Path:
     return out / "shards"
 
 
+def format1_index(split: Path, records: bool = True) -> dict:
+    """A split's index.json as format 1 wrote it, before the records file: the per-sample records as
+    JSON lists in each shard entry, or none at all (records=False: packed before they were recorded).
+    Old indexes are still read, so hostile ones are tried in this shape too."""
+    from data_shards.index import INDEX_NAME, ShardIndex
+
+    data = json.loads((split / INDEX_NAME).read_text(encoding="utf-8"))
+    data["format_version"] = 1
+    del data["records"]
+    if records:
+        for entry, shard in zip(data["shards"], ShardIndex.load(split).shards, strict=True):
+            entry.update(offsets=list(shard.offsets), keys=list(shard.keys), blake3=list(shard.blake3))
+    return data
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The shared tiny data set (read only): pack_images in a session folder."""

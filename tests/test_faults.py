@@ -32,7 +32,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import (ROOT, TINY_NET_ARGS, TINY_RUN, accelerate_cmd, child_env, image_bomb, loopback_http,
+from conftest import (ROOT, TINY_NET_ARGS, TINY_RUN, accelerate_cmd, child_env, format1_index, image_bomb,
+                      loopback_http,
                       pack_images, records, tiny_net)
 from model import read_state_dict
 from data_shards.index import MAX_INDEX_BYTES, MAX_SAMPLE_BYTES, ShardIndex, describe_shard
@@ -715,9 +716,7 @@ def config_cases(data: Path, scratch: Path) -> list[tuple[list[str], str]]:
     (scratch / "list.yaml").write_text("- optim\n")
     (scratch / "empty").mkdir(exist_ok=True)
     (scratch / "old").mkdir(exist_ok=True)  # an index written before the per-sample records
-    old_index = json.loads((data / "train" / "index.json").read_text())
-    for shard in old_index["shards"]:
-        del shard["offsets"], shard["keys"], shard["blake3"]
+    old_index = format1_index(data / "train", records=False)
     (scratch / "old" / "index.json").write_text(json.dumps(old_index))
     cases = [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"), ("optim.lr=fast", "expected a number, got 'fast'"),
@@ -940,8 +939,10 @@ def scenario_lying_server(data: Path, work: Path, lie: str) -> str:
 
 
 def hostile_indexes(data: Path, scratch: Path) -> list[tuple[Path, str]]:
-    """Split folders whose index.json is hostile, each with the message its refusal must carry."""
-    good = json.loads((data / "train" / "index.json").read_text(encoding="utf-8"))
+    """Split folders whose index.json is hostile, each with the message its refusal must carry. The
+    per-sample cases edit an index of format 1 (records as JSON lists, still read); the records file's
+    own hostile cases are in tests/test_index.py."""
+    good = format1_index(data / "train")
 
     def edited(change) -> str:
         index = json.loads(json.dumps(good))
