@@ -25,7 +25,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import sys
 import tarfile
@@ -37,6 +36,7 @@ import blake3
 import numpy as np
 
 from data_shards.codec import MAX_PIXELS
+from data_shards.atomic import atomic_write
 from data_shards.node_copy import node_copy
 from data_shards.records import DIGEST_BYTES, MAX_NAME_CHARS, RecordTable, open_records
 from data_shards.remote import RemoteSettings, read_bytes, redact
@@ -212,13 +212,12 @@ class ShardIndex:
     def save(self, folder: str | Path) -> Path:
         """Writes folder/index.records, then folder/index.json, each atomically (temp name, then rename)."""
         records = Path(folder) / RECORDS_NAME
-        tmp = records.with_name(records.name + ".tmp")
-        size, digest = self.record_table().write(tmp)
-        os.replace(tmp, records)
+        # The .tmp names are the ones pack's cleanup of an interrupted run recognises.
+        with atomic_write(records, records.with_name(records.name + ".tmp")) as tmp:
+            size, digest = self.record_table().write(tmp)
         target = Path(folder) / INDEX_NAME
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json(size, digest), encoding="utf-8")
-        os.replace(tmp, target)
+        with atomic_write(target, target.with_name(target.name + ".tmp")) as tmp:
+            tmp.write_text(self.to_json(size, digest), encoding="utf-8")
         return target
 
     @classmethod

@@ -19,11 +19,11 @@ import errno
 import fcntl
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import blake3
 
+from data_shards.atomic import atomic_write
 from data_shards.remote import RemoteSettings, open_uncached, redact
 
 CACHE_SUBFOLDER = "restormer-index-cache"
@@ -67,8 +67,7 @@ def _whole(path: Path, size: int) -> bool:
 
 
 def _download(url: str, path: Path, size: int, hexdigest: str, settings: RemoteSettings) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-    try:
+    with atomic_write(path) as tmp:
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         with open_uncached(url, size=size, settings=settings) as source, open(tmp, "wb") as copy:
             while chunk := source.read(_CHUNK):
@@ -77,6 +76,3 @@ def _download(url: str, path: Path, size: int, hexdigest: str, settings: RemoteS
         if digest.hexdigest() != hexdigest:
             raise ValueError(f"{redact(url)}: the records downloaded have another BLAKE3 hash than index.json "
                              "records: the index and its records do not belong together; upload both again")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -94,8 +94,6 @@ class RecordTable:
                 data = part if isinstance(part, bytes) else np.ascontiguousarray(part).reshape(-1).view(np.uint8)
                 digest.update(data)
                 handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         return os.path.getsize(path), digest.hexdigest()
 
     def __reduce__(self):

@@ -3,7 +3,6 @@
 The accounting tests identify every drawn sample: image i of _constant_images holds the value i in
 every pixel, so any crop of it tells which sample it is."""
 
-import dataclasses
 import io
 import itertools
 import json
