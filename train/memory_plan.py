@@ -104,7 +104,7 @@ class StageMemory:
     patch: int
     batch: int  # per process and loaded batch (the schedule's)
     micro_batch: int  # images per forward/backward: a divisor of batch
-    activations: str  # model.restormer.ACTIVATION_MODES
+    activations: str  # model.ACTIVATION_MODES
     predicted: float  # peak bytes, state and reserved included
 
 
@@ -264,11 +264,11 @@ class Probe:
     mode: str
 
     def network(self, device: torch.device) -> torch.nn.Module:
-        from model import build_model
+        from model import build_model, set_activations
 
         torch.manual_seed(0)
         net = build_model(**self.arch).to(device).train()
-        net.set_activations(self.mode)
+        set_activations(net, self.mode)
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
         return net

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from model import ARCH_FIELDS, PRECISIONS, Restormer, build_model, load_weights, restore_image
+from model import ARCH_FIELDS, PRECISIONS, Restormer, build_model, load_weights, restore_image, set_activations
 from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, OptimConfig, config_from_dict, read_config_file
 from train.data import stream_settings, train_batches, val_images
@@ -86,8 +86,6 @@ class Trainer:
                 load_weights(net, cfg.model.init_weights)
             except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing, refused pickle, wrong shapes
                 raise ConfigError(f"model.init_weights={cfg.model.init_weights}: {err}") from err
-        if cfg.model.channels_last:
-            net = net.to(memory_format=torch.channels_last)
         optimizer = OPTIMIZERS[cfg.optim.name](cfg.optim, net.parameters())
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -124,6 +122,7 @@ class Trainer:
         self._stop_signal = 0
         self._stream = None
         self._stream_stage = -1
+        self._left_plain: dict[str, str] | None = None  # blocks lean left to autograd, printed when it changes
 
     def _memory_note(self) -> str:
         """The memory plan's table for the log, also kept in the run folder (memory_plan.txt)."""
@@ -185,9 +184,8 @@ class Trainer:
         return self._stream
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        x = batch["input"].to(self.acc.device, non_blocking=True).contiguous(memory_format=fmt)
-        y = batch["target"].to(self.acc.device, non_blocking=True).contiguous(memory_format=fmt)
+        x = batch["input"].to(self.acc.device, non_blocking=True)
+        y = batch["target"].to(self.acc.device, non_blocking=True)
         return x, y
 
     def train_step(self, stage) -> dict[str, float]:
@@ -287,7 +285,10 @@ class Trainer:
             while self.state.step < total:
                 stage = self.plan.stage_at(self.state.step)
                 if stage.index != self._stream_stage:
-                    self.network().set_activations(stage.activations)
+                    left_plain = set_activations(self.network(), stage.activations)
+                    if left_plain and acc.is_main_process and left_plain != self._left_plain:
+                        print(f"{stage.activations} activations: these blocks run plain autograd: {left_plain}")
+                    self._left_plain = left_plain
                     if acc.is_main_process:
                         self._log({"event": "stage", "step": self.state.step, "stage": stage.index,
                                    "patch": stage.patch, "batch": stage.batch, "accum": stage.accum,
