@@ -2,6 +2,11 @@
 only where it computes that block's function; anything a researcher changes runs plain autograd."""
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +14,7 @@ import torch.nn as nn
 from model import Restormer, set_activations
 from model import activations as lean
 from model.restormer import Attention, TransformerBlock
-from model_vectors import perturbed
+from model_vectors import ROOT, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,3 +225,13 @@ def test_double_backward_through_lean_is_an_error():
     (grad,) = torch.autograd.grad(model(x).square().mean(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+def test_the_docs_example_prints_what_the_docs_say():
+    doc = (ROOT / "docs" / "model.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/model.md", "exec"), {})
+    said = re.search(r"print\(set_activations\(net, \"lean\"\)\)\n((?:# .*\n)+)", code).group(1)
+    assert ast.literal_eval(said.replace("# ", "").replace("\n", "")) == ast.literal_eval(printed.getvalue())
