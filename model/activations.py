@@ -39,13 +39,13 @@ from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import checkpoint
 
 from . import restormer as official
-from .restormer import EPS, NORM_EPS, fp32, Attention, FeedForward, LayerNorm, TransformerBlock
+from .restormer import EPS, NORM_EPS, Attention, Conv1x1, FeedForward, LayerNorm, TransformerBlock, fp32
 
 ACTIVATION_MODES = ("lean", "plain", "checkpoint")
 _HIDDEN_MULTIPLE = 16  # lean pads the GDFN width for MKL's GEMMs (benchmarks/model_speed.py)
 # sha256 prefix of the forwards lean mirrors (_fingerprint): update it only together with lean's
 # Functions, after tests/test_activations.py passes.
-_WRITTEN_FOR = "b34643a7195f82ed"
+_WRITTEN_FOR = "0e838da3fd71be34"
 
 
 def set_activations(net: nn.Module, mode: str) -> dict[str, str]:
@@ -111,9 +111,9 @@ def _why_plain(block: nn.Module) -> str | None:
     norm_type = type(getattr(block.norm1, "body", None))
     for path, cls in (("norm1", LayerNorm), ("norm2", LayerNorm), ("norm1.body", norm_type),
                       ("norm2.body", norm_type), ("attn", Attention), ("ffn", FeedForward),
-                      *((p, nn.Conv2d) for p in _CONVS)):
+                      *_CONVS.items()):
         part = block.get_submodule(path)
-        if type(part) is not cls or cls not in (*_OFFICIAL, nn.Conv2d):
+        if type(part) is not cls or cls not in _OFFICIAL:
             return f"{path} is {type(part).__name__}, not model.restormer's {cls.__name__}"
         if part._forward_hooks or part._forward_pre_hooks or part._backward_hooks or part._backward_pre_hooks:
             return f"{path} has a module hook"
@@ -122,8 +122,10 @@ def _why_plain(block: nn.Module) -> str | None:
     return _geometry_problem(block)
 
 
-_OFFICIAL = (LayerNorm, Attention, FeedForward, official.BiasFree_LayerNorm, official.WithBias_LayerNorm)
-_CONVS = ("attn.qkv", "attn.qkv_dwconv", "attn.project_out", "ffn.project_in", "ffn.dwconv", "ffn.project_out")
+_OFFICIAL = (LayerNorm, Attention, FeedForward, official.BiasFree_LayerNorm, official.WithBias_LayerNorm, Conv1x1,
+             nn.Conv2d)
+_CONVS = {"attn.qkv": Conv1x1, "attn.qkv_dwconv": nn.Conv2d, "attn.project_out": Conv1x1, "ffn.project_in": Conv1x1,
+          "ffn.dwconv": nn.Conv2d, "ffn.project_out": Conv1x1}
 
 
 def _geometry_problem(block: TransformerBlock) -> str | None:
@@ -152,7 +154,7 @@ def _geometry_problem(block: TransformerBlock) -> str | None:
 @functools.cache
 def _fingerprint() -> str:
     """sha256 prefix of the source of the forwards (and their helpers) that lean's Functions mirror."""
-    mirrored = (TransformerBlock.forward, LayerNorm.forward, official.BiasFree_LayerNorm.forward,
+    mirrored = (TransformerBlock.forward, Conv1x1.forward, LayerNorm.forward, official.BiasFree_LayerNorm.forward,
                 official.WithBias_LayerNorm.forward, Attention.forward, FeedForward.forward, official._attention,
                 official._inverse_norm, official._pixels, official._heads, official._attend)
     try:
@@ -170,7 +172,7 @@ def _lean_attention(norm: LayerNorm, attn: Attention, x: torch.Tensor) -> torch.
     (w_q, w_k, w_v), (b_q, b_k, b_v) = _chunks(attn.qkv_dwconv, 3)
     out = _AttentionCore.apply(attn.num_heads, pre_q, pre_k, pre_v, w_q, w_k, w_v, b_q, b_k, b_v,
                                _in_layout(attn.temperature))
-    return F.conv2d(out, _in_layout(attn.project_out.weight), _in_layout(attn.project_out.bias))
+    return _pointwise(out, _in_layout(attn.project_out.weight), _in_layout(attn.project_out.bias))
 
 
 def _lean_feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ subclasses work as in any PyTorch model. Where the execution differs, for CPU sp
 benchmarks/model_speed.py), it stays inside the module:
 
 - activations are channels-last (the logical shape stays B,C,H,W): the depthwise convolutions take
-  oneDNN's channels-last kernels, and the LayerNorm is `F.layer_norm` on a permuted view, no copy;
+  oneDNN's channels-last kernels, the LayerNorm is `F.layer_norm` on a permuted view, no copy, and
+  the 1x1 convolutions (`Conv1x1`) are one GEMM on that view;
 - MDTA normalises q and k after their (c x c) product, so no normalised copies are made (see
   `_attention`), and runs the small matrices in fp32;
 - the LayerNorm runs in fp32 whatever the activations' dtype (DeepSpeed's bf16/fp16 weights too).
@@ -31,6 +32,17 @@ NORM_EPS = 1e-12  # F.normalize's default, used by the official q/k normalisatio
 def fp32(t: torch.Tensor) -> torch.Tensor:
     """t in fp32, where norms and softmaxes run whatever the activations' dtype (fp64 stays fp64)."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+class Conv1x1(nn.Conv2d):
+    """nn.Conv2d(kernel_size=1) as one GEMM over the channels-last view. Its weight's gradient keeps the
+    weight's strides (oneDNN's 1x1 kernels give it channels-last ones, which DDP would copy)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool):
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
 
 
 class BiasFree_LayerNorm(nn.Module):
@@ -78,10 +90,10 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool):
         super().__init__()
         hidden_features = int(dim * ffn_expansion_factor)
-        self.project_in = nn.Conv2d(dim, hidden_features * 2, kernel_size=1, bias=bias)
+        self.project_in = Conv1x1(dim, hidden_features * 2, bias)
         self.dwconv = nn.Conv2d(hidden_features * 2, hidden_features * 2, kernel_size=3, stride=1, padding=1,
                                 groups=hidden_features * 2, bias=bias)
-        self.project_out = nn.Conv2d(hidden_features, dim, kernel_size=1, bias=bias)
+        self.project_out = Conv1x1(hidden_features, dim, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
@@ -97,9 +109,9 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv = Conv1x1(dim, dim * 3, bias)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1, groups=dim * 3, bias=bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.project_out = Conv1x1(dim, dim, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
@@ -234,10 +246,10 @@ class Restormer(nn.Module):
         self.latent = _stage(num_blocks[3], dim * 8, heads[3], *args)
 
         self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
+        self.reduce_chan_level3 = Conv1x1(dim * 8, dim * 4, bias)
         self.decoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], *args)
         self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
+        self.reduce_chan_level2 = Conv1x1(dim * 4, dim * 2, bias)
         self.decoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], *args)
         self.up2_1 = Upsample(dim * 2)
         # Level 1 of the decoder keeps the concatenated 2*dim channels (no reduction), as official.
@@ -246,7 +258,7 @@ class Restormer(nn.Module):
 
         self.dual_pixel_task = dual_pixel_task
         if dual_pixel_task:
-            self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
+            self.skip_conv = Conv1x1(dim, dim * 2, bias)
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, stride=1, padding=1, bias=bias)
         for conv in self.modules():
             if isinstance(conv, nn.Conv2d):
@@ -278,8 +290,9 @@ class Restormer(nn.Module):
 
 
 def _gradient_layout(weight: torch.Tensor) -> torch.Tensor:
-    """weight with the strides the channels-last convolutions give its gradient, where they order memory
-    as contiguous strides do (1x1 and depthwise kernels: they differ in size-1 axes only). DDP's buckets
-    take the parameters' strides and warn about, and copy, every gradient whose strides differ."""
+    """weight with the strides oneDNN's channels-last convolutions give its gradient, where they order
+    memory as contiguous strides do and keep the last stride 1 (the depthwise kernels: they differ in a
+    size-1 axis only; DeepSpeed views weights as bytes). DDP's buckets take the parameters' strides and
+    warn about, and copy, every gradient whose strides differ."""
     laid_out = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
-    return laid_out if laid_out.is_contiguous() else weight
+    return laid_out if laid_out.is_contiguous() and laid_out.stride(-1) == 1 else weight

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from model import Restormer, set_activations
 from model import activations as lean
-from model.restormer import Attention, TransformerBlock
+from model.restormer import Attention, Conv1x1, TransformerBlock
 from model_vectors import ROOT, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,7 +138,7 @@ def test_a_lora_wrapped_projection_trains_its_adapter_under_autograd():
     model = _net()
     model.decoder_level2[0].attn.qkv = LoRA(model.decoder_level2[0].attn.qkv)
     report = set_activations(model, "lean")
-    assert report == {"decoder_level2.0": "attn.qkv is LoRA, not model.restormer's Conv2d"}
+    assert report == {"decoder_level2.0": "attn.qkv is LoRA, not model.restormer's Conv1x1"}
     _assert_equal_gradients(model)
     assert model.decoder_level2[0].attn.qkv.up.weight.grad is not None
 
@@ -149,8 +149,8 @@ def test_changes_made_after_set_activations_are_seen_at_forward():
     block = model.refinement[0]
     calls = []
     block.ffn.dwconv.register_forward_pre_hook(lambda *_: calls.append(1))
-    model.encoder_level3[0].ffn.project_out = nn.Conv2d(model.encoder_level3[0].ffn.project_out.in_channels,
-                                                        16 * 2, kernel_size=1, bias=False)  # as wide as dim
+    model.encoder_level3[0].ffn.project_out = Conv1x1(model.encoder_level3[0].ffn.project_out.in_channels,
+                                                      16 * 2, bias=False)  # a fresh one, the same module
     model(torch.rand(1, 3, 16, 16)).mean().backward()
     assert calls == [1]
     assert lean._why_plain(block) == "ffn.dwconv has a module hook"
