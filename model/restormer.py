@@ -13,7 +13,8 @@ benchmarks/model_speed.py), it stays inside the module:
 - the LayerNorm runs in fp32 whatever the activations' dtype (DeepSpeed's bf16/fp16 weights too).
 
 What training keeps for backward is decided from outside: `model.set_activations(net, mode)`
-(model/activations.py), whose default "lean" recomputes the cheap per-pixel work of each block.
+(model/activations.py), whose "lean" mode, the trainer's, recomputes each block's cheap per-pixel
+work in backward (benchmarks/model_memory.py).
 """
 from __future__ import annotations
 
