@@ -171,8 +171,8 @@ def _lean_attention(norm: LayerNorm, attn: Attention, x: torch.Tensor) -> torch.
     pre_q, pre_k, pre_v = _project(_NORM, (x, *_norm_parameters(norm)), *_chunks(attn.qkv, 3))
     (w_q, w_k, w_v), (b_q, b_k, b_v) = _chunks(attn.qkv_dwconv, 3)
     out = _AttentionCore.apply(attn.num_heads, pre_q, pre_k, pre_v, w_q, w_k, w_v, b_q, b_k, b_v,
-                               _in_layout(attn.temperature))
-    return _pointwise(out, _in_layout(attn.project_out.weight), _in_layout(attn.project_out.bias))
+                               attn.temperature)
+    return _pointwise(out, attn.project_out.weight, attn.project_out.bias)
 
 
 def _lean_feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -183,21 +183,20 @@ def _lean_feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> to
     # weight slices no gradient.
     pad = -ffn.project_out.weight.shape[1] % _HIDDEN_MULTIPLE
     (w1, w2), (b1, b2) = _chunks(ffn.dwconv, 2, pad)
-    w_out = _in_layout(ffn.project_out.weight)
-    w_out = F.pad(w_out, (0, 0, 0, 0, 0, pad)) if pad else w_out
+    w_out = F.pad(ffn.project_out.weight, (0, 0, 0, 0, 0, pad)) if pad else ffn.project_out.weight
     x1, x2 = _project(_NORM, (x, *_norm_parameters(norm)), *_chunks(ffn.project_in, 2, pad))
-    return _project(_gelu_gate, (x1, x2, w1, w2, b1, b2), [w_out], [_in_layout(ffn.project_out.bias)])[0]
+    return _project(_gelu_gate, (x1, x2, w1, w2, b1, b2), [w_out], [ffn.project_out.bias])[0]
 
 
 def _norm_parameters(norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return _in_layout(norm.body.weight), _in_layout(getattr(norm.body, "bias", None))
+    return norm.body.weight, getattr(norm.body, "bias", None)
 
 
 def _chunks(conv: nn.Conv2d, parts: int, pad: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """conv's weight and bias split into `parts` output chunks, each padded with `pad` zero channels."""
-    weights, biases = list(_in_layout(conv.weight).chunk(parts)), [None] * parts
+    weights, biases = list(conv.weight.chunk(parts)), [None] * parts
     if conv.bias is not None:
-        biases = list(_in_layout(conv.bias).chunk(parts))
+        biases = list(conv.bias.chunk(parts))
     if pad:
         weights = [F.pad(w, (0, 0, 0, 0, 0, 0, 0, pad)) for w in weights]
         biases = [b if b is None else F.pad(b, (0, pad)) for b in biases]
@@ -224,28 +223,6 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution as one GEMM over the channels-last view; returns a channels-last tensor."""
     return F.linear(_tokens(x), weight.flatten(1), bias).permute(0, 3, 1, 2)
-
-
-def _in_layout(p: torch.Tensor | None) -> torch.Tensor | None:
-    """p, whose gradient will arrive in p's own strides (DDP's buckets expect them, see
-    model.restormer._gradient_layout); p itself when it takes no gradient."""
-    return _InLayout.apply(p) if p is not None and p.requires_grad and torch.is_grad_enabled() else p
-
-
-class _InLayout(torch.autograd.Function):
-    """Identity whose backward gives the gradient the input's strides (a copy only where they differ)."""
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
-        ctx.shape, ctx.strides = p.shape, p.stride()
-        return p.view_as(p)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if grad.stride() == ctx.strides:
-            return grad
-        return torch.empty_strided(ctx.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 # ---------------------------------------------------------------- the Functions

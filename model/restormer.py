@@ -262,7 +262,7 @@ class Restormer(nn.Module):
             self.skip_conv = Conv1x1(dim, dim * 2, bias)
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, stride=1, padding=1, bias=bias)
         for conv in self.modules():
-            if isinstance(conv, nn.Conv2d):
+            if isinstance(conv, nn.Conv2d) and conv.weight.shape[1] == 1:  # depthwise
                 conv.weight = nn.Parameter(_gradient_layout(conv.weight.detach()))
 
     def forward(self, inp_img: torch.Tensor) -> torch.Tensor:
@@ -291,9 +291,8 @@ class Restormer(nn.Module):
 
 
 def _gradient_layout(weight: torch.Tensor) -> torch.Tensor:
-    """weight with the strides oneDNN's channels-last convolutions give its gradient, where they order
-    memory as contiguous strides do and keep the last stride 1 (the depthwise kernels: they differ in a
-    size-1 axis only; DeepSpeed views weights as bytes). DDP's buckets take the parameters' strides and
-    warn about, and copy, every gradient whose strides differ."""
-    laid_out = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
-    return laid_out if laid_out.is_contiguous() and laid_out.stride(-1) == 1 else weight
+    """A depthwise weight with the strides oneDNN's channels-last convolutions give its gradient: they
+    differ from contiguous ones in the size-1 axis only, so the memory and stride(-1) == 1 stay (DeepSpeed
+    views weights as bytes). DDP's buckets take the parameters' strides and warn about, and copy, every
+    gradient whose strides differ."""
+    return torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)

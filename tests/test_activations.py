@@ -51,10 +51,6 @@ def test_attention_core_passes_gradcheck(heads):
                                     (*pre, *weights, *biases, _p(heads, 1, 1)))
 
 
-def test_in_layout_passes_gradcheck():
-    assert torch.autograd.gradcheck(lean._in_layout, (_p(3, 1, 3, 3),))
-
-
 def _grads(model: nn.Module, mode: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     model.zero_grad()
     set_activations(model, mode)
