@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks import matrix  # noqa: E402  (after the path)
-from model import PRESETS, build_model  # noqa: E402
+from model import PRESETS, build_model, set_activations  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
 from train.config import Config, LossConfig, ProgressiveConfig, TrainConfig  # noqa: E402
 from train.memory_plan import (GB, USABLE_SHARE, CalibrationStep, StateFootprint, calibrate,  # noqa: E402
@@ -161,7 +161,7 @@ class PeakMemory:
 def _network(arch: dict, device: torch.device, mode: str = "lean"):
     torch.manual_seed(0)
     net = build_model(**arch).to(device).train()
-    net.set_activations(mode)
+    set_activations(net, mode)
     return net
 
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.model_speed import _official_class  # noqa: E402  (after the path)
-from model import PRESETS, build_model  # noqa: E402
+from model import PRESETS, build_model, set_activations  # noqa: E402
 from model.memory import TensorMemoryMeter  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.host_memory import retain_freed_memory, rss_kib  # noqa: E402
@@ -49,7 +49,7 @@ def _network(impl: str, preset: str, mode: str, official: str | None) -> torch.n
     torch.manual_seed(0)
     ours = build_model(preset)
     if impl == "ours":
-        ours.set_activations(mode)
+        set_activations(ours, mode)
         return ours.train()
     net = _official_class(official)(**PRESETS[preset])
     net.load_state_dict(ours.state_dict())
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", default=["default", "gaussian_color_denoising"])
     parser.add_argument("--dtype", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--modes", nargs="+", default=["lean", "plain", "checkpoint"],
-                        help="our activation modes to measure (model.restormer.ACTIVATION_MODES)")
+                        help="our activation modes to measure (model.ACTIVATION_MODES)")
     parser.add_argument("--memory-patch", type=int, nargs=2, default=[48, 96], metavar=("SMALL", "LARGE"))
     parser.add_argument("--time-patch", type=int, nargs="*", default=[64, 128], help="none: memory only")
     parser.add_argument("--batch", type=int, default=2)

@@ -48,11 +48,12 @@ def _official_class(path: str) -> type:
 
 
 def _build(impl: str, preset: str, checkpointing: bool, official: str | None) -> torch.nn.Module:
-    from model import PRESETS, build_model
+    from model import PRESETS, build_model, set_activations
 
     torch.manual_seed(0)
-    ours = build_model(preset, checkpointing=checkpointing)
+    ours = build_model(preset)
     if impl == "ours":
+        set_activations(ours, "checkpoint" if checkpointing else "lean")
         return ours
     net = _official_class(official)(**PRESETS[preset])
     net.load_state_dict(ours.state_dict())

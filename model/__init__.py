@@ -1,4 +1,6 @@
-"""Restormer: the network, its task presets, weight files and whole-image inference."""
+"""Restormer: the network, what training keeps for backward, its task presets, weight files and
+whole-image inference."""
+from .activations import ACTIVATION_MODES, set_activations
 from .inference import PRECISIONS, PaddedModel, pad_to_multiple, restore, restore_image, tiling_problem
 from .presets import ARCH_FIELDS, PRESETS, SIZE_MULTIPLE, arch_problem, build_model
 from .restormer import Restormer
@@ -6,6 +8,7 @@ from .weights import (WeightsFileError, WeightsMismatchError, infer_arch, load_w
                       save_official_pth, save_safetensors, with_identity_refinement)
 
 __all__ = [
+    "ACTIVATION_MODES",
     "ARCH_FIELDS",
     "PRECISIONS",
     "PRESETS",
@@ -24,6 +27,7 @@ __all__ = [
     "restore_image",
     "save_official_pth",
     "save_safetensors",
+    "set_activations",
     "tiling_problem",
     "with_identity_refinement",
 ]

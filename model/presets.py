@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_model(preset: str = "default", **overrides: Any) -> Restormer:
-    """Restormer for a named task; keyword overrides (dim, num_blocks, checkpointing, ...) win."""
+    """Restormer for a named task; keyword overrides (dim, num_blocks, ...) win."""
     if preset not in PRESETS:
         raise ValueError(f"unknown Restormer preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     return Restormer(**{**PRESETS[preset], **overrides})

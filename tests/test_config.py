@@ -109,6 +109,8 @@ def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
 def test_a_removed_key_is_explained_but_ignored_in_an_old_checkpoint_config():
     with pytest.raises(ConfigError, match="'data.resume' .* was removed: resume is always exact"):
         load_config(overrides=["data.resume=replay"])
+    with pytest.raises(ConfigError, match="'model.channels_last' .* was removed: the model always runs channels-last"):
+        load_config(overrides=["model.channels_last=true"])
     old = load_config().to_dict()
     old["data"]["resume"] = "fresh"  # what checkpoints saved before exact resume hold
     assert config_from_dict(old, "old checkpoint") == load_config()

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.slow
 # reduces their sum, and under L1 that rounding difference can flip the sign of a pixel whose residual
 # is near zero, parting the runs by ~1e-4 after six steps; under Charbonnier they agree to ~1e-7.
 SMOOTH_LOSS = "loss.name=charbonnier"
+# Every gradient arrives in its parameter's strides (model.restormer._gradient_layout): nothing to copy.
+STRIDES_WARNING = "Grad strides do not match bucket view strides"
 
 
 def launch(argv, shards, out, *extra, resume=None, processes=2, check=True):
@@ -40,7 +42,7 @@ def resume_refused_up_front(argv, shards, out, saved: int, now: int) -> None:
 @pytest.fixture(scope="module")
 def ddp_export(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch(doc_command("launch/cpu.yaml"), shards, out, SMOOTH_LOSS)
+    assert STRIDES_WARNING not in launch(doc_command("launch/cpu.yaml"), shards, out, SMOOTH_LOSS).stderr
     return read_state_dict(out / "export" / "model.safetensors")
 
 
@@ -48,7 +50,7 @@ def test_zero2_gives_ddp_weights_and_resumes_its_checkpoint(shards, ddp_export, 
     out = tmp_path / "run"
     zero2 = doc_command("launch/deepspeed_zero2.yaml")
     first = launch(zero2, shards, out, SMOOTH_LOSS, "train.max_steps=4")
-    assert "weights identical on every process: yes" in first.stdout
+    assert "weights identical on every process: yes" in first.stdout and STRIDES_WARNING not in first.stderr
     assert "global batch 16 kept as 2 x 4 accum x 2 proc" in first.stdout  # DeepSpeed with accumulation
     saved = out / "checkpoints" / "step_00000004" / "pytorch_model"
     assert sorted(p.name for p in saved.iterdir()) == [

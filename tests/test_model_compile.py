@@ -11,14 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import Restormer
+from model import Restormer, set_activations
 from model_vectors import TINY, perturbed
 
 
 @pytest.mark.slow
 def test_compiles_as_one_graph_with_checkpointing_and_new_patch_sizes():
     torch._dynamo.reset()
-    model = perturbed(Restormer(**TINY, checkpointing=True))
+    model = perturbed(Restormer(**TINY))
+    set_activations(model, "checkpoint")
     graphs = []
 
     def counting_backend(gm, example_inputs):

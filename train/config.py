@@ -44,7 +44,6 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     channels: list[int] | None = None  # with arch: [input, output] image channels; null: [3, 3]
     checkpointing: bool = False  # recompute each transformer block in backward: big patches fit
-    channels_last: bool = False
     compile: bool = False
     init_weights: str | None = None  # official .pth / safetensors to fine-tune from
 
@@ -303,6 +302,7 @@ def _shown(value: Any) -> str:
 REMOVED_KEYS = {
     "data.resume": "resume is always exact now: the stream's position is saved in every checkpoint and a "
                    "resumed run continues with the samples the interrupted one would have drawn next; drop the key",
+    "model.channels_last": "the model always runs channels-last now; drop the key",
 }
 
 

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
+from model import set_activations
 from train.config import Config, ConfigError, LossConfig
 from train.distributed import from_main, smallest
 from train.host_memory import retain_freed_memory, rss_kib
 from train.launch import Launch
-from train.network import apply_activations, build_network, network_record, parameter_count, record_channels
+from train.network import build_network, network_record, parameter_count, record_channels
 from train.schedule import StagePlan
 from train.step import autocast_dtype, forward_backward
 
@@ -259,7 +260,7 @@ class CalibrationStep:
         """The network calibrated: the run's (build_network), in this step's activation mode."""
         torch.manual_seed(0)
         net = build_network(self.arch).to(device).train()
-        apply_activations(net, self.mode)
+        set_activations(net, self.mode)
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # gradients are state: they exist before the step is measured
         return net

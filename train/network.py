@@ -14,8 +14,8 @@ step's and ZeRO-3's full copy all build through it.
 A user's network gets every part of the framework that does not depend on Restormer's shape. What
 does: the official .pth (train/exporting.py skips it, saying so) and the spandrel check
 (benchmarks/spandrel_exports.py skips such exports), reading the architecture off the weights
-(model.infer_arch: the tools read config.yaml instead), and lean activations (only Restormer's own
-blocks have them; see apply_activations). docs/custom_networks.md shows a worked example.
+(model.infer_arch: the tools read config.yaml instead), and lean activations (model.set_activations
+takes over official Restormer blocks only; anything else runs plain autograd). docs/custom_networks.md shows a worked example.
 """
 
 from __future__ import annotations
@@ -174,8 +174,6 @@ def initial_network(cfg: Config) -> torch.nn.Module:
             load_weights(net, cfg.model.init_weights)
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing, refused pickle, wrong shapes
             raise ConfigError(f"model.init_weights={cfg.model.init_weights}: {err}") from err
-    if cfg.model.channels_last:
-        net = net.to(memory_format=torch.channels_last)
     return net
 
 
@@ -187,9 +185,3 @@ def network_changes(cfg: Config, config_file: Path) -> list[str]:
     keys = list(dict.fromkeys([*old, *new]))
     return [f"model.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
-
-def apply_activations(net: torch.nn.Module, mode: str) -> None:
-    """The stage's activation mode (lean, plain, checkpoint) where the network has one: Restormer's own
-    method today. A network without it runs plain autograd. Integration point: model.set_activations."""
-    if hasattr(net, "set_activations"):
-        net.set_activations(mode)

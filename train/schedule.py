@@ -63,7 +63,7 @@ class Stage:
     batch: int  # per process and loaded batch
     accum: int  # loaded batches per optimizer step
     micro_batch: int  # images per forward/backward: batch, or a divisor of it (train/memory_plan.py)
-    activations: str  # what backward keeps: model.restormer.ACTIVATION_MODES
+    activations: str  # what backward keeps: model.ACTIVATION_MODES
     predicted: float | None = None  # the memory plan's peak bytes per process; None: planned without one
 
 

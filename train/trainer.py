@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from model import restore_image
+from model import restore_image, set_activations
 from train.build import build_training
 from train.checkpoint import Checkpointer
 from train.config import Config
@@ -25,7 +25,7 @@ from train.distributed import gather_named, reduce_max, reduce_named
 from train.launch import Launch
 from train.memory_plan import describe
 from train.metrics import score, score_names
-from train.network import apply_activations, build_network, network_changes, network_record, record_channels
+from train.network import build_network, network_changes, network_record, record_channels
 from train.samples import save_grid
 from train.schedule import StagePlan, lr_at, resume_step
 from train.state import DataPosition, TrainState
@@ -64,6 +64,7 @@ class Trainer:
         self._stop_signal = 0
         self._stream = None
         self._stream_stage = -1
+        self._left_plain: dict[str, str] | None = None  # blocks lean left to autograd, printed when it changes
 
     def _memory_note(self) -> str:
         """The memory plan's table for the log, also kept in the run folder (memory_plan.txt)."""
@@ -120,9 +121,8 @@ class Trainer:
         return self._stream
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        x = batch["input"].to(self.launch.device, non_blocking=True).contiguous(memory_format=fmt)
-        y = batch["target"].to(self.launch.device, non_blocking=True).contiguous(memory_format=fmt)
+        x = batch["input"].to(self.launch.device, non_blocking=True)
+        y = batch["target"].to(self.launch.device, non_blocking=True)
         return x, y
 
     def train_step(self, stage) -> dict[str, float]:
@@ -194,7 +194,10 @@ class Trainer:
             while self.state.step < total:
                 stage = self.schedule.stage_at(self.state.step)
                 if stage.index != self._stream_stage:
-                    apply_activations(self.network(), stage.activations)
+                    left_plain = set_activations(self.network(), stage.activations)
+                    if left_plain and acc.is_main_process and left_plain != self._left_plain:
+                        print(f"{stage.activations} activations: these blocks run plain autograd: {left_plain}")
+                    self._left_plain = left_plain
                     if acc.is_main_process:
                         self._log({"event": "stage", "step": self.state.step, "stage": stage.index,
                                    "patch": stage.patch, "batch": stage.batch, "accum": stage.accum,
