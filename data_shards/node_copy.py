@@ -48,15 +48,35 @@ def node_copy(url: str, size: int, hexdigest: str, settings: RemoteSettings) -> 
     if folder.is_symlink() or folder.stat().st_uid != os.getuid():
         raise ValueError(f"{folder}: not a folder of this user's own (a link, or owned by another user), so it "
                          "cannot hold the index's records; set data.cache_dir to a folder of your own")
-    with open(folder / f".lock-{hexdigest}", "ab") as lock:
+    lock = os.open(folder / f".lock-{hexdigest}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    _HELD_LOCKS.add(lock)
+    try:
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         if not _whole(path, size):  # not fetched by another process while we waited
             _download(url, path, size, hexdigest, settings)
+    finally:
+        _HELD_LOCKS.discard(lock)
+        os.close(lock)
     return path
+
+
+# A flock belongs to the open file, which a fork shares: a process forked (a loader worker) while
+# another thread of its parent holds the lock would keep it held through its inherited descriptor
+# and then wait for it itself, forever. The child closes its copies; the parent's still hold the lock.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _whole(path: Path, size: int) -> bool:
