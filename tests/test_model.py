@@ -123,15 +123,19 @@ def test_lean_keeps_far_fewer_bytes_than_plain_autograd_for_the_same_gradients(l
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lean_gradients_under_autocast_equal_plain_autograd(case, dtype):
     """Backward recomputes under the forward's autocast state and casts as autocast does: on every
-    shape of the official vectors the gradients equal plain autograd's to the dtype's rounding."""
+    shape of the official vectors lean's gradients are as close to the fp32 gradients as plain
+    autograd's are. (Not "equal to plain's": the two round in different places, ~0.1-2 eps apart.)"""
     if not _autocast_supported(dtype):
         pytest.skip(f"this torch has no CPU autocast for {dtype}")
     state, io, config = _vector_case(case)
     model = Restormer(**config).train()
     model.load_state_dict(state, strict=True)
+    exact, *_ = _train_step(model, "plain", io["input"])
     plain, plain_kept, *_ = _train_step(model, "plain", io["input"], dtype)
     lean, lean_kept, *_ = _train_step(model, "lean", io["input"], dtype)
-    assert ((lean - plain).norm() / plain.norm()).item() <= 2 * torch.finfo(dtype).eps
+    plain_error, lean_error = (((g - exact).norm() / exact.norm()).item() for g in (plain, lean))
+    assert lean_error <= 1.2 * plain_error, (lean_error, plain_error)
+    assert plain_error <= 3 * torch.finfo(dtype).eps
     assert lean_kept < 0.7 * plain_kept
 
 
